@@ -1,0 +1,51 @@
+"""``reference``: onnx's own numpy evaluator, slow but the oracle for what each operator means."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+
+
+class ReferenceCompiledModel(CompiledModel):
+    def __init__(self, backend: Backend, model: ModelInput, evaluator: Any) -> None:
+        super().__init__(backend, model)
+        self.evaluator = evaluator
+        self._output_names = list(evaluator.output_names)
+        self._node_count = len(model.proto.graph.node)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self.evaluator.run(None, feeds)))
+
+    def placement(self) -> dict[str, int]:
+        return {"onnx.reference": self._node_count}
+
+
+class OnnxReferenceBackend(Backend):
+    name = "reference"
+    vendor = "ONNX (numpy)"
+    description = "onnx.reference.ReferenceEvaluator: slow, the oracle for operator semantics"
+
+    def probe(self) -> ProbeResult:
+        import onnx
+
+        return ProbeResult(True, f"onnx {onnx.__version__}", {"version": onnx.__version__})
+
+    @property
+    def capabilities(self) -> Capabilities:
+        import onnx
+
+        return Capabilities(
+            min_opset=1,
+            max_opset=onnx.defs.onnx_opset_version(),
+            dtypes=frozenset({"float64", "float32", "float16", "int64", "int32", "bool"}),
+            dynamic_shapes=True,
+            moe_lowerings=("dense",),
+        )
+
+    def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceCompiledModel(self, model, ReferenceEvaluator(model.proto))

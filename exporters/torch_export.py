@@ -1,0 +1,207 @@
+"""Export the reference model to a self-checking bundle.
+
+Steps: build the seeded reference model; compute the golden outputs with the reference routed
+experts; export with the chosen MoE lowering and dynamic batch and sequence axes; validate (the
+ONNX checker's full check with shape inference, then ONNX Runtime against torch on the golden
+inputs and on a second shape); write the bundle atomically. An export that fails validation
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.lowerings import get_lowering
+from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
+from portable_moe.compare import compare_outputs
+from portable_moe.config import ModelConfig, get_preset
+from portable_moe.errors import BundleError, ExportError
+from portable_moe.tensors import specs_from_onnx
+
+DEFAULT_OPSET = 20
+Progress = Callable[[str], None]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ExportError(
+            "exporting needs torch and onnxscript; install them with: pip install 'portable-moe[export]'"
+        ) from None
+    return torch
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def output_names(config: ModelConfig) -> tuple[list[str], dict[str, int]]:
+    """The exported graph's output names, and which of them carry routing (name -> layer index)."""
+    routing = {f"expert_ids_layer{layer}": layer for layer in config.moe_layer_indices}
+    return ["logits", *routing], routing
+
+
+def _torch_outputs(model: Any, input_ids: Any, names: list[str]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        logits, routing = model(input_ids)
+    return dict(zip(names, [logits.numpy(), *(ids.numpy() for ids in routing)]))
+
+
+def _check_parity(model_path: Path, cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], routing: dict[str, int]) -> None:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ExportError(f"ONNX Runtime cannot load the exported graph: {error}") from None
+    for feeds, expected in cases:
+        actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        failures = [c.message for c in compare_outputs(expected, actual, routing) if not c.passed]
+        if failures:
+            shape = list(next(iter(feeds.values())).shape)
+            raise ExportError(
+                f"exported graph disagrees with torch on input shape {shape}: {failures[0]}; no bundle was written"
+            )
+
+
+def export_bundle(
+    output_dir: str | os.PathLike[str],
+    preset: str | ModelConfig = "tiny",
+    seed: int = 0,
+    *,
+    moe_lowering: str = "dense",
+    opset: int = DEFAULT_OPSET,
+    golden_batch: int = 2,
+    golden_seq: int = 16,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Export a preset (or config) to a bundle directory.
+
+    Args:
+        output_dir: where the bundle goes; must not exist unless ``overwrite``.
+        preset: a preset name ("tiny", "small", ...) or a ModelConfig.
+        seed: weight seed; the same preset and seed give the same weights and golden data.
+        moe_lowering: how the routed experts become ONNX (see ``exporters.LOWERINGS``).
+        opset: the ai.onnx opset to export to.
+        golden_batch / golden_seq: the shape of the golden inputs.
+        overwrite: replace an existing bundle (atomically).
+        progress: called with a short message at each step.
+
+    Returns:
+        The written, verified bundle.
+
+    Raises:
+        ConfigError: unknown preset, or a preset that is for cost estimates only.
+        ExportError: torch missing, the export failed, or the graph disagrees with torch.
+        BundleError: ``output_dir`` exists and ``overwrite`` is false.
+    """
+    say = progress or (lambda message: None)
+    config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
+    lowering = get_lowering(moe_lowering)
+    torch = _import_torch()
+    from portable_moe.model import build_model, golden_inputs
+
+    if Path(output_dir).exists() and not overwrite:  # fail before the slow part
+        raise BundleError(f"{output_dir} already exists; choose another directory or pass overwrite (--force)")
+
+    say(f"building the {config.name} reference model (seed {seed})")
+    model = build_model(config, seed)
+    names, routing = output_names(config)
+    golden_ids = golden_inputs(config, seed, golden_batch, golden_seq)["input_ids"]
+    second_ids = golden_inputs(config, seed + 100, 1, max(1, golden_seq // 2 + 1))["input_ids"]
+    golden_out = _torch_outputs(model, golden_ids, names)  # reference routed experts (dense)
+    second_out = _torch_outputs(model, second_ids, names)
+
+    model.set_routed_experts(lowering.load().routed_experts)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=65536)
+    with bundle_writer(output_dir, overwrite=overwrite) as staging:
+        say(f"exporting to ONNX opset {opset} with the {lowering.name} MoE lowering")
+        model_path = staging / MODEL_NAME
+        try:
+            with _quiet_exporter():
+                program = torch.onnx.export(
+                    model,
+                    (golden_ids,),
+                    dynamo=True,
+                    input_names=["input_ids"],
+                    output_names=names,
+                    dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+                    opset_version=opset,
+                    optimize=True,
+                    verbose=False,
+                )
+                program.save(str(model_path))
+        except Exception as error:
+            raise ExportError(f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}") from error
+
+        say("validating: ONNX checker (full check with shape inference)")
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(model_path), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
+
+        say("validating: ONNX Runtime against torch on the golden inputs and a second shape")
+        golden_feeds = {"input_ids": golden_ids.numpy()}
+        _check_parity(model_path, [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)], routing)
+
+        proto = onnx.load(str(model_path), load_external_data=False)
+        inputs, outputs = specs_from_onnx(proto)
+        write_manifest(
+            staging,
+            inputs=inputs,
+            outputs=outputs,
+            golden=[(golden_feeds, golden_out)],
+            config=config,
+            extra={
+                "preset": config.name,
+                "seed": seed,
+                "opset": opset,
+                "ir_version": proto.ir_version,
+                "moe_lowering": lowering.name,
+                "routing_outputs": routing,
+                "versions": {
+                    package: _version(package)
+                    for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy")
+                },
+            },
+        )
+    say(f"wrote {output_dir}")
+    return load_bundle(output_dir)

@@ -1,0 +1,270 @@
+"""The ``portable-moe`` command line.
+
+Exit codes: 0 success, 1 a conformance check failed, 2 bad usage or bad input. Errors are one
+line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from portable_moe import registry
+from portable_moe.bundle import Bundle, load_bundle
+from portable_moe.conformance import PASSED, BackendResult, check_bundle
+from portable_moe.config import PRESETS
+from portable_moe.errors import InputError, PortableMoEError
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _progress(message: str) -> None:
+    stderr.print(f"[dim]·[/dim] {message}")
+
+
+def _parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["threads=2", "optimization=basic"]`` -> ``{"threads": 2, "optimization": "basic"}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, separator, raw = pair.partition("=")
+        if not separator or not key:
+            raise InputError(f"bad option {pair!r}: write NAME=VALUE, e.g. threads=2")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _format_error(value: float) -> str:
+    return "-" if value != value else f"{value:.2e}"  # NaN -> "-"
+
+
+def _print_backends() -> None:
+    table = Table(title="Registered backends")
+    for column in ("name", "available", "vendor", "description", "reason / details"):
+        table.add_column(column)
+    for status in registry.list_backends():
+        description = status.description + (" [simulated]" if status.simulated else "")
+        table.add_row(
+            status.name,
+            "[green]yes[/green]" if status.available else "[red]no[/red]",
+            status.vendor,
+            description,
+            status.reason,
+        )
+    stdout.print(table)
+
+
+def _print_results(bundle: Bundle, results: list[BackendResult]) -> None:
+    table = Table(title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
+                        f"{bundle.moe_lowering or '?'} lowering) against its golden data")
+    for column in ("backend", "result", "max abs err", "max rel err", "min cosine", "routing agreement", "note"):
+        table.add_column(column)
+    for result in results:
+        colour = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow"}[result.status]
+        cosines = [c.cosine for c in result.comparisons if c.kind == "values"]
+        agreement = result.routing_agreement()
+        table.add_row(
+            result.backend,
+            f"[{colour}]{result.status}[/{colour}]",
+            _format_error(result.worst("max_abs_error")),
+            _format_error(result.worst("max_rel_error")),
+            f"{min(cosines):.6f}" if cosines else "-",
+            "-" if agreement != agreement else f"{agreement:.2%}",
+            result.reason,
+        )
+    stdout.print(table)
+
+
+def _load_feeds(bundle: Bundle, input_path: str | None) -> dict[str, np.ndarray]:
+    if input_path is None:
+        golden = bundle.golden_sets()
+        if not golden:
+            raise InputError(f"{bundle.path} has no golden inputs; pass --input FILE.npz")
+        return golden[0][0]
+    path = Path(input_path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such input file; give an .npz with one array per model input")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except Exception as error:
+        raise InputError(f"{path}: not a readable .npz file ({error})") from None
+
+
+def command_backends(args: argparse.Namespace) -> int:
+    _print_backends()
+    return EXIT_OK
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from exporters import export_bundle
+
+    lowering = args.moe_lowering
+    if lowering == "auto":
+        lowering = registry.resolve_lowering("auto", args.for_backend)
+        _progress(f"auto lowering for backend {args.for_backend!r}: {lowering}")
+    bundle = export_bundle(
+        args.output, args.preset, args.seed, moe_lowering=lowering, opset=args.opset, overwrite=args.force,
+        progress=_progress,
+    )
+    stdout.print(f"bundle written to {bundle.path} ({bundle.moe_lowering} lowering, {len(bundle.manifest['files'])} files)")
+    return EXIT_OK
+
+
+def command_run(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.bundle)
+    backend, skipped = registry.select_backend(args.backend)
+    for name, reason in skipped:
+        stderr.print(f"[yellow]skipped {name}[/yellow]: {reason}")
+    feeds = _load_feeds(bundle, args.input)
+    compiled = backend.compile(bundle, _parse_options(args.option))
+    outputs = compiled.run(feeds)
+    table = Table(title=f"Outputs of {bundle.name} on {backend.name}")
+    for column in ("output", "dtype", "shape", "min", "max", "mean"):
+        table.add_column(column)
+    for name, value in outputs.items():
+        table.add_row(name, value.dtype.name, str(list(value.shape)),
+                      f"{value.min():.4g}", f"{value.max():.4g}", f"{value.mean():.4g}")
+    stdout.print(table)
+    stdout.print(f"ran on [bold]{backend.name}[/bold]; placement: {compiled.placement()}")
+    if args.output:
+        np.savez(args.output, **outputs)
+        stdout.print(f"outputs saved to {args.output}")
+    return EXIT_OK
+
+
+def _backend_names(spec: str) -> list[str]:
+    if spec == "all":
+        return registry.backend_names()
+    return registry.parse_backend_list(spec)
+
+
+def _finish_check(bundle: Bundle, results: list[BackendResult], json_path: str | None, require_all: bool) -> int:
+    _print_results(bundle, results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(
+            {"bundle": str(bundle.path), "results": [r.to_dict() for r in results]}, indent=2, default=float
+        ))
+        stderr.print(f"report written to {json_path}")
+    considered = results if require_all else [r for r in results if r.status != "unavailable"]
+    if not considered:
+        stderr.print("[red]no backend could be checked[/red]")
+        return EXIT_FAILED
+    if all(r.status == PASSED for r in considered):
+        return EXIT_OK
+    not_passed = ", ".join(f"{r.backend} ({r.status})" for r in considered if r.status != PASSED)
+    stderr.print(f"[red]not conforming:[/red] {not_passed}")
+    return EXIT_FAILED
+
+
+def command_check(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.bundle)
+    names = _backend_names(args.backend)
+    options = {name: _parse_options(args.option) for name in names} if args.option else None
+    results = check_bundle(bundle, names, options, progress=_progress)
+    return _finish_check(bundle, results, args.json, require_all=args.backend != "all")
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from exporters import export_bundle
+
+    with tempfile.TemporaryDirectory(prefix="portable-moe-demo-") as scratch:
+        output = Path(args.output) if args.output else Path(scratch) / args.preset
+        bundle = export_bundle(output, args.preset, args.seed, overwrite=args.force, progress=_progress)
+        stdout.print(f"exported {args.preset} to {bundle.path}")
+        _print_backends()
+        results = check_bundle(bundle, registry.backend_names(), progress=_progress)
+        return _finish_check(bundle, results, args.json, require_all=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portable-moe",
+        description="Export a DeepSeek-style MoE model to a self-checking ONNX bundle, run it on many "
+        "backends, and prove that they compute the same thing.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_preset_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--preset", default="tiny", choices=[n for n, c in PRESETS.items() if not c.cost_estimate_only],
+                             help="model preset (default: tiny)")
+        command.add_argument("--seed", type=int, default=0, help="weight seed; same preset and seed, same bundle (default: 0)")
+        command.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+
+    def add_option_flag(command: argparse.ArgumentParser) -> None:
+        command.add_argument("-O", "--option", action="append", metavar="NAME=VALUE",
+                             help="backend option, repeatable (e.g. -O threads=2); see 'portable-moe backends'")
+
+    demo = commands.add_parser("demo", help="export the tiny preset, check it on every available backend")
+    add_preset_options(demo)
+    demo.add_argument("-o", "--output", help="keep the bundle here (default: a temporary directory)")
+    demo.add_argument("--json", metavar="FILE", help="also write the conformance report as JSON")
+    demo.set_defaults(handler=command_demo)
+
+    export = commands.add_parser("export", help="export a preset to a bundle directory")
+    add_preset_options(export)
+    export.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    from exporters.lowerings import LOWERINGS
+
+    export.add_argument("--moe-lowering", default="dense", choices=[*LOWERINGS, "auto"],
+                        help="how routed experts become ONNX; auto takes --for-backend's preference (default: dense)")
+    export.add_argument("--for-backend", default="cpu", help="backend whose preference 'auto' follows (default: cpu)")
+    export.add_argument("--opset", type=int, default=20, help="ai.onnx opset to export to (default: 20)")
+    export.set_defaults(handler=command_export)
+
+    backends = commands.add_parser("backends", help="list every registered backend, available or not, and why")
+    backends.set_defaults(handler=command_backends)
+
+    run = commands.add_parser("run", help="run a bundle on a backend and summarise the outputs")
+    run.add_argument("bundle", help="bundle directory")
+    run.add_argument("--backend", default="cpu",
+                     help="backend name, or a fallback list 'first,second' (the first available runs; default: cpu)")
+    run.add_argument("--input", help=".npz file with one array per model input (default: the bundle's golden inputs)")
+    run.add_argument("--output", help="save the outputs to this .npz file")
+    add_option_flag(run)
+    run.set_defaults(handler=command_run)
+
+    check = commands.add_parser("check", help="compare backends' outputs with the bundle's golden data (exit 1 on failure)")
+    check.add_argument("bundle", help="bundle directory")
+    check.add_argument("--backend", default="cpu",
+                       help="backends to check, comma-separated, each on its own; 'all' checks every available one "
+                            "(default: cpu)")
+    check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    add_option_flag(check)
+    check.set_defaults(handler=command_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except PortableMoEError as error:
+        if args.debug:
+            traceback.print_exc()
+        stderr.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

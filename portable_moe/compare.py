@@ -1,0 +1,197 @@
+"""Comparing a backend's outputs with expected (golden) outputs.
+
+Outputs are compared in order: count and names, then shapes and dtypes, then values. Float
+outputs get max absolute and relative error, cosine similarity and an allclose verdict; routing
+outputs (the experts each token was sent to) get routing agreement, compared as sets per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """allclose tolerances plus the routing agreement a backend must reach, with the reason."""
+
+    atol: float
+    rtol: float
+    min_routing_agreement: float
+    reason: str
+
+
+# One table, keyed by (precision mode, dtype). "exact" is float32 computed in float32 throughout.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("exact", "float32"): Tolerance(
+        atol=1e-4,
+        rtol=1e-3,
+        min_routing_agreement=1.0,
+        reason=(
+            "float32 kernels differ from torch's by summation order and transcendental approximations "
+            "(ORT's Sigmoid differs by up to ~1.7e-7); through a few layers the tiny preset's logits "
+            "differ by ~6e-6. 1e-4 leaves ~15x headroom and still catches real errors, which are >1e-2. "
+            "Routing must agree exactly: float32 near-ties on the golden inputs are further apart than that."
+        ),
+    ),
+    ("exact", "float64"): Tolerance(1e-9, 1e-7, 1.0, "float64 kernels agree to ~1e-12 on these sizes."),
+    ("exact", "float16"): Tolerance(
+        atol=1e-2,
+        rtol=1e-2,
+        min_routing_agreement=1.0,
+        reason="float16 has a 10-bit mantissa (~1e-3 relative per operation); ORT's MoE parity tests use atol 1e-2.",
+    ),
+}
+
+
+def tolerance_for(dtype: str, precision: str = "exact") -> Tolerance:
+    """Look up the tolerance for outputs of ``dtype`` under ``precision``, falling back to float32's."""
+    return TOLERANCES.get((precision, dtype)) or TOLERANCES[(precision, "float32")]
+
+
+@dataclass
+class OutputComparison:
+    """How one output compares. ``passed`` is the verdict; ``message`` says where it failed."""
+
+    name: str
+    kind: str  # "values" or "routing"
+    passed: bool
+    message: str = ""
+    max_abs_error: float = float("nan")
+    max_rel_error: float = float("nan")
+    cosine: float = float("nan")
+    routing_agreement: float = float("nan")
+    disagreeing_tokens: list[tuple[int, ...]] = field(default_factory=list)
+    worst_index: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "passed": self.passed,
+            "message": self.message,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "cosine": self.cosine,
+            "routing_agreement": self.routing_agreement,
+            "disagreeing_tokens": [list(index) for index in self.disagreeing_tokens[:20]],
+            "worst_index": list(self.worst_index) if self.worst_index is not None else None,
+        }
+
+
+def routing_agreement(expected: np.ndarray, actual: np.ndarray) -> tuple[float, list[tuple[int, ...]]]:
+    """Fraction of tokens whose selected expert set equals the expected set (order within a token ignored).
+
+    Args:
+        expected / actual: ``[..., k]`` integer expert ids, the last axis the token's selections.
+
+    Returns:
+        ``(agreement in [0, 1], indices of the tokens that disagree)``.
+    """
+    same = np.all(np.sort(expected, axis=-1) == np.sort(actual, axis=-1), axis=-1)
+    disagreeing = [tuple(int(i) for i in index) for index in np.argwhere(~same)]
+    return float(same.mean()) if same.size else 1.0, disagreeing
+
+
+def _compare_values(name: str, expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> OutputComparison:
+    expected64 = expected.astype(np.float64)
+    actual64 = actual.astype(np.float64)
+    if not np.all(np.isfinite(actual64) == np.isfinite(expected64)):
+        index = tuple(int(i) for i in np.argwhere(np.isfinite(actual64) != np.isfinite(expected64))[0])
+        return OutputComparison(
+            name, "values", False,
+            f"{name}: non-finite values differ, first at index {list(index)}: "
+            f"expected {expected64[index]!r}, got {actual64[index]!r}",
+            worst_index=index,
+        )
+    finite = np.isfinite(expected64)
+    difference = np.where(finite, np.abs(actual64 - expected64), 0.0)
+    relative = difference / np.maximum(np.abs(expected64), np.finfo(np.float32).tiny)
+    flat_expected, flat_actual = np.where(finite, expected64, 0).ravel(), np.where(finite, actual64, 0).ravel()
+    norms = np.linalg.norm(flat_expected) * np.linalg.norm(flat_actual)
+    cosine = float(flat_expected @ flat_actual / norms) if norms > 0 else float(np.array_equal(flat_expected, flat_actual))
+    # allclose's rule: an element fails only if it exceeds atol + rtol * |expected|.
+    excess = difference - (tolerance.atol + tolerance.rtol * np.abs(expected64))
+    worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.size else ()
+    worst_index = tuple(int(i) for i in worst)
+    passed = bool(excess.size == 0 or excess[worst] <= 0)
+    comparison = OutputComparison(
+        name, "values", passed,
+        max_abs_error=float(difference.max()) if difference.size else 0.0,
+        max_rel_error=float(relative.max()) if relative.size else 0.0,
+        cosine=cosine,
+        worst_index=worst_index if difference.size else None,
+    )
+    if not passed:
+        failing = int(np.count_nonzero(excess > 0))
+        comparison.message = (
+            f"{name}: {failing} of {excess.size} elements outside atol={tolerance.atol:g} rtol={tolerance.rtol:g}; "
+            f"worst at index {list(worst_index)}: expected {expected64[worst]:.7g}, got {actual64[worst]:.7g} "
+            f"(abs error {difference[worst]:.3g})"
+        )
+    return comparison
+
+
+def compare_outputs(
+    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    routing_outputs: Mapping[str, int] | None = None,
+    precision: str = "exact",
+) -> list[OutputComparison]:
+    """Compare every expected output with the actual one.
+
+    Args:
+        expected: golden outputs by name.
+        actual: a backend's outputs by name.
+        routing_outputs: names of outputs that hold selected expert ids (compared as sets per token).
+        precision: the backend's precision mode, which picks the tolerance row.
+
+    Returns:
+        One :class:`OutputComparison` per expected output, plus one for each unexpected output.
+    """
+    routing_outputs = routing_outputs or {}
+    results: list[OutputComparison] = []
+    for name, expected_value in expected.items():
+        kind = "routing" if name in routing_outputs else "values"
+        if name not in actual:
+            results.append(OutputComparison(name, kind, False, f"{name}: missing from the backend's outputs"))
+            continue
+        actual_value = np.asarray(actual[name])
+        if actual_value.shape != expected_value.shape:
+            results.append(OutputComparison(
+                name, kind, False,
+                f"{name}: shape {list(actual_value.shape)}, expected {list(expected_value.shape)}",
+            ))
+            continue
+        if actual_value.dtype != expected_value.dtype:
+            results.append(OutputComparison(
+                name, kind, False, f"{name}: dtype {actual_value.dtype}, expected {expected_value.dtype}"
+            ))
+            continue
+        tolerance = tolerance_for(expected_value.dtype.name, precision)
+        if kind == "routing":
+            agreement, disagreeing = routing_agreement(expected_value, actual_value)
+            passed = agreement >= tolerance.min_routing_agreement
+            message = "" if passed else (
+                f"{name}: routing agreement {agreement:.2%} below {tolerance.min_routing_agreement:.2%}; "
+                f"first disagreeing token at {list(disagreeing[0])}: expected experts "
+                f"{sorted(expected_value[disagreeing[0]].tolist())}, got {sorted(actual_value[disagreeing[0]].tolist())}"
+            )
+            results.append(OutputComparison(
+                name, kind, passed, message, routing_agreement=agreement, disagreeing_tokens=disagreeing
+            ))
+        elif np.issubdtype(expected_value.dtype, np.floating):
+            results.append(_compare_values(name, expected_value, actual_value, tolerance))
+        else:
+            equal = np.array_equal(expected_value, actual_value)
+            results.append(OutputComparison(
+                name, kind, equal, "" if equal else f"{name}: integer values differ",
+                max_abs_error=float(np.abs(expected_value.astype(np.float64) - actual_value).max()) if expected_value.size else 0.0,
+            ))
+    for name in actual:
+        if name not in expected:
+            results.append(OutputComparison(name, "values", False, f"{name}: output not in the expected outputs"))
+    return results
