@@ -38,8 +38,11 @@ class Lowering:
 LOWERINGS: dict[str, Lowering] = {
     lowering.name: lowering
     for lowering in (
-        Lowering("dense", "every expert on every token, weighted by a mostly-zero gate (exact, cost grows with experts)",
-                 "exporters.lowering_dense"),
+        Lowering(
+            "dense",
+            "every expert on every token, weighted by a mostly-zero gate (exact, cost grows with experts)",
+            "exporters.lowering_dense",
+        ),
     )
 }
 

@@ -79,7 +79,9 @@ def _torch_outputs(model: Any, input_ids: Any, names: list[str]) -> dict[str, np
     return dict(zip(names, [logits.numpy(), *(ids.numpy() for ids in routing)]))
 
 
-def _check_parity(model_path: Path, cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], routing: dict[str, int]) -> None:
+def _check_parity(
+    model_path: Path, cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], routing: dict[str, int]
+) -> None:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -168,7 +170,9 @@ def export_bundle(
                 )
                 program.save(str(model_path))
         except Exception as error:
-            raise ExportError(f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}") from error
+            raise ExportError(
+                f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}"
+            ) from error
 
         say("validating: ONNX checker (full check with shape inference)")
         import onnx
@@ -180,7 +184,9 @@ def export_bundle(
 
         say("validating: ONNX Runtime against torch on the golden inputs and a second shape")
         golden_feeds = {"input_ids": golden_ids.numpy()}
-        _check_parity(model_path, [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)], routing)
+        _check_parity(
+            model_path, [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)], routing
+        )
 
         proto = onnx.load(str(model_path), load_external_data=False)
         inputs, outputs = specs_from_onnx(proto)

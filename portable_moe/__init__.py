@@ -1,0 +1,99 @@
+"""portable-moe: export a DeepSeek-style MoE model once, run it on many backends, prove they agree.
+
+The public API::
+
+    import portable_moe
+    bundle = portable_moe.export("build/tiny", preset="tiny", seed=0)   # needs the [export] extra
+    bundle = portable_moe.load_bundle("build/tiny")                     # needs no torch
+    compiled = portable_moe.get_backend("cpu").compile(bundle)
+    outputs = compiled.run({"input_ids": ids})
+    results = portable_moe.check_bundle(bundle, ["cpu", "reference"])
+
+Importing this package imports neither torch nor any backend.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.bundle import Bundle, load_bundle
+from portable_moe.compare import TOLERANCES, OutputComparison, Tolerance, compare_outputs, routing_agreement
+from portable_moe.config import PRESETS, ModelConfig, get_preset
+from portable_moe.conformance import BackendResult, check_backend, check_bundle
+from portable_moe.errors import (
+    BackendError,
+    BackendUnavailableError,
+    BundleError,
+    ConfigError,
+    ConformanceError,
+    ExportError,
+    InputError,
+    PortableMoEError,
+)
+from portable_moe.registry import (
+    BackendStatus,
+    backend_names,
+    get_backend,
+    list_backends,
+    register_backend,
+    select_backend,
+    unregister_backend,
+)
+from portable_moe.tensors import TensorSpec
+
+try:
+    __version__ = version("portable-moe")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+
+def export(
+    output_dir: str | os.PathLike[str], preset: str | ModelConfig = "tiny", seed: int = 0, **options: Any
+) -> Bundle:
+    """Export a preset to a bundle (imports torch; see ``exporters.export_bundle`` for the options)."""
+    from exporters import export_bundle
+
+    return export_bundle(output_dir, preset, seed, **options)
+
+
+__all__ = [
+    "PRESETS",
+    "TOLERANCES",
+    "Backend",
+    "BackendError",
+    "BackendResult",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "Bundle",
+    "BundleError",
+    "Capabilities",
+    "CompiledModel",
+    "ConfigError",
+    "ConformanceError",
+    "ExportError",
+    "InputError",
+    "ModelConfig",
+    "ModelInput",
+    "OutputComparison",
+    "PortableMoEError",
+    "ProbeResult",
+    "TensorSpec",
+    "Tolerance",
+    "__version__",
+    "backend_names",
+    "check_backend",
+    "check_bundle",
+    "compare_outputs",
+    "export",
+    "get_backend",
+    "get_preset",
+    "list_backends",
+    "load_bundle",
+    "register_backend",
+    "routing_agreement",
+    "select_backend",
+    "unregister_backend",
+]

@@ -108,7 +108,9 @@ class CompiledModel(abc.ABC):
         except BackendError:
             raise
         except Exception as error:
-            raise BackendError(f"backend {self.backend_name!r} failed while running: {type(error).__name__}: {error}") from error
+            raise BackendError(
+                f"backend {self.backend_name!r} failed while running: {type(error).__name__}: {error}"
+            ) from error
         return {spec.name: results[spec.name] for spec in self.outputs}
 
     def placement(self) -> dict[str, int]:
@@ -181,7 +183,9 @@ class Backend(abc.ABC):
         except BackendError:
             raise
         except Exception as error:
-            raise BackendError(f"backend {self.name!r} failed to compile the model: {type(error).__name__}: {error}") from error
+            raise BackendError(
+                f"backend {self.name!r} failed to compile the model: {type(error).__name__}: {error}"
+            ) from error
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         """Merge options with the defaults, refusing names this backend does not know."""

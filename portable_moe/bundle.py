@@ -122,7 +122,9 @@ def _read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
 def _write_tensors(directory: Path, prefix: str, tensors: Mapping[str, np.ndarray]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for index, (name, value) in enumerate(tensors.items()):
-        (directory / f"{prefix}_{index}.pb").write_bytes(numpy_helper.from_array(np.asarray(value), name).SerializeToString())
+        (directory / f"{prefix}_{index}.pb").write_bytes(
+            numpy_helper.from_array(np.asarray(value), name).SerializeToString()
+        )
 
 
 @contextlib.contextmanager

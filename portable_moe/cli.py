@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from portable_moe import registry
 from portable_moe.bundle import Bundle, load_bundle
-from portable_moe.conformance import PASSED, BackendResult, check_bundle
 from portable_moe.config import PRESETS
+from portable_moe.conformance import PASSED, BackendResult, check_bundle
 from portable_moe.errors import InputError, PortableMoEError
 
 stdout = Console(highlight=False)
@@ -32,7 +33,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _progress(message: str) -> None:
-    stderr.print(f"[dim]·[/dim] {message}")
+    stderr.print(f"[dim]·[/dim] {escape(message)}")
 
 
 def _parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -62,16 +63,18 @@ def _print_backends() -> None:
         table.add_row(
             status.name,
             "[green]yes[/green]" if status.available else "[red]no[/red]",
-            status.vendor,
-            description,
-            status.reason,
+            escape(status.vendor),
+            escape(description),
+            escape(status.reason),
         )
     stdout.print(table)
 
 
 def _print_results(bundle: Bundle, results: list[BackendResult]) -> None:
-    table = Table(title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
-                        f"{bundle.moe_lowering or '?'} lowering) against its golden data")
+    table = Table(
+        title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
+        f"{bundle.moe_lowering or '?'} lowering) against its golden data"
+    )
     for column in ("backend", "result", "max abs err", "max rel err", "min cosine", "routing agreement", "note"):
         table.add_column(column)
     for result in results:
@@ -85,7 +88,7 @@ def _print_results(bundle: Bundle, results: list[BackendResult]) -> None:
             _format_error(result.worst("max_rel_error")),
             f"{min(cosines):.6f}" if cosines else "-",
             "-" if agreement != agreement else f"{agreement:.2%}",
-            result.reason,
+            escape(result.reason),
         )
     stdout.print(table)
 
@@ -119,10 +122,17 @@ def command_export(args: argparse.Namespace) -> int:
         lowering = registry.resolve_lowering("auto", args.for_backend)
         _progress(f"auto lowering for backend {args.for_backend!r}: {lowering}")
     bundle = export_bundle(
-        args.output, args.preset, args.seed, moe_lowering=lowering, opset=args.opset, overwrite=args.force,
+        args.output,
+        args.preset,
+        args.seed,
+        moe_lowering=lowering,
+        opset=args.opset,
+        overwrite=args.force,
         progress=_progress,
     )
-    stdout.print(f"bundle written to {bundle.path} ({bundle.moe_lowering} lowering, {len(bundle.manifest['files'])} files)")
+    stdout.print(
+        f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {len(bundle.manifest['files'])} files)"
+    )
     return EXIT_OK
 
 
@@ -130,7 +140,7 @@ def command_run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     backend, skipped = registry.select_backend(args.backend)
     for name, reason in skipped:
-        stderr.print(f"[yellow]skipped {name}[/yellow]: {reason}")
+        stderr.print(f"[yellow]skipped {name}[/yellow]: {escape(reason)}")
     feeds = _load_feeds(bundle, args.input)
     compiled = backend.compile(bundle, _parse_options(args.option))
     outputs = compiled.run(feeds)
@@ -138,13 +148,19 @@ def command_run(args: argparse.Namespace) -> int:
     for column in ("output", "dtype", "shape", "min", "max", "mean"):
         table.add_column(column)
     for name, value in outputs.items():
-        table.add_row(name, value.dtype.name, str(list(value.shape)),
-                      f"{value.min():.4g}", f"{value.max():.4g}", f"{value.mean():.4g}")
+        table.add_row(
+            name,
+            value.dtype.name,
+            escape(str(list(value.shape))),
+            f"{value.min():.4g}",
+            f"{value.max():.4g}",
+            f"{value.mean():.4g}",
+        )
     stdout.print(table)
-    stdout.print(f"ran on [bold]{backend.name}[/bold]; placement: {compiled.placement()}")
+    stdout.print(f"ran on [bold]{backend.name}[/bold]; placement: {escape(str(compiled.placement()))}")
     if args.output:
         np.savez(args.output, **outputs)
-        stdout.print(f"outputs saved to {args.output}")
+        stdout.print(f"outputs saved to {escape(args.output)}")
     return EXIT_OK
 
 
@@ -157,10 +173,10 @@ def _backend_names(spec: str) -> list[str]:
 def _finish_check(bundle: Bundle, results: list[BackendResult], json_path: str | None, require_all: bool) -> int:
     _print_results(bundle, results)
     if json_path:
-        Path(json_path).write_text(json.dumps(
-            {"bundle": str(bundle.path), "results": [r.to_dict() for r in results]}, indent=2, default=float
-        ))
-        stderr.print(f"report written to {json_path}")
+        Path(json_path).write_text(
+            json.dumps({"bundle": str(bundle.path), "results": [r.to_dict() for r in results]}, indent=2, default=float)
+        )
+        stderr.print(f"report written to {escape(json_path)}")
     considered = results if require_all else [r for r in results if r.status != "unavailable"]
     if not considered:
         stderr.print("[red]no backend could be checked[/red]")
@@ -186,7 +202,7 @@ def command_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="portable-moe-demo-") as scratch:
         output = Path(args.output) if args.output else Path(scratch) / args.preset
         bundle = export_bundle(output, args.preset, args.seed, overwrite=args.force, progress=_progress)
-        stdout.print(f"exported {args.preset} to {bundle.path}")
+        stdout.print(f"exported {args.preset} to {escape(str(bundle.path))}")
         _print_backends()
         results = check_bundle(bundle, registry.backend_names(), progress=_progress)
         return _finish_check(bundle, results, args.json, require_all=False)
@@ -202,14 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_preset_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--preset", default="tiny", choices=[n for n, c in PRESETS.items() if not c.cost_estimate_only],
-                             help="model preset (default: tiny)")
-        command.add_argument("--seed", type=int, default=0, help="weight seed; same preset and seed, same bundle (default: 0)")
+        command.add_argument(
+            "--preset",
+            default="tiny",
+            choices=[n for n, c in PRESETS.items() if not c.cost_estimate_only],
+            help="model preset (default: tiny)",
+        )
+        command.add_argument(
+            "--seed", type=int, default=0, help="weight seed; same preset and seed, same bundle (default: 0)"
+        )
         command.add_argument("--force", action="store_true", help="replace the output directory if it exists")
 
     def add_option_flag(command: argparse.ArgumentParser) -> None:
-        command.add_argument("-O", "--option", action="append", metavar="NAME=VALUE",
-                             help="backend option, repeatable (e.g. -O threads=2); see 'portable-moe backends'")
+        command.add_argument(
+            "-O",
+            "--option",
+            action="append",
+            metavar="NAME=VALUE",
+            help="backend option, repeatable (e.g. -O threads=2); see 'portable-moe backends'",
+        )
 
     demo = commands.add_parser("demo", help="export the tiny preset, check it on every available backend")
     add_preset_options(demo)
@@ -222,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="bundle directory to create")
     from exporters.lowerings import LOWERINGS
 
-    export.add_argument("--moe-lowering", default="dense", choices=[*LOWERINGS, "auto"],
-                        help="how routed experts become ONNX; auto takes --for-backend's preference (default: dense)")
+    export.add_argument(
+        "--moe-lowering",
+        default="dense",
+        choices=[*LOWERINGS, "auto"],
+        help="how routed experts become ONNX; auto takes --for-backend's preference (default: dense)",
+    )
     export.add_argument("--for-backend", default="cpu", help="backend whose preference 'auto' follows (default: cpu)")
     export.add_argument("--opset", type=int, default=20, help="ai.onnx opset to export to (default: 20)")
     export.set_defaults(handler=command_export)
@@ -233,18 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a bundle on a backend and summarise the outputs")
     run.add_argument("bundle", help="bundle directory")
-    run.add_argument("--backend", default="cpu",
-                     help="backend name, or a fallback list 'first,second' (the first available runs; default: cpu)")
+    run.add_argument(
+        "--backend",
+        default="cpu",
+        help="backend name, or a fallback list 'first,second' (the first available runs; default: cpu)",
+    )
     run.add_argument("--input", help=".npz file with one array per model input (default: the bundle's golden inputs)")
     run.add_argument("--output", help="save the outputs to this .npz file")
     add_option_flag(run)
     run.set_defaults(handler=command_run)
 
-    check = commands.add_parser("check", help="compare backends' outputs with the bundle's golden data (exit 1 on failure)")
+    check = commands.add_parser(
+        "check", help="compare backends' outputs with the bundle's golden data (exit 1 on failure)"
+    )
     check.add_argument("bundle", help="bundle directory")
-    check.add_argument("--backend", default="cpu",
-                       help="backends to check, comma-separated, each on its own; 'all' checks every available one "
-                            "(default: cpu)")
+    check.add_argument(
+        "--backend",
+        default="cpu",
+        help="backends to check, comma-separated, each on its own; 'all' checks every available one (default: cpu)",
+    )
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     add_option_flag(check)
     check.set_defaults(handler=command_check)
@@ -259,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PortableMoEError as error:
         if args.debug:
             traceback.print_exc()
-        stderr.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        stderr.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         stderr.print("[red]interrupted[/red]")

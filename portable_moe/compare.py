@@ -102,7 +102,9 @@ def _compare_values(name: str, expected: np.ndarray, actual: np.ndarray, toleran
     if not np.all(np.isfinite(actual64) == np.isfinite(expected64)):
         index = tuple(int(i) for i in np.argwhere(np.isfinite(actual64) != np.isfinite(expected64))[0])
         return OutputComparison(
-            name, "values", False,
+            name,
+            "values",
+            False,
             f"{name}: non-finite values differ, first at index {list(index)}: "
             f"expected {expected64[index]!r}, got {actual64[index]!r}",
             worst_index=index,
@@ -112,14 +114,18 @@ def _compare_values(name: str, expected: np.ndarray, actual: np.ndarray, toleran
     relative = difference / np.maximum(np.abs(expected64), np.finfo(np.float32).tiny)
     flat_expected, flat_actual = np.where(finite, expected64, 0).ravel(), np.where(finite, actual64, 0).ravel()
     norms = np.linalg.norm(flat_expected) * np.linalg.norm(flat_actual)
-    cosine = float(flat_expected @ flat_actual / norms) if norms > 0 else float(np.array_equal(flat_expected, flat_actual))
+    cosine = (
+        float(flat_expected @ flat_actual / norms) if norms > 0 else float(np.array_equal(flat_expected, flat_actual))
+    )
     # allclose's rule: an element fails only if it exceeds atol + rtol * |expected|.
     excess = difference - (tolerance.atol + tolerance.rtol * np.abs(expected64))
     worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.size else ()
     worst_index = tuple(int(i) for i in worst)
     passed = bool(excess.size == 0 or excess[worst] <= 0)
     comparison = OutputComparison(
-        name, "values", passed,
+        name,
+        "values",
+        passed,
         max_abs_error=float(difference.max()) if difference.size else 0.0,
         max_rel_error=float(relative.max()) if relative.size else 0.0,
         cosine=cosine,
@@ -161,36 +167,55 @@ def compare_outputs(
             continue
         actual_value = np.asarray(actual[name])
         if actual_value.shape != expected_value.shape:
-            results.append(OutputComparison(
-                name, kind, False,
-                f"{name}: shape {list(actual_value.shape)}, expected {list(expected_value.shape)}",
-            ))
+            results.append(
+                OutputComparison(
+                    name,
+                    kind,
+                    False,
+                    f"{name}: shape {list(actual_value.shape)}, expected {list(expected_value.shape)}",
+                )
+            )
             continue
         if actual_value.dtype != expected_value.dtype:
-            results.append(OutputComparison(
-                name, kind, False, f"{name}: dtype {actual_value.dtype}, expected {expected_value.dtype}"
-            ))
+            results.append(
+                OutputComparison(
+                    name, kind, False, f"{name}: dtype {actual_value.dtype}, expected {expected_value.dtype}"
+                )
+            )
             continue
         tolerance = tolerance_for(expected_value.dtype.name, precision)
         if kind == "routing":
             agreement, disagreeing = routing_agreement(expected_value, actual_value)
             passed = agreement >= tolerance.min_routing_agreement
-            message = "" if passed else (
-                f"{name}: routing agreement {agreement:.2%} below {tolerance.min_routing_agreement:.2%}; "
-                f"first disagreeing token at {list(disagreeing[0])}: expected experts "
-                f"{sorted(expected_value[disagreeing[0]].tolist())}, got {sorted(actual_value[disagreeing[0]].tolist())}"
+            message = (
+                ""
+                if passed
+                else (
+                    f"{name}: routing agreement {agreement:.2%} below {tolerance.min_routing_agreement:.2%}; "
+                    f"first disagreeing token at {list(disagreeing[0])}: expected experts "
+                    f"{sorted(expected_value[disagreeing[0]].tolist())}, got {sorted(actual_value[disagreeing[0]].tolist())}"
+                )
             )
-            results.append(OutputComparison(
-                name, kind, passed, message, routing_agreement=agreement, disagreeing_tokens=disagreeing
-            ))
+            results.append(
+                OutputComparison(
+                    name, kind, passed, message, routing_agreement=agreement, disagreeing_tokens=disagreeing
+                )
+            )
         elif np.issubdtype(expected_value.dtype, np.floating):
             results.append(_compare_values(name, expected_value, actual_value, tolerance))
         else:
             equal = np.array_equal(expected_value, actual_value)
-            results.append(OutputComparison(
-                name, kind, equal, "" if equal else f"{name}: integer values differ",
-                max_abs_error=float(np.abs(expected_value.astype(np.float64) - actual_value).max()) if expected_value.size else 0.0,
-            ))
+            results.append(
+                OutputComparison(
+                    name,
+                    kind,
+                    equal,
+                    "" if equal else f"{name}: integer values differ",
+                    max_abs_error=float(np.abs(expected_value.astype(np.float64) - actual_value).max())
+                    if expected_value.size
+                    else 0.0,
+                )
+            )
     for name in actual:
         if name not in expected:
             results.append(OutputComparison(name, "values", False, f"{name}: output not in the expected outputs"))

@@ -165,7 +165,11 @@ class Attention(nn.Module):
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(batch, seq, self.heads, self.head_dim).transpose(1, 2)
 
-        query, key, value = split_heads(self.q_proj(hidden)), split_heads(self.k_proj(hidden)), split_heads(self.v_proj(hidden))
+        query, key, value = (
+            split_heads(self.q_proj(hidden)),
+            split_heads(self.k_proj(hidden)),
+            split_heads(self.v_proj(hidden)),
+        )
         positions = torch.arange(seq, device=hidden.device, dtype=torch.float32)
         angles = positions[:, None] * self.inverse_frequency[None, :]
         angles = torch.cat((angles, angles), dim=-1)
@@ -249,7 +253,8 @@ class MoETransformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, use_moe=index >= config.first_k_dense_replace) for index in range(config.num_hidden_layers)
+            DecoderLayer(config, use_moe=index >= config.first_k_dense_replace)
+            for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

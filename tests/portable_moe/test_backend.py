@@ -1,0 +1,127 @@
+"""The backend contract: checks at the door, written once in the base, the same on every backend."""
+
+import numpy as np
+import onnx.parser
+import pytest
+
+from portable_moe import BackendError, InputError, get_backend
+from portable_moe.backend import ModelInput, as_model_input
+from portable_moe.tensors import specs_from_onnx
+
+TWO_INPUTS = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+two_inputs (int64[batch, seq] input_ids, float[batch, 4] features) => (float[batch, 4] doubled, int64[batch, seq] ids)
+{
+    doubled = Add(features, features)
+    ids = Identity(input_ids)
+}
+""")
+
+BACKENDS = ["cpu", "reference"]
+
+
+def _feeds(**change):
+    feeds = {"input_ids": np.zeros((2, 3), np.int64), "features": np.ones((2, 4), np.float32)}
+    feeds.update(change)
+    return {name: value for name, value in feeds.items() if value is not None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runs_a_small_model(backend):
+    outputs = get_backend(backend).compile(TWO_INPUTS).run(_feeds())
+    assert list(outputs) == ["doubled", "ids"]
+    np.testing.assert_array_equal(outputs["doubled"], np.full((2, 4), 2.0, np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        (_feeds(features=None), r"missing input\(s\) 'features'; the model takes 'input_ids': int64 \[batch, seq\]"),
+        (_feeds(extra=np.zeros(1)), r"unexpected input\(s\) 'extra'"),
+        (
+            _feeds(input_ids=np.zeros((2, 3), np.float32)),
+            r"'input_ids' has dtype float32, expected int64 \[batch, seq\]",
+        ),
+        (_feeds(input_ids=np.zeros((2, 3, 1), np.int64)), r"'input_ids' has rank 3 \(shape \[2, 3, 1\]\), expected"),
+        (_feeds(features=np.ones((2, 5), np.float32)), r"'features' has size 5 on axis 1, expected 4"),
+        (
+            _feeds(features=np.ones((3, 4), np.float32)),
+            r"'features' has batch=3 on axis 0, but input 'input_ids' has batch=2",
+        ),
+        (_feeds(input_ids=np.zeros((2, 0), np.int64)), r"'input_ids' is empty on axis 1 \(seq\)"),
+        (_feeds(input_ids=[[1, 2, 3], [4, 5, 6]]), r"'input_ids' is a list, expected a numpy array of int64"),
+    ],
+    ids=["missing", "unexpected", "dtype", "rank", "fixed-dim", "batch-mismatch", "empty", "not-array"],
+)
+def test_bad_feeds_are_refused_with_the_expected_spec(backend, feeds, message):
+    compiled = get_backend(backend).compile(TWO_INPUTS)
+    with pytest.raises(InputError, match=message):
+        compiled.run(feeds)
+
+
+def test_feeds_that_are_not_a_mapping():
+    with pytest.raises(InputError, match="feeds must be a mapping"):
+        get_backend("cpu").compile(TWO_INPUTS).run([np.zeros(1)])
+
+
+def test_non_contiguous_feeds_are_accepted():
+    compiled = get_backend("cpu").compile(TWO_INPUTS)
+    features = np.ones((4, 2), np.float32).T  # a transposed view: not C-contiguous
+    assert not features.flags.c_contiguous
+    outputs = compiled.run(_feeds(features=features))
+    np.testing.assert_array_equal(outputs["doubled"], np.full((2, 4), 2.0, np.float32))
+
+
+def test_unknown_option_lists_the_known_ones():
+    with pytest.raises(BackendError, match=r"'cpu' has no option\(s\) thread; its options: optimization, threads"):
+        get_backend("cpu").compile(TWO_INPUTS, {"thread": 2})
+
+
+def test_bad_option_value_is_a_compile_error():
+    with pytest.raises(BackendError, match="optimization must be one of"):
+        get_backend("cpu").compile(TWO_INPUTS, {"optimization": "max"})
+
+
+def test_a_lowering_the_backend_does_not_take_is_refused():
+    inputs, outputs = specs_from_onnx(TWO_INPUTS)
+    model = ModelInput(TWO_INPUTS, None, inputs, outputs, moe_lowering="warp-drive")
+    with pytest.raises(BackendError, match=r"does not accept the 'warp-drive' MoE lowering; it takes dense"):
+        get_backend("reference").compile(model)
+
+
+def test_an_opset_outside_the_range_is_refused():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 5]>
+    old (float[2] x) => (float[2] y) { y = Identity(x) }
+    """)
+    with pytest.raises(BackendError, match="runs ai.onnx opsets 7-.*the model uses opset 5"):
+        get_backend("cpu").compile(model)
+
+
+def test_an_operator_domain_the_backend_lacks_is_refused():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    contrib (float[2, 4] x) => (float[2, 4] y) { y = com.microsoft.Gelu(x) }
+    """)
+    with pytest.raises(BackendError, match="'reference' cannot run operators of domain.*com.microsoft"):
+        get_backend("reference").compile(model)
+    assert get_backend("cpu").compile(model).run({"x": np.ones((2, 4), np.float32)})["y"].shape == (2, 4)
+
+
+def test_a_backend_failure_at_run_time_is_a_backend_error():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    reshape (float[n] x, int64[1] shape) => (float[m] y) { y = Reshape(x, shape) }
+    """)
+    compiled = get_backend("cpu").compile(model)
+    with pytest.raises(BackendError, match="backend 'cpu' failed while running"):
+        compiled.run({"x": np.ones(4, np.float32), "shape": np.array([3], np.int64)})
+
+
+def test_model_sources(tmp_path, tiny_bundle):
+    path = tmp_path / "two.onnx"
+    onnx.save(TWO_INPUTS, path)
+    assert as_model_input(path).path == path
+    assert as_model_input(str(tiny_bundle.path)).moe_lowering == tiny_bundle.moe_lowering
+    assert as_model_input(tiny_bundle).bundle is tiny_bundle

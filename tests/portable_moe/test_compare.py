@@ -1,0 +1,70 @@
+import re
+
+import numpy as np
+import pytest
+
+from portable_moe.compare import TOLERANCES, compare_outputs, routing_agreement, tolerance_for
+
+
+def test_every_tolerance_has_a_reason():
+    for key, tolerance in TOLERANCES.items():
+        assert len(tolerance.reason) > 20, key
+
+
+def test_identical_outputs_pass():
+    value = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    [result] = compare_outputs({"y": value}, {"y": value.copy()})
+    assert result.passed and result.max_abs_error == 0 and result.cosine == pytest.approx(1.0)
+
+
+def test_a_failure_says_where_and_how_much():
+    expected = np.zeros((3, 4), np.float32)
+    actual = expected.copy()
+    actual[2, 1] = 0.5
+    actual[0, 0] = 2e-4  # also outside atol, but not the worst
+    [result] = compare_outputs({"y": expected}, {"y": actual})
+    assert not result.passed
+    assert result.worst_index == (2, 1)
+    assert "2 of 12 elements outside atol=0.0001" in result.message
+    assert "worst at index [2, 1]: expected 0, got 0.5" in result.message
+
+
+def test_within_tolerance_passes():
+    tolerance = tolerance_for("float32")
+    expected = np.ones(100, np.float32)
+    actual = expected + np.float32(tolerance.atol * 0.5)
+    [result] = compare_outputs({"y": expected}, {"y": actual})
+    assert result.passed
+
+
+@pytest.mark.parametrize(
+    ("actual", "message"),
+    [
+        ({}, "y: missing from the backend's outputs"),
+        ({"y": np.zeros(3, np.float32)}, r"y: shape \[3\], expected \[2\]"),
+        ({"y": np.zeros(2, np.float64)}, "y: dtype float64, expected float32"),
+        ({"y": np.array([0, np.nan], np.float32)}, "non-finite values differ, first at index"),
+    ],
+)
+def test_structure_is_compared_before_values(actual, message):
+    results = compare_outputs({"y": np.zeros(2, np.float32)}, actual)
+    assert not results[0].passed
+    assert re.search(message, results[0].message)
+
+
+def test_unexpected_output_fails():
+    results = compare_outputs({}, {"z": np.zeros(1)})
+    assert not results[0].passed and "not in the expected outputs" in results[0].message
+
+
+def test_routing_is_compared_as_sets_per_token():
+    expected = np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
+    reordered = expected[..., ::-1].copy()
+    assert routing_agreement(expected, reordered) == (1.0, [])
+    flipped = expected.copy()
+    flipped[1, 0] = [4, 7]
+    agreement, disagreeing = routing_agreement(expected, flipped)
+    assert agreement == 0.75 and disagreeing == [(1, 0)]
+    [result] = compare_outputs({"ids": expected}, {"ids": flipped}, {"ids": 1})
+    assert not result.passed and result.kind == "routing"
+    assert "routing agreement 75.00%" in result.message and "expected experts [4, 5], got [4, 7]" in result.message

@@ -1,0 +1,157 @@
+"""The command line end to end, through a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WRONG_VENDOR = """
+import numpy as np
+from backends.onnxruntime_cpu import OnnxRuntimeCpuBackend, OrtCompiledModel
+
+
+class WrongCompiled(OrtCompiledModel):
+    def _run(self, feeds):
+        outputs = super()._run(feeds)
+        outputs["logits"] = outputs["logits"] + np.float32(0.01)
+        return outputs
+
+
+class WrongNpu(OnnxRuntimeCpuBackend):
+    description = "an adapter with a bug: adds 0.01 to the logits"
+
+    def _compile(self, model, options):
+        compiled = super()._compile(model, options)
+        compiled.__class__ = WrongCompiled
+        return compiled
+"""
+
+
+def portable_moe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    executable = shutil.which("portable-moe")
+    command = [executable] if executable else [sys.executable, "-m", "portable_moe.cli"]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    pytest.importorskip("torch", reason="exporting needs torch")
+    output = tmp_path_factory.mktemp("cli") / "tiny"
+    result = portable_moe("export", "--preset", "tiny", "--seed", "0", "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "bundle written to" in result.stdout
+    assert "validating: ONNX Runtime against torch" in result.stderr  # progress is shown
+    return output
+
+
+def test_export_is_reproducible(exported, tiny_bundle):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    # Same preset and seed: the same golden data and the same graph, byte for byte.
+    assert manifest["files"] == tiny_bundle.manifest["files"]
+
+
+def test_backends_lists_every_backend_with_its_state():
+    result = portable_moe("backends")
+    assert result.returncode == 0
+    assert "cpu" in result.stdout and "reference" in result.stdout and "onnxruntime" in result.stdout
+
+
+def test_run_prints_output_summaries(exported, tmp_path):
+    saved = tmp_path / "out.npz"
+    result = portable_moe("run", str(exported), "--backend", "cpu", "--output", str(saved))
+    assert result.returncode == 0, result.stderr
+    assert "logits" in result.stdout and "[2, 16, 256]" in result.stdout and "ran on cpu" in result.stdout
+    with np.load(saved) as data:
+        assert data["logits"].shape == (2, 16, 256)
+
+
+def test_run_with_an_input_file(exported, tmp_path):
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, input_ids=np.arange(12, dtype=np.int64).reshape(3, 4))
+    result = portable_moe("run", str(exported), "--input", str(inputs), "-O", "threads=1")
+    assert result.returncode == 0, result.stderr
+    assert "[3, 4, 256]" in result.stdout
+
+
+def test_run_with_wrong_input_dtype_is_one_clear_line(exported, tmp_path):
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, input_ids=np.zeros((1, 4), np.float32))
+    result = portable_moe("run", str(exported), "--input", str(inputs))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: input 'input_ids' has dtype float32, expected int64 [batch, seq]"
+
+
+def test_check_passes_on_cpu_and_reference(exported, tmp_path):
+    report = tmp_path / "report.json"
+    result = portable_moe("check", str(exported), "--backend", "cpu,reference", "--json", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 2
+    data = json.loads(report.read_text())
+    assert [r["status"] for r in data["results"]] == ["passed", "passed"]
+    routing = [c for c in data["results"][0]["comparisons"] if c["kind"] == "routing"]
+    assert [c["routing_agreement"] for c in routing] == [1.0, 1.0]
+
+
+def test_check_fails_with_exit_1_on_a_nonconforming_backend(exported, tmp_path):
+    (tmp_path / "wrong_vendor.py").write_text(WRONG_VENDOR)
+    dist_info = tmp_path / "wrong_vendor-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: wrong-vendor\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        textwrap.dedent("""
+        [portable_moe.backends]
+        wrong-npu = wrong_vendor:WrongNpu
+    """)
+    )
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    result = portable_moe("check", str(exported), "--backend", "cpu,wrong-npu", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed" in result.stdout and "logits:" in result.stdout
+    assert "not conforming: wrong-npu (failed)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check", "no/such/bundle"], "error: no/such/bundle: no such bundle directory"),
+        (["run", "{bundle}", "--backend", "tpu"], "error: unknown backend 'tpu'; registered backends:"),
+        (["run", "{bundle}", "-O", "threads"], "error: bad option 'threads': write NAME=VALUE"),
+        (["run", "{bundle}", "--input", "missing.npz"], "error: missing.npz: no such input file"),
+        (["export", "--preset", "tiny", "-o", "{bundle}"], "already exists; choose another directory"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line_and_no_traceback(exported, args, message):
+    result = portable_moe(*[arg.format(bundle=exported) for arg in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback():
+    result = portable_moe("--debug", "check", "no/such/bundle")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_help_explains_each_command():
+    result = portable_moe("--help")
+    assert result.returncode == 0
+    for command in ("demo", "export", "backends", "run", "check"):
+        assert command in result.stdout
+    result = portable_moe("export", "--help")
+    assert "--moe-lowering" in result.stdout and "--seed" in result.stdout
