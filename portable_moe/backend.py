@@ -88,7 +88,15 @@ def as_model_input(model: Bundle | onnx.ModelProto | str | os.PathLike[str]) -> 
 
 
 class CompiledModel(abc.ABC):
-    """A model compiled for one backend. ``run`` takes and returns numpy arrays keyed by name."""
+    """A model compiled for one backend. ``run`` takes and returns numpy arrays keyed by name.
+
+    Attributes:
+        precision: the precision mode it computes in; picks the row of the tolerance table
+            (``portable_moe.compare.TOLERANCES``) that conformance applies. "exact" means the
+            model's own dtypes throughout.
+    """
+
+    precision: str = "exact"
 
     def __init__(self, backend: Backend, model: ModelInput) -> None:
         self.backend_name = backend.name

@@ -7,6 +7,7 @@ line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -30,6 +31,10 @@ stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
+# subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
+COMMAND_MODULES: list[str] = []
 
 
 def _progress(message: str) -> None:
@@ -286,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     add_option_flag(check)
     check.set_defaults(handler=command_check)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_command(commands)
     return parser
 
 

@@ -77,7 +77,7 @@ def check_backend(
     started = time.perf_counter()
     try:
         for feeds, expected in golden:
-            comparisons += compare_outputs(expected, compiled.run(feeds), bundle.routing_outputs)
+            comparisons += compare_outputs(expected, compiled.run(feeds), bundle.routing_outputs, compiled.precision)
     except PortableMoEError as error:
         return BackendResult(backend.name, ERROR, str(error), compile_seconds=compile_seconds)
     run_seconds = time.perf_counter() - started
