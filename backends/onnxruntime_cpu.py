@@ -76,7 +76,7 @@ class OnnxRuntimeCpuBackend(Backend):
             max_opset=23,
             dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
             dynamic_shapes=True,
-            moe_lowerings=("dense",),
+            moe_lowerings=("fused", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
         )
 

@@ -1,13 +1,21 @@
 """The MoE lowerings: how the routed experts become ONNX.
 
-Each lowering is a module ``exporters/lowering_<name>.py`` whose ``routed_experts`` function
-computes the routed part of the MoE block in torch in a form that exports to the wanted ONNX
-pattern. Every lowering computes the same function as the reference; the exporter checks that.
+Each lowering is a module ``exporters/lowering_<name>.py`` that provides:
+
+- ``routed_experts(hidden, expert_ids, expert_weights, w1, w3, w2, **options)``: the routed part
+  of the MoE block in torch, written so that it exports to the wanted ONNX pattern. It returns
+  the routed output, or ``(output, dropped_count)`` when it can drop tokens.
+- optionally ``OPTION_DEFAULTS`` (the options it takes), ``CUSTOM_TRANSLATION_TABLE`` (for
+  ``torch.onnx.export``) and ``after_export(program)`` (a graph rewrite run before saving).
+
+Every lowering computes the same function as the reference; the exporter checks that.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,18 +29,39 @@ class Lowering:
     Attributes:
         name: what users pass to ``--moe-lowering``.
         summary: one line for help text.
-        module: the module that implements it (imported only when exporting).
-        static_shapes: True when every expert buffer has a shape fixed by the input size alone.
+        module: the module that implements it (imported only when exporting: it imports torch).
+        static_shapes: True when every intermediate shape follows from the input shapes alone,
+            never from routing decisions (what static-shape compilers need).
+        domains: operator domains beyond ai.onnx that the exported graph uses.
     """
 
     name: str
     summary: str
     module: str
     static_shapes: bool = False
+    domains: frozenset[str] = frozenset()
 
     def load(self) -> Any:
         """Import the implementing module (this imports torch)."""
         return importlib.import_module(self.module)
+
+    def option_defaults(self) -> dict[str, Any]:
+        return dict(getattr(self.load(), "OPTION_DEFAULTS", {}))
+
+    def routed_experts(self, options: Mapping[str, Any]) -> Callable[..., Any]:
+        """The torch implementation bound to ``options`` (unknown option names are refused).
+
+        Raises:
+            ExportError: naming the unknown options and the ones this lowering takes.
+        """
+        defaults = self.option_defaults()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise ExportError(f"the {self.name} lowering has no option(s) {', '.join(unknown)}; its options: {known}")
+        implementation = self.load().routed_experts
+        bound = {**defaults, **options}
+        return functools.partial(implementation, **bound) if bound else implementation
 
 
 LOWERINGS: dict[str, Lowering] = {
@@ -40,8 +69,21 @@ LOWERINGS: dict[str, Lowering] = {
     for lowering in (
         Lowering(
             "dense",
-            "every expert on every token, weighted by a mostly-zero gate (exact, cost grows with experts)",
+            "every expert on every token, weighted by a mostly-zero gate (exact; cost grows with the expert count)",
             "exporters.lowering_dense",
+            static_shapes=True,
+        ),
+        Lowering(
+            "capacity",
+            "fixed slots per expert (static shapes for NPU compilers); drops what does not fit, never on the golden data",
+            "exporters.lowering_capacity",
+            static_shapes=True,
+        ),
+        Lowering(
+            "fused",
+            "ONNX Runtime's com.microsoft::MoE operator, fed DeepSeek routing computed in the graph",
+            "exporters.lowering_fused",
+            domains=frozenset({"com.microsoft"}),
         ),
     )
 }

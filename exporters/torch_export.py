@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +65,37 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def output_names(config: ModelConfig) -> tuple[list[str], dict[str, int]]:
+def output_names(config: ModelConfig, reports_drops: bool = False) -> tuple[list[str], dict[str, int]]:
     """The exported graph's output names, and which of them carry routing (name -> layer index)."""
     routing = {f"expert_ids_layer{layer}": layer for layer in config.moe_layer_indices}
-    return ["logits", *routing], routing
+    dropped = [f"dropped_slots_layer{layer}" for layer in config.moe_layer_indices] if reports_drops else []
+    return ["logits", *routing, *dropped], routing
 
 
 def _torch_outputs(model: Any, input_ids: Any, names: list[str]) -> dict[str, np.ndarray]:
     import torch
 
     with torch.no_grad():
-        logits, routing = model(input_ids)
-    return dict(zip(names, [logits.numpy(), *(ids.numpy() for ids in routing)]))
+        logits, routing, *dropped = model(input_ids)
+    values = [logits, *routing, *(dropped[0] if dropped else ())]
+    return dict(zip(names, [value.numpy() for value in values]))
+
+
+def calibrate_capacity_factor(config: ModelConfig, routing: list[np.ndarray], headroom: float = 1.25) -> float:
+    """The smallest quarter-step capacity factor that gives the busiest expert ``headroom`` x its load.
+
+    Args:
+        config: the model's sizes.
+        routing: selected expert ids per MoE layer, on the inputs to calibrate on.
+        headroom: margin over the busiest expert's load.
+    """
+    worst = 0.0
+    for expert_ids in routing:
+        tokens = expert_ids.size // config.num_experts_per_tok
+        average = tokens * config.num_experts_per_tok / config.n_routed_experts
+        loads = np.bincount(expert_ids.reshape(-1), minlength=config.n_routed_experts)
+        worst = max(worst, loads.max() / average)
+    return float(np.ceil(worst * headroom * 4) / 4)
 
 
 def _check_parity(
@@ -106,6 +125,7 @@ def export_bundle(
     seed: int = 0,
     *,
     moe_lowering: str = "dense",
+    lowering_options: Mapping[str, Any] | None = None,
     opset: int = DEFAULT_OPSET,
     golden_batch: int = 2,
     golden_seq: int = 16,
@@ -119,6 +139,7 @@ def export_bundle(
         preset: a preset name ("tiny", "small", ...) or a ModelConfig.
         seed: weight seed; the same preset and seed give the same weights and golden data.
         moe_lowering: how the routed experts become ONNX (see ``exporters.LOWERINGS``).
+        lowering_options: options of the lowering (e.g. ``capacity_factor`` for capacity).
         opset: the ai.onnx opset to export to.
         golden_batch / golden_seq: the shape of the golden inputs.
         overwrite: replace an existing bundle (atomically).
@@ -129,7 +150,8 @@ def export_bundle(
 
     Raises:
         ConfigError: unknown preset, or a preset that is for cost estimates only.
-        ExportError: torch missing, the export failed, or the graph disagrees with torch.
+        ExportError: torch missing, an unknown lowering or option, the export failed, the graph
+            disagrees with torch, or a capacity-limited lowering drops tokens on the golden inputs.
         BundleError: ``output_dir`` exists and ``overwrite`` is false.
     """
     say = progress or (lambda message: None)
@@ -146,10 +168,28 @@ def export_bundle(
     names, routing = output_names(config)
     golden_ids = golden_inputs(config, seed, golden_batch, golden_seq)["input_ids"]
     second_ids = golden_inputs(config, seed + 100, 1, max(1, golden_seq // 2 + 1))["input_ids"]
-    golden_out = _torch_outputs(model, golden_ids, names)  # reference routed experts (dense)
+    golden_out = _torch_outputs(model, golden_ids, names)  # the reference routed experts (dense)
+
+    options = {**lowering.option_defaults(), **(lowering_options or {})}
+    if options.get("capacity_factor") == "auto":
+        options["capacity_factor"] = calibrate_capacity_factor(config, [golden_out[name] for name in routing])
+        say(f"capacity factor calibrated on the golden inputs: {options['capacity_factor']}")
+    model.set_routed_experts(lowering.routed_experts(options))
+    with torch.no_grad():
+        reports_drops = len(model(golden_ids)) == 3
+    if reports_drops:
+        names, routing = output_names(config, reports_drops=True)
+        lowered_golden = _torch_outputs(model, golden_ids, names)
+        dropped = {name: int(lowered_golden[name]) for name in names if name.startswith("dropped_slots")}
+        if any(dropped.values()):
+            raise ExportError(
+                f"the {lowering.name} lowering drops token-slots on the golden inputs ({dropped}) with options "
+                f"{options}; DeepSeek's routing is dropless: raise capacity_factor (or leave it at auto)"
+            )
+        golden_out.update({name: np.array(0, dtype=np.int64) for name in dropped})
     second_out = _torch_outputs(model, second_ids, names)
 
-    model.set_routed_experts(lowering.load().routed_experts)
+    module = lowering.load()
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=65536)
     with bundle_writer(output_dir, overwrite=overwrite) as staging:
@@ -165,9 +205,12 @@ def export_bundle(
                     output_names=names,
                     dynamic_shapes={"input_ids": {0: batch, 1: seq}},
                     opset_version=opset,
+                    custom_translation_table=getattr(module, "CUSTOM_TRANSLATION_TABLE", None),
                     optimize=True,
                     verbose=False,
                 )
+                if hasattr(module, "after_export"):
+                    module.after_export(program)
                 program.save(str(model_path))
         except Exception as error:
             raise ExportError(
@@ -190,24 +233,23 @@ def export_bundle(
 
         proto = onnx.load(str(model_path), load_external_data=False)
         inputs, outputs = specs_from_onnx(proto)
+        extra: dict[str, Any] = {
+            "preset": config.name,
+            "seed": seed,
+            "opset": opset,
+            "ir_version": proto.ir_version,
+            "moe_lowering": lowering.name,
+            "moe_lowering_options": options,
+            "routing_outputs": routing,
+        }
+        if reports_drops:
+            extra["dropless_on_golden"] = True
+        extra["versions"] = {
+            package: _version(package)
+            for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy")
+        }
         write_manifest(
-            staging,
-            inputs=inputs,
-            outputs=outputs,
-            golden=[(golden_feeds, golden_out)],
-            config=config,
-            extra={
-                "preset": config.name,
-                "seed": seed,
-                "opset": opset,
-                "ir_version": proto.ir_version,
-                "moe_lowering": lowering.name,
-                "routing_outputs": routing,
-                "versions": {
-                    package: _version(package)
-                    for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy")
-                },
-            },
+            staging, inputs=inputs, outputs=outputs, golden=[(golden_feeds, golden_out)], config=config, extra=extra
         )
     say(f"wrote {output_dir}")
     return load_bundle(output_dir)

@@ -114,6 +114,16 @@ def _load_feeds(bundle: Bundle, input_path: str | None) -> dict[str, np.ndarray]
         raise InputError(f"{path}: not a readable .npz file ({error})") from None
 
 
+def _capacity_factor(text: str) -> str:
+    if text != "auto":
+        try:
+            if not float(text) > 0:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}") from None
+    return text
+
+
 def command_backends(args: argparse.Namespace) -> int:
     _print_backends()
     return EXIT_OK
@@ -126,11 +136,19 @@ def command_export(args: argparse.Namespace) -> int:
     if lowering == "auto":
         lowering = registry.resolve_lowering("auto", args.for_backend)
         _progress(f"auto lowering for backend {args.for_backend!r}: {lowering}")
+    lowering_options: dict[str, Any] = {}
+    if args.capacity_factor is not None:
+        lowering_options["capacity_factor"] = "auto" if args.capacity_factor == "auto" else float(args.capacity_factor)
+    if args.min_capacity is not None:
+        lowering_options["min_capacity"] = args.min_capacity
+    if lowering_options and lowering != "capacity":
+        raise InputError(f"--capacity-factor and --min-capacity apply to the capacity lowering, not {lowering!r}")
     bundle = export_bundle(
         args.output,
         args.preset,
         args.seed,
         moe_lowering=lowering,
+        lowering_options=lowering_options,
         opset=args.opset,
         overwrite=args.force,
         progress=_progress,
@@ -261,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="how routed experts become ONNX; auto takes --for-backend's preference (default: dense)",
     )
     export.add_argument("--for-backend", default="cpu", help="backend whose preference 'auto' follows (default: cpu)")
+    export.add_argument(
+        "--capacity-factor",
+        type=_capacity_factor,
+        help="capacity lowering: slots per expert as a multiple of the average load, or auto (default: auto, "
+        "calibrated so the golden inputs drop nothing)",
+    )
+    export.add_argument(
+        "--min-capacity",
+        type=int,
+        help="capacity lowering: fewest slots per expert (default: 8, decode stays dropless)",
+    )
     export.add_argument("--opset", type=int, default=20, help="ai.onnx opset to export to (default: 20)")
     export.set_defaults(handler=command_export)
 

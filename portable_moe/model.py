@@ -213,14 +213,22 @@ class MoEBlock(nn.Module):
         self.shared_experts = DenseMLP(hidden, width * config.n_shared_experts) if config.n_shared_experts else None
         self.routed_experts: RoutedExperts = routed_experts_dense
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return ``(output, expert_ids [B, S, k], dropped)``.
+
+        ``dropped`` is the number of (token, slot) pairs a capacity-limited implementation had no
+        room for (an int64 scalar), or None for the dropless implementations.
+        """
         batch, seq, size = hidden.shape
         tokens = hidden.reshape(-1, size)
         expert_ids, expert_weights = route(tokens, self.gate_weight, self.e_score_correction_bias, self.config)
         out = self.routed_experts(tokens, expert_ids, expert_weights, self.w1, self.w3, self.w2)
+        dropped = None
+        if isinstance(out, tuple):
+            out, dropped = out
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
-        return out.reshape(batch, seq, size), expert_ids.reshape(batch, seq, -1)
+        return out.reshape(batch, seq, size), expert_ids.reshape(batch, seq, -1), dropped
 
 
 class DecoderLayer(nn.Module):
@@ -231,13 +239,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEBlock(config) if use_moe else DenseMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         hidden = hidden + self.attention(self.input_norm(hidden))
         normed = self.post_attention_norm(hidden)
         if isinstance(self.mlp, MoEBlock):
-            mlp_out, expert_ids = self.mlp(normed)
-            return hidden + mlp_out, expert_ids
-        return hidden + self.mlp(normed), None
+            mlp_out, expert_ids, dropped = self.mlp(normed)
+            return hidden + mlp_out, expert_ids, dropped
+        return hidden + self.mlp(normed), None, None
 
 
 class MoETransformer(nn.Module):
@@ -245,7 +253,9 @@ class MoETransformer(nn.Module):
 
     ``forward(input_ids [B, S] int64)`` returns ``(logits [B, S, vocab] float32, expert_ids)``
     where ``expert_ids`` is a tuple with one ``[B, S, k]`` int64 tensor per MoE layer: the experts
-    each token was routed to, a diagnostic output that conformance compares across backends.
+    each token was routed to, a diagnostic output that conformance compares across backends. With
+    a capacity-limited routed-experts implementation it returns a third item, a tuple with the
+    number of dropped (token, slot) pairs per MoE layer.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -268,14 +278,17 @@ class MoETransformer(nn.Module):
         for block in self.moe_blocks:
             block.routed_experts = implementation
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(self, input_ids: torch.Tensor) -> tuple[tuple[torch.Tensor, ...] | torch.Tensor, ...]:
         hidden = self.embed_tokens(input_ids)
-        routing = []
+        routing, dropped = [], []
         for layer in self.layers:
-            hidden, expert_ids = layer(hidden)
+            hidden, expert_ids, dropped_here = layer(hidden)
             if expert_ids is not None:
                 routing.append(expert_ids)
-        return self.lm_head(self.norm(hidden)), tuple(routing)
+            if dropped_here is not None:
+                dropped.append(dropped_here)
+        logits = self.lm_head(self.norm(hidden))
+        return (logits, tuple(routing), tuple(dropped)) if dropped else (logits, tuple(routing))
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> MoETransformer:
