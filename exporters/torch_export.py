@@ -253,3 +253,69 @@ def export_bundle(
         )
     say(f"wrote {output_dir}")
     return load_bundle(output_dir)
+
+
+def _moe_layer_module(block: Any) -> Any:
+    """A module that runs one MoE block on ``[tokens, hidden]`` (torch is imported only when exporting)."""
+    import torch
+
+    class MoELayer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return self.block(hidden.unsqueeze(0))[0].squeeze(0)
+
+    return MoELayer().eval()
+
+
+def export_moe_layer(
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    seed: int = 0,
+    moe_lowering: str = "dense",
+    lowering_options: Mapping[str, Any] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> tuple[Any, dict[str, Any]]:
+    """Export the first MoE block of a model alone: ``hidden [tokens, hidden_size] -> output``.
+
+    For benchmarks of the MoE layer in isolation. Unlike :func:`export_bundle` this writes a bare
+    .onnx file, not a bundle, and only checks that ONNX Runtime can load it.
+
+    Returns:
+        ``(torch_module, resolved_lowering_options)``: the eager module with the lowering applied,
+        for side-by-side timing.
+    """
+    torch = _import_torch()
+    from portable_moe.model import build_model
+
+    lowering = get_lowering(moe_lowering)
+    model = build_model(config, seed)
+    block = model.moe_blocks[0]
+    options = {**lowering.option_defaults(), **(lowering_options or {})}
+    if options.get("capacity_factor") == "auto":
+        raise ExportError(
+            "export_moe_layer needs an explicit capacity_factor (there is no golden data to calibrate on)"
+        )
+    block.routed_experts = lowering.routed_experts(options)
+    layer = _moe_layer_module(block)
+    example = torch.randn(4, config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    module = lowering.load()
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            layer,
+            (example,),
+            dynamo=True,
+            input_names=["hidden"],
+            output_names=["output"],
+            dynamic_shapes={"hidden": {0: torch.export.Dim("tokens", min=1, max=65536)}},
+            opset_version=opset,
+            custom_translation_table=getattr(module, "CUSTOM_TRANSLATION_TABLE", None),
+            optimize=True,
+            verbose=False,
+        )
+        if hasattr(module, "after_export"):
+            module.after_export(program)
+        program.save(str(path))
+    return layer, options

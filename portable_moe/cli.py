@@ -187,6 +187,48 @@ def command_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from portable_moe.bench import bench_compiled, token_feeds
+
+    bundle = load_bundle(args.bundle)
+    backend, skipped = registry.select_backend(args.backend)
+    for name, reason in skipped:
+        stderr.print(f"[yellow]skipped {name}[/yellow]: {escape(reason)}")
+    if (args.batch is None) != (args.seq is None):
+        raise InputError("give both --batch and --seq, or neither (to use the golden inputs)")
+    feeds = _load_feeds(bundle, None) if args.batch is None else token_feeds(bundle, args.batch, args.seq)
+    _progress(f"compiling {bundle.name} for {backend.name}")
+    compiled = backend.compile(bundle, _parse_options(args.option))
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=stderr, transient=True
+    ) as progress:
+        task = progress.add_task(f"timing {backend.name}", total=args.runs)
+        result = bench_compiled(
+            compiled, feeds, args.warmup, args.runs, lambda done, total: progress.update(task, completed=done)
+        )
+    shape = list(next(iter(feeds.values())).shape)
+    table = Table(
+        title=f"{bundle.name} on {backend.name}, input {shape} ({result.runs} runs after {result.warmup} warm-up)"
+    )
+    for column in ("p50 ms", "p90 ms", "min ms", "tokens/s", "peak RSS MiB"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{result.p50_ms:.3f}",
+        f"{result.p90_ms:.3f}",
+        f"{result.min_ms:.3f}",
+        f"{result.tokens_per_second:,.0f}",
+        f"{result.peak_rss_mib:,.0f}",
+    )
+    stdout.print(table)
+    if args.json:
+        report = {"bundle": str(bundle.path), "backend": backend.name, "input_shape": shape, **result.to_dict()}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        stderr.print(f"report written to {escape(args.json)}")
+    return EXIT_OK
+
+
 def _backend_names(spec: str) -> list[str]:
     if spec == "all":
         return registry.backend_names()
@@ -320,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     add_option_flag(check)
     check.set_defaults(handler=command_check)
+
+    bench = commands.add_parser("bench", help="latency and throughput of a bundle on a backend")
+    bench.add_argument("bundle", help="bundle directory")
+    bench.add_argument("--backend", default="cpu", help="backend name or fallback list (default: cpu)")
+    bench.add_argument("--batch", type=int, help="random token input of this batch size (with --seq)")
+    bench.add_argument("--seq", type=int, help="random token input of this sequence length (with --batch)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    bench.add_argument("--runs", type=int, default=20, help="timed runs (default: 20)")
+    bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    add_option_flag(bench)
+    bench.set_defaults(handler=command_bench)
 
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_command(commands)
