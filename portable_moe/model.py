@@ -101,10 +101,12 @@ def routed_experts_dense(
     num_experts = w1.shape[0]
     gate = torch.zeros(hidden.shape[0], num_experts, dtype=hidden.dtype, device=hidden.device)
     gate = gate.scatter(1, expert_ids, expert_weights.to(hidden.dtype))
-    up_gate = torch.einsum("th,eih->eti", hidden, w1)
-    up = torch.einsum("th,eih->eti", hidden, w3)
-    expert_out = torch.einsum("eti,ehi->eth", functional.silu(up_gate) * up, w2)
-    return torch.einsum("te,eth->th", gate, expert_out)
+    # Batched matmuls over the expert axis (ONNX MatMul broadcasts them; its Einsum is slower on ORT).
+    tokens = hidden.unsqueeze(0)  # [1, T, H]
+    up_gate = torch.matmul(tokens, w1.transpose(1, 2))  # [E, T, I]
+    up = torch.matmul(tokens, w3.transpose(1, 2))
+    expert_out = torch.matmul(functional.silu(up_gate) * up, w2.transpose(1, 2))  # [E, T, H]
+    return (gate.t().unsqueeze(-1) * expert_out).sum(dim=0)
 
 
 def routed_experts_loop(
