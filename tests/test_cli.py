@@ -155,3 +155,37 @@ def test_help_explains_each_command():
         assert command in result.stdout
     result = portable_moe("export", "--help")
     assert "--moe-lowering" in result.stdout and "--seed" in result.stdout
+
+
+def test_bench_prints_latency_and_throughput(exported, tmp_path):
+    report = tmp_path / "bench.json"
+    result = portable_moe(
+        "bench", str(exported), "--batch", "2", "--seq", "4", "--runs", "5", "--warmup", "1", "--json", str(report)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "p50 ms" in result.stdout and "tokens/s" in result.stdout and "input [2, 4]" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["runs"] == 5 and data["tokens"] == 8 and 0 < data["p50_ms"] <= data["p90_ms"]
+    assert data["tokens_per_second"] == pytest.approx(8 / (data["p50_ms"] / 1000))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "2"], "give both --batch and --seq"),
+        (["--runs", "0"], "runs must be >= 1"),
+        (["--batch", "0", "--seq", "1"], "batch and sequence must be >= 1"),
+    ],
+)
+def test_bench_bad_arguments(exported, args, message):
+    result = portable_moe("bench", str(exported), *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_capacity_options_only_apply_to_the_capacity_lowering(tmp_path):
+    result = portable_moe("export", "-o", str(tmp_path / "x"), "--capacity-factor", "2")
+    assert result.returncode == 2
+    assert "--capacity-factor and --min-capacity apply to the capacity lowering, not 'dense'" in result.stderr
+    result = portable_moe("export", "-o", str(tmp_path / "x"), "--moe-lowering", "capacity", "--capacity-factor", "-1")
+    assert result.returncode == 2 and "expected a positive number or auto" in result.stderr
+    assert not (tmp_path / "x").exists()
