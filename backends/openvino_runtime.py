@@ -1,0 +1,230 @@
+"""``openvino``: Intel's OpenVINO runtime, reading the bundle's ONNX directly.
+
+OpenVINO's ONNX frontend turns the graph into an OpenVINO model once (``Core.read_model``), and
+``Core.compile_model`` builds it for one device. Dynamic input dimensions stay dynamic, so one
+compiled model takes any batch and sequence length. The runtime is imported lazily: without the
+``openvino`` package this backend stays listed as unavailable, with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.errors import BackendError
+
+INSTALL_HINT = 'pip install "portable-moe[openvino]"'
+
+# Initializers up to this many elements keep their values for shape inference (shape tensors are tiny).
+_SMALL_TENSOR = 1024
+
+# OpenVINO's names for the inference precision hint, by the names users type.
+PRECISION_HINTS = ("f32", "f16", "bf16")
+
+
+def _import_openvino() -> Any:
+    import openvino
+
+    return openvino
+
+
+def _device_names(core: Any) -> list[str]:
+    """Each device with its full name, e.g. ``CPU (Intel(R) Xeon(R) Processor)``."""
+    names = []
+    for device in core.available_devices:
+        try:
+            names.append(f"{device} ({core.get_property(device, 'FULL_DEVICE_NAME')})")
+        except Exception:  # a device plugin without FULL_DEVICE_NAME is still a device
+            names.append(device)
+    return names
+
+
+def check_options(options: dict[str, Any], available_devices: list[str]) -> None:
+    """Refuse option values OpenVINO would reject later with a less helpful message.
+
+    Raises:
+        BackendError: if ``device`` is not one of ``available_devices`` (or ``AUTO``),
+            ``precision`` is not a known hint, or ``threads`` is not a non-negative integer.
+    """
+    device = options["device"]
+    if device != "AUTO" and device not in available_devices:
+        raise BackendError(
+            f"openvino has no device {device!r}; devices here: {', '.join(available_devices) or 'none'} (or AUTO)"
+        )
+    if options["precision"] not in PRECISION_HINTS:
+        raise BackendError(
+            f"openvino precision must be one of {', '.join(PRECISION_HINTS)}, got {options['precision']!r}"
+        )
+    threads = options["threads"]
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise BackendError(f"openvino threads must be a non-negative integer (0: OpenVINO decides), got {threads!r}")
+
+
+def expand_broadcast_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Make a MatMul's batch broadcasting explicit where OpenVINO's CPU plugin gets it wrong.
+
+    OpenVINO's CPU plugin (seen in 2026.4.1) turns a MatMul with constant weights into its
+    FullyConnected node. When the weights carry batch dimensions the activation must broadcast
+    to (``[1, T, K] @ [E, K, N]``, as the dense MoE lowering does for all experts at once), the
+    compiled model fails: at run time with "Can not clone with new dims" when T is dynamic, at
+    compile time with "ranks are not equal" for a ``[T, K]`` activation. Expanding the activation
+    to the weights' batch dimensions first computes the same values and compiles.
+
+    Returns:
+        The model (a rewritten copy when anything changed) and how many MatMuls were rewritten.
+    """
+    matmuls = [
+        i for i, node in enumerate(model.graph.node) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
+    ]
+    if not matmuls:
+        return model, 0
+    shapes = _static_shapes(model)
+    expand_to: dict[int, tuple[int, ...]] = {}
+    for index in matmuls:
+        activation, weights = model.graph.node[index].input
+        batch = shapes.get(weights, ())[:-2]
+        if batch and all(isinstance(dim, int) for dim in batch) and math.prod(batch) > 1:
+            if shapes.get(activation, ())[:-2] != batch:
+                expand_to[index] = batch
+    if not expand_to:
+        return model, 0
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(rewritten.graph.node):
+        if index in expand_to:
+            name = f"portable_moe_openvino_expand_{len(nodes)}"
+            shape = np.array([*expand_to[index], 1, 1], dtype=np.int64)
+            rewritten.graph.initializer.append(onnx.numpy_helper.from_array(shape, f"{name}_shape"))
+            nodes.append(onnx.helper.make_node("Expand", [node.input[0], f"{name}_shape"], [name], name=name))
+            node.input[0] = name
+        nodes.append(node)
+    rewritten.graph.ClearField("node")
+    rewritten.graph.node.extend(nodes)
+    return rewritten, len(expand_to)
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Every value's shape that ONNX shape inference knows (dims: int, symbolic name or None)."""
+    # Inference needs the weights' shapes, not their values: a copy without large values stays
+    # small (and under protobuf's 2 GB limit), keeping the small tensors shapes are computed from.
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    for name in ("node", "input", "output", "value_info"):
+        getattr(light.graph, name).extend(getattr(model.graph, name))
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= _SMALL_TENSOR:
+            light.graph.initializer.append(tensor)
+        else:
+            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    inferred = onnx.shape_inference.infer_shapes(light)
+    shapes: dict[str, tuple[int | str | None, ...]] = {
+        tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer
+    }
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(
+                dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
+            )
+    return shapes
+
+
+class OpenVinoCompiledModel(CompiledModel):
+    """An OpenVINO ``CompiledModel`` and one reusable infer request behind the CompiledModel contract.
+
+    Attributes:
+        execution_devices: the devices OpenVINO actually runs on (for ``AUTO``, the one it chose).
+        expanded_matmuls: how many MatMuls :func:`expand_broadcast_matmuls` rewrote.
+        inference_precision: the precision OpenVINO reports it computes in (a device without
+            bf16 or f16 units keeps f32 whatever the hint).
+    """
+
+    def __init__(self, backend: Backend, model: ModelInput, compiled: Any, node_count: int, expanded: int) -> None:
+        super().__init__(backend, model)
+        self.compiled = compiled
+        self.expanded_matmuls = expanded
+        self._request = compiled.create_infer_request()
+        self._node_count = node_count
+        self.execution_devices = [str(device) for device in compiled.get_property("EXECUTION_DEVICES")]
+        self.inference_precision = _precision_name(compiled)
+        # Conformance judges an f32 model by the exact row; a reduced hint that took effect gets its own row.
+        self.precision = "exact" if self.inference_precision == "f32" else f"openvino-{self.inference_precision}"
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # share_outputs=False copies the outputs out of the request, which the next run overwrites.
+        results = self._request.infer(feeds, share_outputs=False)
+        return {spec.name: np.asarray(results[self.compiled.output(spec.name)]) for spec in self.outputs}
+
+    def placement(self) -> dict[str, int]:
+        # Without HETERO, OpenVINO runs the whole graph on the one device it compiled for.
+        return {f"openvino:{'+'.join(self.execution_devices)}": self._node_count}
+
+
+def _precision_name(compiled: Any) -> str:
+    """The compiled model's inference precision as ``f32``/``f16``/``bf16`` (OpenVINO's ``Type`` names)."""
+    try:
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # a device without the property computes in the model's own precision
+        return "f32"
+    return value.get_type_name()  # "f32", "f16", "bf16"
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    vendor = "Intel OpenVINO (CPU, Intel GPU and NPU)"
+    description = "OpenVINO runtime reading the bundle's ONNX"
+    option_defaults = {"device": "CPU", "precision": "f32", "threads": 0}
+
+    def probe(self) -> ProbeResult:
+        try:
+            openvino = _import_openvino()
+        except ImportError as error:
+            return ProbeResult(False, f"openvino is not installed ({error}); run: {INSTALL_HINT}")
+        version = openvino.__version__.split("-")[0]  # "2026.4.1-22982-<commit>-<branch>" -> "2026.4.1"
+        core = openvino.Core()
+        devices = list(core.available_devices)
+        if not devices:
+            return ProbeResult(False, f"openvino {version} found no device on this machine")
+        return ProbeResult(
+            True,
+            f"openvino {version}; devices: {', '.join(_device_names(core))}",
+            {"version": version, "devices": devices},
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            min_opset=7,
+            max_opset=23,
+            dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
+            dynamic_shapes=True,
+            moe_lowerings=("dense", "sparse", "capacity"),
+            domains=frozenset(),
+        )
+
+    def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
+        openvino = _import_openvino()
+        core = openvino.Core()
+        check_options(options, list(core.available_devices))
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": options["precision"]}
+        if options["threads"]:
+            config["INFERENCE_NUM_THREADS"] = options["threads"]
+        proto, expanded = expand_broadcast_matmuls(model.proto)
+        # From the bundle's file, OpenVINO finds external weight files beside it; an in-memory or
+        # rewritten model is written out first. Compiled while the file exists: OpenVINO may map
+        # weights from it rather than copy them.
+        with tempfile.TemporaryDirectory(prefix="portable-moe-openvino-") as scratch:
+            path = model.path
+            if path is None or expanded:
+                path = Path(scratch) / "model.onnx"
+                onnx.save_model(
+                    proto, path, save_as_external_data=True, location="weights.bin", size_threshold=_SMALL_TENSOR
+                )
+            compiled = core.compile_model(core.read_model(str(path)), options["device"], config)
+        return OpenVinoCompiledModel(self, model, compiled, len(proto.graph.node), expanded)

@@ -1,0 +1,218 @@
+"""The ``openvino`` backend: availability, options, dynamic shapes and conformance on the tiny preset.
+
+Tests that compile need the ``openvino`` package (in the dev extra) and skip with the probe's
+reason without it; the availability decisions are tested either way.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import onnx
+import pytest
+
+from backends import openvino_runtime
+from backends.openvino_runtime import OpenVinoBackend, check_options, expand_broadcast_matmuls
+from portable_moe.backend import as_model_input
+from portable_moe.compare import routing_agreement
+from portable_moe.conformance import check_backend
+from portable_moe.errors import BackendError
+from portable_moe.registry import get_backend
+
+PROBE = OpenVinoBackend().probe()
+needs_openvino = pytest.mark.skipif(not PROBE.available, reason=f"openvino unavailable: {PROBE.reason}")
+
+
+# -- availability and options (no openvino needed) --
+
+
+def test_probe_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    probe = OpenVinoBackend().probe()
+    assert not probe.available
+    assert probe.reason.startswith("openvino is not installed (")
+    assert probe.reason.endswith('run: pip install "portable-moe[openvino]"')
+
+
+def test_probe_without_devices_is_unavailable(monkeypatch):
+    core = types.SimpleNamespace(available_devices=[])
+    fake = types.SimpleNamespace(__version__="2026.4.1-22982-abc", Core=lambda: core)
+    monkeypatch.setattr(openvino_runtime, "_import_openvino", lambda: fake)
+    probe = OpenVinoBackend().probe()
+    assert not probe.available
+    assert probe.reason == "openvino 2026.4.1 found no device on this machine"
+
+
+def test_registered_with_its_capabilities():
+    backend = get_backend("openvino")
+    assert isinstance(backend, OpenVinoBackend)
+    assert backend.capabilities.moe_lowerings == ("dense", "sparse", "capacity")
+    assert backend.capabilities.domains == frozenset()
+    assert backend.capabilities.dynamic_shapes
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"device": "GPU.7"}, r"openvino has no device 'GPU.7'; devices here: CPU \(or AUTO\)"),
+        ({"precision": "int8"}, r"precision must be one of f32, f16, bf16, got 'int8'"),
+        ({"threads": -1}, r"threads must be a non-negative integer \(0: OpenVINO decides\), got -1"),
+        ({"threads": True}, r"threads must be a non-negative integer .*got True"),
+    ],
+)
+def test_bad_options_are_refused(override, message):
+    with pytest.raises(BackendError, match=message):
+        check_options({**OpenVinoBackend.option_defaults, **override}, ["CPU"])
+
+
+def test_model_with_com_microsoft_ops_is_refused_before_openvino_sees_it():
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        fused (float[2, 4] x) => (float[2, 4] y) { y = com.microsoft.Gelu(x) }
+        """
+    )
+    with pytest.raises(BackendError, match=r"cannot run operators of domain\(s\) com.microsoft"):
+        get_backend("openvino").check_supported(as_model_input(model))
+
+
+# -- the MatMul rewrite that works around OpenVINO's CPU plugin (checked with ONNX Runtime) --
+
+BATCHED_WEIGHTS = np.random.default_rng(0).standard_normal((8, 16, 4)).astype(np.float32)
+
+
+def broadcast_matmul_model(activation_shape: list) -> onnx.ModelProto:
+    """``x @ w`` with constant weights [8, 16, 4] that the activation must broadcast to (as the dense lowering does)."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "broadcast_matmul",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, activation_shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, "tokens", 4])],
+        [onnx.numpy_helper.from_array(BATCHED_WEIGHTS, "w")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("activation_shape", [[1, "tokens", 16], ["tokens", 16]])
+def test_broadcast_matmul_is_expanded_without_changing_values(activation_shape):
+    import onnxruntime
+
+    model = broadcast_matmul_model(activation_shape)
+    rewritten, count = expand_broadcast_matmuls(model)
+    assert count == 1
+    assert [node.op_type for node in rewritten.graph.node] == ["Expand", "MatMul"]
+    assert [node.op_type for node in model.graph.node] == ["MatMul"], "the caller's model must stay as it was"
+    onnx.checker.check_model(rewritten)
+    x = np.random.default_rng(1).standard_normal([5 if dim == "tokens" else dim for dim in activation_shape])
+    x = x.astype(np.float32)
+    want = x @ BATCHED_WEIGHTS
+    for proto in (model, rewritten):
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmuls_that_need_no_broadcast_are_left_alone():
+    already_batched = broadcast_matmul_model([8, "tokens", 16])
+    assert expand_broadcast_matmuls(already_batched) == (already_batched, 0)
+    plain = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        plain (float[n, 3] x) => (float[n, 2] y) <float[3, 2] w = {1, 2, 3, 4, 5, 6}> { y = MatMul(x, w) }
+        """
+    )
+    assert expand_broadcast_matmuls(plain) == (plain, 0)
+
+
+# -- running (needs openvino) --
+
+
+@needs_openvino
+@pytest.mark.parametrize("activation_shape", [[1, "tokens", 16], ["tokens", 16]])
+def test_broadcast_matmul_runs_on_openvino_for_any_length(activation_shape):
+    compiled = get_backend("openvino").compile(broadcast_matmul_model(activation_shape))
+    assert compiled.expanded_matmuls == 1
+    for tokens in (1, 5, 33):
+        shape = [tokens if dim == "tokens" else dim for dim in activation_shape]
+        x = np.random.default_rng(tokens).standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(compiled.run({"x": x})["y"], x @ BATCHED_WEIGHTS, rtol=1e-4, atol=1e-4)
+
+
+@needs_openvino
+def test_probe_lists_the_devices():
+    assert "CPU" in PROBE.details["devices"]
+    assert "devices: CPU (" in PROBE.reason
+
+
+@needs_openvino
+def test_tiny_preset_conforms(tiny_bundle):
+    backend = get_backend("openvino")
+    result = check_backend(tiny_bundle, backend)
+    assert result.passed, result.reason
+    assert result.worst("max_abs_error") < 1e-4
+    assert result.routing_agreement() == 1.0
+    compiled = backend.compile(tiny_bundle)
+    # Every node of the graph OpenVINO compiled: the bundle's, plus the Expands the adapter added.
+    expected_nodes = len(tiny_bundle.load_onnx().graph.node) + compiled.expanded_matmuls
+    assert result.placement == compiled.placement() == {"openvino:CPU": expected_nodes}
+
+
+@needs_openvino
+def test_one_compile_takes_every_batch_and_sequence_length(tiny_bundle):
+    compiled = get_backend("openvino").compile(tiny_bundle, {"threads": 1})
+    oracle = get_backend("cpu").compile(tiny_bundle)
+    rng = np.random.default_rng(0)
+    for batch, seq in [(1, 1), (4, 64), (2, 7), (3, 33)]:
+        feeds = {"input_ids": rng.integers(0, 256, (batch, seq), dtype=np.int64)}
+        got, want = compiled.run(feeds), oracle.run(feeds)
+        assert got["logits"].shape == (batch, seq, 256)
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=1e-3)
+        for name in ("expert_ids_layer1", "expert_ids_layer2"):
+            assert got[name].dtype == np.int64
+            assert routing_agreement(want[name], got[name])[0] == 1.0, (name, batch, seq)
+
+
+@needs_openvino
+def test_outputs_are_not_overwritten_by_the_next_run(tiny_bundle):
+    compiled = get_backend("openvino").compile(tiny_bundle)
+    first_feeds = {"input_ids": np.arange(8, dtype=np.int64).reshape(1, 8)}
+    first = compiled.run(first_feeds)
+    kept = first["logits"].copy()
+    compiled.run({"input_ids": np.full((1, 8), 200, dtype=np.int64)})
+    np.testing.assert_array_equal(first["logits"], kept)
+
+
+@needs_openvino
+def test_in_memory_model_compiles_and_runs():
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        double (float[n] x) => (float[n] y) { y = Add(x, x) }
+        """
+    )
+    compiled = get_backend("openvino").compile(model)
+    np.testing.assert_array_equal(compiled.run({"x": np.arange(5, dtype=np.float32)})["y"], np.arange(5) * 2.0)
+    assert compiled.placement() == {"openvino:CPU": 1}
+    assert compiled.precision == "exact"
+
+
+@needs_openvino
+def test_unknown_device_is_refused_at_compile(tiny_bundle):
+    with pytest.raises(BackendError, match=r"openvino has no device 'NPU.9'"):
+        get_backend("openvino").compile(tiny_bundle, {"device": "NPU.9"})
+
+
+@needs_openvino
+def test_reduced_precision_hint_is_reported_as_what_took_effect(tiny_bundle):
+    compiled = get_backend("openvino").compile(tiny_bundle, {"precision": "bf16"})
+    import openvino
+
+    has_bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert compiled.inference_precision == ("bf16" if has_bf16 else "f32")
+    assert compiled.precision == ("openvino-bf16" if has_bf16 else "exact")
+    feeds, expected = tiny_bundle.golden_sets()[0]
+    logits = compiled.run(feeds)["logits"].ravel().astype(np.float64)
+    golden = expected["logits"].ravel().astype(np.float64)
+    # bf16 keeps 8 mantissa bits: close in direction (measured 0.9998 on this preset), not to 1e-4.
+    assert logits @ golden / (np.linalg.norm(logits) * np.linalg.norm(golden)) > 0.999
