@@ -1,0 +1,531 @@
+"""``npu-sim``: a simulated vendor NPU, modelled on the public constraints of Huawei Ascend.
+
+It is a simulation and says so: every node is finally computed by ONNX Runtime on this machine's
+CPU. What it simulates faithfully is the porting work a real NPU asks for:
+
+- an operator table with opset and dtype limits (``optable.json``); what the device cannot run
+  falls back to the host CPU, partition by partition, with every host<->device transfer counted;
+- static shapes: the model is compiled per gear (shape profile), inputs are padded to a gear;
+- reduced precision: Ascend's precision modes really run the device nodes in float16;
+- an offline compile with an on-disk cache, checked by sha256 and rebuilt when corrupt;
+- a device memory budget, and injected faults for testing fallback lists.
+
+Compiling builds every gear's artifact (like ATC, which builds every profile into one offline
+model); each gear is loaded into an ONNX Runtime session lazily, on its first run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from backends.npu_sim import gears as gear_module
+from backends.npu_sim.cache import ArtifactCache, CacheEntry, default_cache_dir
+from backends.npu_sim.gears import Gear
+from backends.npu_sim.optable import OpTable, load_optable
+from backends.npu_sim.partition import (
+    DEVICE,
+    FOLDED,
+    HOST,
+    ai_onnx_opset,
+    device_memory,
+    plan_graph,
+)
+from backends.npu_sim.precision import PRECISION_MODES, apply_precision, float16_nodes, float16_tensors
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.costmodel import NodeWork, estimate_from_work, get_chip, node_work
+from portable_moe.errors import BackendError, InputError
+
+GIB = 1 << 30
+# Bump when the artifact or its analysis changes meaning, so old cache entries are not reused.
+ARTIFACT_VERSION = 1
+# Outputs through which the capacity lowering reports how many (token, slot) pairs it dropped.
+_DROPPED_SLOTS_PREFIX = "dropped_slots"
+# Options that change what an artifact contains (the others only change how it is used).
+_ARTIFACT_OPTIONS = ("precision", "router_fp32", "fold_constants")
+
+
+@dataclass
+class GearReport:
+    """One compiled gear."""
+
+    gear: str
+    cache: str  # "hit", "miss", or "rebuilt (corrupt: ...)"
+    compile_seconds: float
+    device_nodes: int
+    host_nodes: int
+    folded_nodes: int
+    float16_nodes: int
+    partitions: int
+    transfers: int
+    transfer_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    estimate_seconds: float
+    artifact: str
+
+
+@dataclass
+class NpuSimReport:
+    """What compiling for npu-sim did. Partitions, fallbacks and transfers are of the largest gear.
+
+    Attributes:
+        simulated: always True; see ``note``.
+        precision: the precision mode.
+        gears: one row per compiled gear.
+        partitions: the device partitions: index, node count, op types.
+        fallbacks: op type -> {"count", "reasons", "nodes"} for nodes that run on the host CPU.
+        folded: op type -> count of nodes evaluated at compile time (constants at static shapes).
+        transfers: the host<->device copies of one run: tensor, direction, dtype, shape, bytes.
+        memory: weights, activations, the budget, and the gear they were estimated at.
+        cache: directory, hits, misses, rebuilt entries, seconds spent compiling.
+        cost_estimate: the roofline estimate per gear on ``chip`` (an estimate, not a measurement).
+        runs: runs per gear so far, and bytes transferred by them.
+    """
+
+    backend: str
+    simulated: bool
+    note: str
+    precision: str
+    gears: list[GearReport]
+    partitions: list[dict[str, Any]]
+    fallbacks: dict[str, dict[str, Any]]
+    folded: dict[str, int]
+    transfers: list[dict[str, Any]]
+    memory: dict[str, Any]
+    cache: dict[str, Any]
+    cost_estimate: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    runs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        """The report as text for a terminal."""
+        lines = [
+            f"npu-sim compile report ({self.note})",
+            f"precision mode: {self.precision}",
+            f"cache: {self.cache['directory']}  hits {self.cache['hits']}, misses {self.cache['misses']}, "
+            f"rebuilt {self.cache['rebuilt']}; compile {self.cache['seconds']:.3f} s",
+            "",
+            f"gears ({len(self.gears)}; estimate = {self.cost_estimate['label']} on {self.cost_estimate['chip_name']}):",
+            f"  {'gear':<18} {'cache':<8} {'device':>6} {'host':>5} {'fp16':>5} {'parts':>5} {'xfers':>5} "
+            f"{'xfer KiB':>9} {'act MiB':>8} {'estimate':>10}",
+        ]
+        for row in self.gears:
+            lines.append(
+                f"  {row.gear:<18} {row.cache.split(' ')[0]:<8} {row.device_nodes:>6} {row.host_nodes:>5} "
+                f"{row.float16_nodes:>5} {row.partitions:>5} {row.transfers:>5} {row.transfer_bytes / 1024:>9.1f} "
+                f"{row.activation_bytes / 2**20:>8.2f} {row.estimate_seconds * 1e6:>8.2f} us"
+            )
+        rebuilt = [row for row in self.gears if row.cache.startswith("rebuilt")]
+        lines += [f"  rebuilt {row.gear}: {row.cache}" for row in rebuilt]
+        memory = self.memory
+        lines += [
+            "",
+            f"device memory (estimate at {memory['gear']}): weights {memory['weight_bytes'] / 2**20:.2f} MiB + "
+            f"activations {memory['activation_bytes'] / 2**20:.2f} MiB of a {memory['budget_bytes'] / GIB:g} GiB budget",
+            "",
+            f"partitions at {memory['gear']} ({len(self.partitions)}):",
+        ]
+        for partition in self.partitions:
+            ops = ", ".join(f"{op} {count}" for op, count in partition["op_types"].items())
+            lines.append(f"  #{partition['index']}: {partition['nodes']} nodes ({ops})")
+        lines.append(f"host CPU fallbacks ({sum(entry['count'] for entry in self.fallbacks.values())}):")
+        for op_type, entry in self.fallbacks.items():
+            lines.append(f"  {op_type} x{entry['count']}: {'; '.join(entry['reasons'])}")
+        if not self.fallbacks:
+            lines.append("  none")
+        folded = ", ".join(f"{op} {count}" for op, count in self.folded.items()) or "none"
+        lines.append(f"folded at compile time ({sum(self.folded.values())}): {folded}")
+        total = sum(transfer["bytes"] or 0 for transfer in self.transfers)
+        unknown = sum(transfer["bytes"] is None for transfer in self.transfers)
+        lines.append(
+            f"host<->device transfers per run at {memory['gear']}: {len(self.transfers)}, {total} bytes"
+            + (f" ({unknown} of unknown size)" if unknown else "")
+        )
+        for transfer in self.transfers:
+            size = "?" if transfer["bytes"] is None else transfer["bytes"]
+            lines.append(
+                f"  {transfer['direction']:<13} {transfer['tensor']} {transfer['dtype']} {transfer['shape']} {size} B"
+            )
+        lines += [f"note: {note}" for note in self.notes]
+        if self.runs.get("total"):
+            per_gear = ", ".join(f"{gear}: {count}" for gear, count in self.runs["per_gear"].items())
+            lines.append(f"runs: {self.runs['total']} ({per_gear}), {self.runs['transferred_bytes']} bytes transferred")
+            if self.runs["padded_runs_with_dropped_slots"]:
+                lines.append(
+                    f"  {self.runs['padded_runs_with_dropped_slots']} padded run(s) dropped expert slots: padding "
+                    "tokens may have displaced real ones (see the capacity note)"
+                )
+        return "\n".join(lines)
+
+
+def _summarise(analysis: Mapping[str, Any], budget: int) -> dict[str, Any]:
+    fallbacks: dict[str, dict[str, Any]] = {}
+    for node in analysis["host"]:
+        entry = fallbacks.setdefault(node["op_type"], {"count": 0, "reasons": [], "nodes": []})
+        entry["count"] += 1
+        entry["nodes"].append(node["name"])
+        if node["reason"] not in entry["reasons"]:
+            entry["reasons"].append(node["reason"])
+    return {
+        "partitions": analysis["partitions"],
+        "fallbacks": fallbacks,
+        "folded": dict(Counter(node["op_type"] for node in analysis["folded"]).most_common()),
+        "transfers": analysis["transfers"],
+        "memory": {
+            "gear": analysis["gear"],
+            "weight_bytes": analysis["weight_bytes"],
+            "activation_bytes": analysis["activation_bytes"],
+            "budget_bytes": budget,
+        },
+    }
+
+
+class NpuSimCompiledModel(CompiledModel):
+    """A model compiled for npu-sim: one artifact per gear, loaded lazily, run on ONNX Runtime (CPU)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        model: ModelInput,
+        gears: list[Gear],
+        entries: dict[Gear, CacheEntry],
+        report: NpuSimReport,
+        options: Mapping[str, Any],
+    ) -> None:
+        super().__init__(backend, model)
+        self.precision = str(options["precision"])
+        self.gears = gears
+        self._entries = entries
+        self._report = report
+        self._threads = options["threads"]
+        self._fail_on_run = options["fail_on_run"]
+        self._sessions: dict[Gear, Any] = {}
+        self._runs: Counter[str] = Counter()
+        self._transferred = 0
+        self._padded_drops = 0
+        self._lock = threading.Lock()
+
+    def report(self) -> NpuSimReport:
+        """The compile report, with the runs so far."""
+        with self._lock:
+            self._report.runs = {
+                "total": sum(self._runs.values()),
+                "per_gear": dict(self._runs),
+                "transferred_bytes": self._transferred,
+                "padded_runs_with_dropped_slots": self._padded_drops,
+            }
+        return self._report
+
+    def run(self, feeds: Mapping[str, np.ndarray], *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Run the model (see :meth:`CompiledModel.run`).
+
+        Raises:
+            InputError: also when the input is larger than every compiled gear.
+        """
+        try:
+            return super().run(feeds, *args, **kwargs)
+        except BackendError as error:
+            # The base class wraps whatever _run raises; an input no gear holds is the caller's error.
+            if isinstance(error.__cause__, InputError):
+                raise error.__cause__ from None
+            raise
+
+    def placement(self) -> dict[str, int]:
+        """Nodes of the largest gear on the device, on the host, and folded at compile time."""
+        largest = self._entries[self.gears[-1]].meta["analysis"]
+        counts = {DEVICE: largest["device_nodes"], HOST: len(largest["host"])}
+        if largest["folded"]:
+            counts[FOLDED] = len(largest["folded"])
+        return counts
+
+    def _session(self, gear: Gear) -> Any:
+        import onnxruntime
+
+        from backends.onnxruntime_cpu import session_options
+
+        with self._lock:
+            if gear not in self._sessions:
+                self._sessions[gear] = onnxruntime.InferenceSession(
+                    str(self._entries[gear].artifact),
+                    sess_options=session_options(self._threads, "all"),
+                    providers=["CPUExecutionProvider"],
+                )
+            return self._sessions[gear]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sizes = gear_module.feed_sizes(self.inputs, feeds)
+        gear = gear_module.select_gear(self.gears, sizes)
+        with self._lock:
+            self._runs[gear.describe()] += 1
+            run_number = sum(self._runs.values())
+            self._transferred += sum(t["bytes"] or 0 for t in self._entries[gear].meta["analysis"]["transfers"])
+        if self._fail_on_run and run_number == self._fail_on_run:
+            raise BackendError(
+                f"simulated device error on run {run_number} (fault injected by fail_on_run={self._fail_on_run})"
+            )
+        session = self._session(gear)
+        padded = gear_module.pad_feeds(self.inputs, feeds, gear)
+        names = [output.name for output in session.get_outputs()]
+        results = dict(zip(names, session.run(names, padded)))
+        if gear.as_dict != sizes and any(
+            np.any(value) for name, value in results.items() if name.startswith(_DROPPED_SLOTS_PREFIX)
+        ):
+            # A capacity-lowered MoE dropped (token, slot) pairs on a padded input: padding tokens may
+            # have taken slots that real tokens needed, so this run may differ from an unpadded one.
+            with self._lock:
+                self._padded_drops += 1
+        return gear_module.unpad_outputs(self.outputs, results, sizes)
+
+
+class NpuSimBackend(Backend):
+    """The simulated NPU. See the module docstring and docs/writing-a-backend.md."""
+
+    name = "npu-sim"
+    vendor = "simulated (modelled on Huawei Ascend public constraints)"
+    description = "simulated NPU (runs on ONNX Runtime CPU): Ascend-like op table, gears, fp16 modes, compile cache"
+    simulated = True
+    option_defaults = {
+        "precision": "force_fp16",
+        "batch_sizes": gear_module.DEFAULT_BATCH_SIZES,
+        "seq_lengths": gear_module.DEFAULT_SEQ_LENGTHS,
+        "gears": None,
+        "strict": False,
+        "cache_dir": None,
+        "memory_gib": 64.0,
+        "router_fp32": True,
+        "fold_constants": True,
+        "chip": "ascend-910b",
+        "threads": 0,
+        "fail_on_run": 0,
+        "fail_on_compile": False,
+    }
+
+    def probe(self) -> ProbeResult:
+        try:
+            import onnxruntime
+        except ImportError as error:
+            return ProbeResult(False, f"npu-sim computes on onnxruntime, which is not installed ({error})")
+        return ProbeResult(
+            True,
+            f"simulated device (computed by onnxruntime {onnxruntime.__version__} on the CPU)",
+            {"simulated": True, "onnxruntime": onnxruntime.__version__},
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        table = load_optable()
+        return Capabilities(
+            min_opset=table.domain_opsets[0],
+            max_opset=table.domain_opsets[1],
+            dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
+            dynamic_shapes=False,  # gears serve dynamic inputs
+            moe_lowerings=("capacity", "dense"),
+            # Other domains are accepted only to run them on the host CPU (ONNX Runtime's contrib ops).
+            domains=frozenset({"com.microsoft"}),
+        )
+
+    def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
+        options = _checked_options(options)
+        if options["fail_on_compile"]:
+            raise BackendError("simulated device error while compiling (fault injected by fail_on_compile=True)")
+        budget = int(options["memory_gib"] * GIB)
+        chip = get_chip(str(options["chip"]))
+        gears = gear_module.build_gears(model.inputs, options)
+        gear_module.check_unpaddable(model.outputs, gear_module.dynamic_dims(model.inputs))
+        table = load_optable()
+        cache = ArtifactCache(options["cache_dir"] or default_cache_dir())
+        model_digest = hashlib.sha256(model.proto.SerializeToString(deterministic=True)).hexdigest()
+        options_digest = hashlib.sha256(
+            json.dumps(
+                {
+                    **{name: options[name] for name in _ARTIFACT_OPTIONS},
+                    "optable": table.digest,
+                    "artifact_version": ARTIFACT_VERSION,
+                    "onnx": onnx.__version__,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+
+        started = time.perf_counter()
+        entries: dict[Gear, CacheEntry] = {}
+        rows: dict[Gear, GearReport] = {}
+        # Largest gear first: the memory budget and strict mode are decided there, before the rest is built.
+        for gear in reversed(gears):
+            gear_started = time.perf_counter()
+            key = f"{gear.key()}-{options_digest[:16]}"
+            status, entry = cache.load(model_digest, key)
+            if entry is None:
+                analysis, data = _build_gear(model.proto, gear, options, table)
+                entry = cache.store(model_digest, key, data, {"gear": gear.as_dict, "analysis": analysis})
+                status = "miss" if status == "miss" else f"rebuilt ({status})"
+            entries[gear] = entry
+            analysis = entry.meta["analysis"]
+            # The artifact keeps the chip-independent work; pricing it on the chosen chip is cheap.
+            work = [NodeWork(*item) for item in analysis["work"]]
+            estimate = estimate_from_work(work, chip, analysis["unsized_nodes"])
+            rows[gear] = GearReport(
+                gear=gear.describe(),
+                cache=status,
+                compile_seconds=time.perf_counter() - gear_started,
+                device_nodes=analysis["device_nodes"],
+                host_nodes=len(analysis["host"]),
+                folded_nodes=len(analysis["folded"]),
+                float16_nodes=analysis["float16_nodes"],
+                partitions=len(analysis["partitions"]),
+                transfers=len(analysis["transfers"]),
+                transfer_bytes=sum(t["bytes"] or 0 for t in analysis["transfers"]),
+                weight_bytes=analysis["weight_bytes"],
+                activation_bytes=analysis["activation_bytes"],
+                estimate_seconds=estimate.seconds,
+                artifact=str(entry.artifact),
+            )
+            if gear == gears[-1]:
+                _check_budget(analysis, budget)
+                if options["strict"]:
+                    _check_strict(analysis)
+        largest = entries[gears[-1]].meta["analysis"]
+        statuses = [row.cache for row in rows.values()]
+        report = NpuSimReport(
+            backend=self.name,
+            simulated=True,
+            note="simulated device: every node is computed by ONNX Runtime on this machine's CPU; "
+            "placement, transfers, memory and latency are modelled",
+            precision=str(options["precision"]),
+            gears=[rows[gear] for gear in gears],
+            **_summarise(largest, budget),
+            cache={
+                "directory": str(cache.directory),
+                "hits": statuses.count("hit"),
+                "misses": statuses.count("miss"),
+                "rebuilt": sum(status.startswith("rebuilt") for status in statuses),
+                "seconds": time.perf_counter() - started,
+            },
+            notes=_notes(model, options),
+            cost_estimate={
+                "label": "roofline estimate (not a measurement)",
+                "chip": chip.key,
+                "chip_name": chip.name,
+                "seconds_per_gear": {rows[gear].gear: rows[gear].estimate_seconds for gear in gears},
+            },
+        )
+        return NpuSimCompiledModel(self, model, gears, entries, report, options)
+
+
+def _build_gear(
+    proto: onnx.ModelProto, gear: Gear, options: Mapping[str, Any], table: OpTable
+) -> tuple[dict[str, Any], bytes]:
+    """Compile one gear: static shapes, folding, placement, precision; return its analysis and artifact."""
+    opset = ai_onnx_opset(proto)
+    static = gear_module.infer_shapes(gear_module.static_model(proto, gear))
+    folded: list[onnx.NodeProto] = []
+    if options["fold_constants"]:
+        static, folded = gear_module.fold_constants(static, opset)
+        static = gear_module.infer_shapes(static)
+    types = gear_module.value_types(static)
+    plan = plan_graph(static, types, table)
+    decided = float16_nodes(static, plan.placements, types, table, str(options["precision"]), options["router_fp32"])
+    weights, activations = device_memory(static, plan.placements, types, float16_tensors(static, decided, types))
+    artifact = apply_precision(static, decided, types)
+    work, unsized = node_work(static)
+    analysis = {
+        "gear": gear.describe(),
+        "device_nodes": plan.device_nodes,
+        "float16_nodes": sum(decided),
+        "host": [{"name": p.name, "op_type": p.op_type, "reason": p.reason} for p in plan.host_nodes],
+        "folded": [{"name": node.name, "op_type": node.op_type} for node in folded],
+        "partitions": [
+            {"index": p.index, "nodes": len(p.nodes), "op_types": p.op_types, "first": p.nodes[0], "last": p.nodes[-1]}
+            for p in plan.partitions
+        ],
+        "transfers": [transfer.to_dict() for transfer in plan.transfers],
+        "weight_bytes": weights,
+        "activation_bytes": activations,
+        "work": [[item.name, item.op_type, item.flops, item.float_elements, item.other_bytes] for item in work],
+        "unsized_nodes": unsized,
+    }
+    try:
+        data = artifact.SerializeToString(deterministic=True)
+    except ValueError as error:  # protobuf refuses messages over 2 GiB
+        raise BackendError(f"npu-sim cannot serialise the {gear.describe()} artifact: {error}") from None
+    return analysis, data
+
+
+def _checked_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options with their types checked (``-O strict=False`` arrives as the string "False").
+
+    Raises:
+        BackendError: naming the option, what it got and what it takes.
+    """
+    checked = dict(options)
+    for name in ("strict", "router_fp32", "fold_constants", "fail_on_compile"):
+        value = checked[name]
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise BackendError(f"npu-sim option {name} must be true or false, got {checked[name]!r}")
+        checked[name] = value
+    for name, kind in (("fail_on_run", int), ("threads", int), ("memory_gib", float)):
+        try:
+            checked[name] = kind(checked[name] or 0)
+        except (TypeError, ValueError):
+            raise BackendError(f"npu-sim option {name} must be a number, got {checked[name]!r}") from None
+        if checked[name] < 0:
+            raise BackendError(f"npu-sim option {name} must not be negative, got {checked[name]!r}")
+    if checked["precision"] not in PRECISION_MODES:
+        raise BackendError(f"npu-sim precision {checked['precision']!r} is not one of {', '.join(PRECISION_MODES)}")
+    return checked
+
+
+def _notes(model: ModelInput, options: Mapping[str, Any]) -> list[str]:
+    """What a reader of the report should keep in mind for this model and these options."""
+    notes = []
+    if options["precision"] != "must_keep_origin_dtype":
+        notes.append(
+            "float16 nodes read and write float16-rounded values and accumulate in float32 inside the op "
+            "(ONNX Runtime's CPU kernels, explicit float16 rounding where it has no float16 kernel); a real "
+            "NPU's kernels may round differently"
+        )
+    if model.moe_lowering == "capacity":
+        notes.append(
+            "capacity MoE lowering: tokens added by padding to a gear take expert capacity slots (all padding "
+            "tokens route alike, so they crowd the same experts), so results equal an unpadded run only while no "
+            "(token, slot) is dropped; dropped-slot counts include padded tokens, and runs counts padded runs "
+            "that dropped any"
+        )
+    return notes
+
+
+def _check_budget(analysis: Mapping[str, Any], budget: int) -> None:
+    needed = analysis["weight_bytes"] + analysis["activation_bytes"]
+    if needed > budget:
+        raise BackendError(
+            f"the model does not fit npu-sim's device memory: weights {analysis['weight_bytes'] / GIB:.3g} GiB + "
+            f"activations {analysis['activation_bytes'] / GIB:.3g} GiB at the largest gear ({analysis['gear']}) = "
+            f"{needed / GIB:.3g} GiB, over the {budget / GIB:.3g} GiB budget (option memory_gib); "
+            "use smaller gears, float16 precision, or a larger budget"
+        )
+
+
+def _check_strict(analysis: Mapping[str, Any]) -> None:
+    host = analysis["host"]
+    if host:
+        shown = "; ".join(f"{node['op_type']} {node['name']!r} ({node['reason']})" for node in host[:5])
+        more = f"; and {len(host) - 5} more" if len(host) > 5 else ""
+        raise BackendError(
+            f"strict=True: {len(host)} node(s) would fall back to the host CPU: {shown}{more}. "
+            "Re-export with a lowering the device runs, or compile without strict"
+        )
