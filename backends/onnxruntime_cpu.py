@@ -74,7 +74,22 @@ class OnnxRuntimeCpuBackend(Backend):
         return Capabilities(
             min_opset=7,
             max_opset=23,
-            dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
+            dtypes=frozenset(
+                {
+                    "float64",
+                    "float32",
+                    "float16",
+                    "int64",
+                    "int32",
+                    "int16",
+                    "int8",
+                    "uint64",
+                    "uint32",
+                    "uint16",
+                    "uint8",
+                    "bool",
+                }
+            ),
             dynamic_shapes=True,
             moe_lowerings=("fused", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),

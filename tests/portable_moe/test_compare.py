@@ -68,3 +68,20 @@ def test_routing_is_compared_as_sets_per_token():
     [result] = compare_outputs({"ids": expected}, {"ids": flipped}, {"ids": 1})
     assert not result.passed and result.kind == "routing"
     assert "routing agreement 75.00%" in result.message and "expected experts [4, 5], got [4, 7]" in result.message
+
+
+def test_non_finite_values_must_match_in_kind():
+    expected = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
+    [same] = compare_outputs({"y": expected}, {"y": expected.copy()})
+    assert same.passed
+    swapped = expected.copy()
+    swapped[1] = -np.inf
+    [result] = compare_outputs({"y": expected}, {"y": swapped})
+    assert not result.passed and "first at index [1]: expected inf, got -inf" in result.message
+
+
+def test_unknown_precision_mode_names_the_known_ones():
+    from portable_moe import ConformanceError
+
+    with pytest.raises(ConformanceError, match="no tolerance for precision mode 'int4'; known modes: .*exact"):
+        tolerance_for("float32", "int4")
