@@ -26,6 +26,7 @@ from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.config import PRESETS
 from portable_moe.conformance import PASSED, BackendResult, check_bundle
 from portable_moe.errors import InputError, PortableMoEError
+from portable_moe.safety import install_termination_handler
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
@@ -34,7 +35,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
 # subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["portable_moe.opsuite"]
 
 
 def _progress(message: str) -> None:
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_termination_handler()  # SIGTERM unwinds like Ctrl-C: no half-written bundle is left
     try:
         return args.handler(args)
     except PortableMoEError as error:

@@ -1,0 +1,57 @@
+"""JUnit XML for the op suite, the format CI systems read: one testsuite per backend, one testcase per case.
+
+A failed case gets a ``<failure>``, an error an ``<error>``, an unsupported case a ``<skipped>``:
+CI shows skips as skips, never as passes.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portable_moe.opsuite import CaseResult
+
+_ELEMENTS = {"failed": "failure", "error": "error", "unsupported": "skipped"}
+
+
+def junit_tree(results: Sequence[CaseResult], suite_name: str = "portable-moe ops") -> ElementTree.ElementTree:
+    """Build the XML tree: ``<testsuites>``, a ``<testsuite>`` per backend (in first-seen order)."""
+    root = ElementTree.Element("testsuites", name=suite_name)
+    by_backend: dict[str, list[CaseResult]] = {}
+    for outcome in results:
+        by_backend.setdefault(outcome.backend, []).append(outcome)
+    for backend, outcomes in by_backend.items():
+        counts = {element: sum(_ELEMENTS.get(o.status) == element for o in outcomes) for element in _ELEMENTS.values()}
+        suite = ElementTree.SubElement(
+            root,
+            "testsuite",
+            name=f"{suite_name} on {backend}",
+            tests=str(len(outcomes)),
+            failures=str(counts["failure"]),
+            errors=str(counts["error"]),
+            skipped=str(counts["skipped"]),
+            time=f"{sum(o.seconds for o in outcomes):.3f}",
+        )
+        for outcome in outcomes:
+            case = ElementTree.SubElement(
+                suite, "testcase", classname=f"{backend}.{outcome.op}", name=outcome.case, time=f"{outcome.seconds:.3f}"
+            )
+            element = _ELEMENTS.get(outcome.status)
+            if element is not None:
+                # The message attribute holds one line for CI summaries; the text keeps it whole.
+                detail = ElementTree.SubElement(
+                    case, element, message=outcome.reason.splitlines()[0][:500] if outcome.reason else ""
+                )
+                detail.text = outcome.reason
+    ElementTree.indent(root)
+    return ElementTree.ElementTree(root)
+
+
+def write_junit(
+    results: Sequence[CaseResult], path: str | os.PathLike[str], suite_name: str = "portable-moe ops"
+) -> None:
+    """Write ``results`` as JUnit XML to ``path``."""
+    junit_tree(results, suite_name).write(path, encoding="utf-8", xml_declaration=True)

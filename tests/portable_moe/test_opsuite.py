@@ -1,0 +1,563 @@
+"""The op-level conformance suite: collection, classification, worker isolation, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+import xml.etree.ElementTree as ElementTree
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from rich.console import Console
+
+from portable_moe import BackendError, InputError, registry
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ProbeResult
+from portable_moe.junit import write_junit
+from portable_moe.opsuite import (
+    DEFAULT_EXCLUDES,
+    ERROR,
+    FAILED,
+    PASSED,
+    TOLERANCE_OVERRIDES,
+    UNSUPPORTED,
+    CaseResult,
+    OpCase,
+    Task,
+    WorkerPool,
+    _read_cache,
+    cache_file,
+    collect_cases,
+    op_tasks,
+    print_report,
+    report_dict,
+    run_case,
+    run_tasks,
+    select_cases,
+    summarize,
+    tolerance_for_case,
+)
+
+SMALL_SUBSET = r"^test_(add|relu|matmul)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def case_cache(tmp_path_factory):
+    """Keep the collected-cases cache in this session's temporary directory (subprocesses get it too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PORTABLE_MOE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "portable-moe-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def cases(case_cache) -> dict[str, OpCase]:
+    return {case.name: case for case in collect_cases()}
+
+
+def make_case(text: str, inputs: list[np.ndarray], outputs: list[np.ndarray], name: str = "test_inline") -> OpCase:
+    """An OpCase from an inline ONNX text model."""
+    model = onnx.parser.parse_model(text)
+    return OpCase(
+        name, model.graph.node[0].op_type, model.SerializeToString(), ((tuple(inputs), tuple(outputs)),), 1e-3, 1e-7
+    )
+
+
+RELU_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+relu (float[3] x) => (float[3] y) { y = Relu(x) }
+"""
+RELU = make_case(
+    RELU_TEXT, [np.array([-1.0, 0.5, 2.0], np.float32)], [np.array([0.0, 0.5, 2.0], np.float32)], "test_inline_relu"
+)
+
+
+class _ShiftedCompiled(CompiledModel):
+    """Adds ``shift`` to every output: a backend that computes the wrong thing."""
+
+    def __init__(self, backend, model, inner, shift):
+        super().__init__(backend, model)
+        self.inner, self.shift = inner, shift
+
+    def _run(self, feeds):
+        outputs = self.inner._run(feeds)
+        return {name: (value + value.dtype.type(self.shift)) for name, value in outputs.items()}
+
+
+class ConfigurableBackend(Backend):
+    """An in-process test backend built on the cpu backend, with knobs for each way a case can end."""
+
+    name = "test-backend"
+    vendor = "tests"
+
+    def __init__(self, shift=0, dtypes=None, refuse_op=None, fail_in=None, output=None):
+        self.shift, self.refuse_op, self.fail_in, self.output = shift, refuse_op, fail_in, output
+        self._dtypes = dtypes
+        self._cpu = registry.get_backend("cpu")
+
+    def probe(self):
+        return ProbeResult(True)
+
+    @property
+    def capabilities(self):
+        declared = self._cpu.capabilities
+        return Capabilities(max_opset=declared.max_opset, dtypes=frozenset(self._dtypes or declared.dtypes))
+
+    def check_supported(self, model):
+        super().check_supported(model)
+        for node in model.proto.graph.node:
+            if node.op_type == self.refuse_op:
+                raise BackendError(f"backend {self.name!r} has no kernel for {node.op_type} in its op table")
+
+    def _compile(self, model, options):
+        if self.fail_in == "compile":
+            raise RuntimeError("the vendor compiler crashed")
+        inner = self._cpu._compile(model, self._cpu.resolve_options(None))
+        if self.fail_in == "run":
+            inner._run = _device_lost
+        if self.output is not None:
+            inner._run = lambda feeds: {spec.name: self.output for spec in model.outputs}
+        return _ShiftedCompiled(self, model, inner, self.shift)
+
+
+def _device_lost(feeds):
+    raise RuntimeError("device lost")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection and selection
+
+
+def test_collects_every_node_case_of_onnx(cases):
+    assert len(cases) > 1000
+    relu = cases["test_relu"]
+    assert relu.op == "Relu" and relu.rtol == 1e-3 and relu.atol == 1e-7
+    (inputs, outputs), *_ = relu.data_sets
+    assert len(inputs) == 1 and isinstance(inputs[0], np.ndarray) and outputs[0].shape == inputs[0].shape
+    # An expanded case counts under the op whose function body it runs.
+    assert cases["test_softmax_axis_0_expanded"].op == "Softmax"
+    assert cases["test_ai_onnx_ml_array_feature_extractor"].op.startswith("ai.onnx.ml:")
+
+
+def test_collected_cases_are_cached_between_runs(cases):
+    path = cache_file()
+    assert path is not None and path.is_file() and onnx.__version__ in path.name
+    assert [case.name for case in _read_cache(path)] == list(cases)
+    path.write_bytes(b"truncated")
+    assert _read_cache(path) is None  # a damaged file is never trusted: the cases are generated again
+    path.unlink()
+    collect_cases()
+    assert [case.name for case in _read_cache(path)] == list(cases)
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PORTABLE_MOE_CACHE_DIR", "")
+    assert cache_file() is None
+    monkeypatch.delenv("PORTABLE_MOE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_file().parent == tmp_path / "portable-moe"
+
+
+def test_include_and_exclude_select_by_regex(cases):
+    selected = select_cases(list(cases.values()), [r"^test_relu$", r"^test_abs"], [r"abs$"])
+    assert [case.name for case in selected] == ["test_relu"]
+
+
+def test_default_excludes_leave_out_random_outputs_unless_asked(cases):
+    everything = list(cases.values())
+    with pytest.raises(InputError, match="no op cases match"):
+        select_cases(everything, ["^test_bernoulli$"])
+    assert [c.name for c in select_cases(everything, ["^test_bernoulli$"], default_excludes=False)] == [
+        "test_bernoulli"
+    ]
+    kept = {case.name for case in select_cases(everything, ["^test_training_dropout"])}
+    assert kept == {"test_training_dropout_zero_ratio", "test_training_dropout_zero_ratio_mask"}
+
+
+def test_every_default_exclusion_has_a_reason_and_matches_a_case(cases):
+    for exclusion in DEFAULT_EXCLUDES:
+        assert len(exclusion.reason) > 40
+        assert any(re.search(exclusion.case_pattern, name) for name in cases)
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "message"),
+    [
+        (["^test_(add"], [], r"bad --include regex '\^test_\(add'"),
+        ([], ["[z-a]"], r"bad --exclude regex '\[z-a\]'"),
+        (["^no_such_case$"], [], r"no op cases match include \['\^no_such_case\$'\]"),
+    ],
+)
+def test_bad_selection_is_refused(cases, include, exclude, message):
+    with pytest.raises(InputError, match=message):
+        select_cases(list(cases.values()), include, exclude)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification, in this process
+
+
+def test_a_subset_passes_on_cpu_and_reference_in_worker_processes(cases):
+    subset = select_cases(list(cases.values()), [SMALL_SUBSET])
+    results = run_tasks(op_tasks(subset, ["cpu", "reference"]), subset, jobs=2)
+    assert len(results) == 2 * len(subset)
+    by_key = {(r.backend, r.case): r for r in results}
+    for backend in ("cpu", "reference"):
+        for name in ("test_add", "test_add_bcast", "test_relu", "test_matmul_2d"):
+            assert by_key[(backend, name)].status == PASSED, by_key[(backend, name)]
+    # Nothing fails or errors: what is not passed is declared unsupported, with the reason.
+    assert {r.status for r in results} <= {PASSED, UNSUPPORTED}
+    assert "uint8" in by_key[("cpu", "test_add_uint8")].reason
+
+
+def test_wrong_values_fail_with_the_worst_element():
+    result = run_case(ConfigurableBackend(shift=0.01), RELU)
+    assert result.status == FAILED
+    assert "y: 3 of 3 elements outside atol=1e-07 rtol=0.001; worst at index" in result.reason
+    assert result.worst["name"] == "y" and result.worst["max_abs_error"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_wrong_integers_fail_with_the_first_difference(cases):
+    result = run_case(ConfigurableBackend(shift=1), cases["test_argmax_default_axis_example"])
+    assert result.status == FAILED
+    assert "elements differ; first at index [0, 0]: expected 1, got 2" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (np.array([0.0, np.nan, 2.0], np.float32), r"y: non-finite values differ, first at index \[1\]"),
+        (np.array([0.0, 0.5], np.float32), r"y: shape \[2\], expected \[3\]"),
+        (np.array([0.0, 0.5, 2.0], np.float64), r"y: dtype float64, expected float32"),
+    ],
+    ids=["nan", "shape", "dtype"],
+)
+def test_outputs_are_compared_shape_dtype_then_values(output, message):
+    result = run_case(ConfigurableBackend(output=output), RELU)
+    assert result.status == FAILED
+    assert re.search(message, result.reason), result.reason
+
+
+def test_non_finite_values_must_match_in_kind():
+    case = make_case(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        ident (float[3] x) => (float[3] y) { y = Identity(x) }
+        """,
+        [np.array([np.nan, np.inf, -np.inf], np.float32)],
+        [np.array([np.nan, np.inf, -np.inf], np.float32)],
+    )
+    # NaN and Inf are fed on purpose (the compile passes nan_policy="pass"); equal NaNs are equal.
+    assert run_case(ConfigurableBackend(), case).status == PASSED
+    flipped = run_case(ConfigurableBackend(output=np.array([np.nan, -np.inf, -np.inf], np.float32)), case)
+    assert flipped.status == FAILED
+    assert "non-finite values differ at index [1]: expected inf, got -inf" in flipped.reason
+
+
+def test_a_dtype_missing_from_the_capabilities_is_unsupported(cases):
+    result = run_case(ConfigurableBackend(dtypes={"float32"}), cases["test_add_bcast"])
+    assert result.status == PASSED
+    result = run_case(ConfigurableBackend(dtypes={"float32"}), cases["test_argmax_default_axis_example"])
+    assert result.status == UNSUPPORTED
+    assert result.reason == (
+        "output 'result' has dtype int64, which backend 'test-backend' does not list in its capabilities (float32)"
+    )
+
+
+def test_non_tensor_inputs_are_unsupported(cases):
+    result = run_case(ConfigurableBackend(), cases["test_identity_sequence"])
+    assert result.status == UNSUPPORTED
+    assert "input 'x' is a sequence: the portable-moe backend contract passes numpy tensors only" in result.reason
+
+
+def test_check_supported_is_the_backends_hook_for_unsupported_ops_and_opsets():
+    refused = run_case(ConfigurableBackend(refuse_op="Relu"), RELU)
+    assert refused.status == UNSUPPORTED
+    assert refused.reason == "backend 'test-backend' has no kernel for Relu in its op table"
+    too_new = make_case(RELU_TEXT.replace('"" : 17', '"" : 24'), *RELU.data_sets[0])
+    result = run_case(ConfigurableBackend(), too_new)
+    assert result.status == UNSUPPORTED and "the model uses opset 24" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            "compile",
+            "compile: backend 'test-backend' failed to compile the model: RuntimeError: the vendor compiler crashed",
+        ),
+        ("run", "run: backend 'test-backend' failed while running: RuntimeError: device lost"),
+    ],
+)
+def test_exceptions_are_errors(stage, message):
+    result = run_case(ConfigurableBackend(fail_in=stage), RELU)
+    assert result.status == ERROR
+    assert result.reason == message
+
+
+def test_tolerance_comes_from_the_case_unless_an_entry_of_the_table_matches(cases):
+    relu, dft = cases["test_relu"], cases["test_dft"]
+    own = tolerance_for_case(relu, "cpu", "exact")
+    assert (own.rtol, own.atol) == (1e-3, 1e-7)
+    assert tolerance_for_case(dft, "cpu", "exact").atol == 1e-3  # keyed by backend and case
+    assert "float64 FFT" in tolerance_for_case(dft, "cpu", "exact").reason
+    assert tolerance_for_case(dft, "reference", "exact").atol == 1e-7
+    # Keyed by precision mode, whichever backend computes in it.
+    for backend in ("npu-sim", "a-vendor-npu"):
+        reduced = tolerance_for_case(relu, backend, "force_fp16")
+        assert (reduced.rtol, reduced.atol) == (1e-3, 5e-3) and "float16" in reduced.reason
+
+
+def test_every_tolerance_override_has_a_reason_and_matches_a_case(cases):
+    known = registry.backend_names()
+    for override in TOLERANCE_OVERRIDES:
+        assert override.backend == "*" or override.backend in known
+        assert len(override.reason) > 40
+        assert any(re.search(override.case_pattern, name) for name in cases)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: a backend that crashes or hangs loses one case, not the run
+
+FLAKY_VENDOR = """
+import os
+import signal
+import time
+
+from backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
+
+
+class FlakyNpu(OnnxRuntimeCpuBackend):
+    description = "segfaults on test_abs, hangs on test_acos"
+
+    def _compile(self, model, options):
+        compiled = super()._compile(model, options)
+        graph = model.proto.graph.name
+        run = compiled._run
+
+        def flaky_run(feeds):
+            if graph == "test_abs":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            if graph == "test_acos":
+                time.sleep(3600)
+            return run(feeds)
+
+        compiled._run = flaky_run
+        return compiled
+"""
+
+
+@pytest.fixture
+def flaky_vendor(tmp_path, monkeypatch):
+    """A vendor package on sys.path, registered through the entry-point group (worker processes see it too)."""
+    (tmp_path / "flaky_vendor.py").write_text(FLAKY_VENDOR)
+    dist_info = tmp_path / "flaky_vendor-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-vendor\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[portable_moe.backends]\nflaky-npu = flaky_vendor:FlakyNpu\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.refresh()
+    yield "flaky-npu"
+    monkeypatch.undo()
+    registry.refresh()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSEGV by os.kill is POSIX")
+def test_a_crash_and_a_hang_lose_only_their_case(cases, flaky_vendor):
+    names = ["test_abs", "test_add", "test_acos", "test_relu"]
+    subset = [cases[name] for name in names]
+    with WorkerPool(subset, jobs=1, timeout=3) as pool:
+        results = pool.run([Task("op", flaky_vendor, name) for name in names])
+    by_case = {result.case: result for result in results}
+    assert [result.case for result in results] == names
+    assert by_case["test_abs"].status == ERROR
+    assert "the worker process was killed by signal SIGSEGV while running this case" in by_case["test_abs"].reason
+    assert "flaky_vendor.py" in by_case["test_abs"].reason  # faulthandler's innermost frame
+    assert by_case["test_abs"].op == "Abs"
+    assert by_case["test_acos"].status == ERROR
+    assert by_case["test_acos"].reason == "timed out after 3 s; the worker was killed and replaced"
+    assert by_case["test_add"].status == PASSED and by_case["test_relu"].status == PASSED
+
+
+class _Unimportable(ConfigurableBackend):
+    name = "unimportable"
+
+
+def test_workers_that_cannot_start_stop_the_run_with_the_reason(cases, monkeypatch):
+    # A factory from a module that exists only in this process: the worker cannot unpickle it.
+    module = types.ModuleType("portable_moe_test_only_module")
+    module.Factory = type("Factory", (_Unimportable,), {"__module__": module.__name__})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    registry.register_backend("unimportable", module.Factory)
+    try:
+        with WorkerPool([cases["test_relu"]], jobs=1, timeout=5) as pool:
+            with pytest.raises(
+                BackendError,
+                match=r"(?s)worker processes exited with code 1 before taking a case.*No module named 'portable_moe_test_only_module'",
+            ):
+                pool.run([Task("op", "unimportable", "test_relu")])
+    finally:
+        registry.unregister_backend("unimportable")
+
+
+def test_an_unpicklable_in_process_backend_is_refused_for_workers(cases):
+    registry.register_backend("lambda-backend", lambda: ConfigurableBackend())
+    try:
+        with WorkerPool([cases["test_relu"]], jobs=1) as pool:
+            with pytest.raises(BackendError, match="'lambda-backend' was registered in this process with a factory"):
+                pool.run([Task("op", "lambda-backend", "test_relu")])
+        # In this process it runs (no isolation).
+        [result] = run_tasks([Task("op", "lambda-backend", "test_relu")], [cases["test_relu"]], jobs=0)
+        assert result.status == PASSED
+    finally:
+        registry.unregister_backend("lambda-backend")
+
+
+@pytest.mark.parametrize(("jobs", "timeout", "message"), [(0, 5, "--jobs must be at least 1"), (1, 0, "--timeout")])
+def test_pool_arguments_are_checked(jobs, timeout, message):
+    with pytest.raises(InputError, match=message):
+        WorkerPool([], jobs=jobs, timeout=timeout)
+
+
+def test_model_conformance_runs_in_a_worker(tiny_bundle):
+    with WorkerPool([], jobs=1) as pool:
+        [result] = pool.run([Task("model", "cpu", str(tiny_bundle.path))])
+    assert result.status == PASSED and result.op == "(model)", result.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+RESULTS = [
+    CaseResult("test_relu", "Relu", "cpu", PASSED, seconds=0.01),
+    CaseResult("test_add", "Add", "cpu", FAILED, "z: 1 of 3 elements outside", 0.02, {"name": "z"}),
+    CaseResult("test_abs", "Abs", "cpu", ERROR, "timed out after 3 s", 3.0),
+    CaseResult("test_cast", "Cast", "cpu", UNSUPPORTED, "input 'x' has dtype bfloat16"),
+    CaseResult("test_relu", "Relu", "reference", PASSED),
+    CaseResult("test_add", "Add", "reference", PASSED),
+    CaseResult("test_abs", "Abs", "reference", PASSED),
+    CaseResult("test_cast", "Cast", "reference", UNSUPPORTED, "bfloat16"),
+]
+
+
+def test_summary_never_counts_unsupported_as_passed():
+    summaries = summarize(RESULTS, ["cpu", "reference"])
+    cpu = summaries["cpu"]
+    assert cpu.counts == {PASSED: 1, FAILED: 1, UNSUPPORTED: 1, ERROR: 1}
+    assert cpu.pass_rate_supported == pytest.approx(1 / 3)
+    assert cpu.pass_rate_all == pytest.approx(1 / 4)
+    assert summaries["reference"].pass_rate_supported == 1.0 and summaries["reference"].pass_rate_all == 0.75
+
+
+def test_json_report_structure():
+    report = json.loads(json.dumps(report_dict(RESULTS, ["cpu", "reference"], "portable-moe conformance ops")))
+    assert report["format"] == "portable-moe-opsuite/1"
+    assert report["onnx_version"] == onnx.__version__
+    assert report["backends"]["cpu"]["failed"] == 1 and report["backends"]["cpu"]["total"] == 4
+    assert report["results"][1] == {
+        "case": "test_add",
+        "op": "Add",
+        "backend": "cpu",
+        "status": FAILED,
+        "reason": "z: 1 of 3 elements outside",
+        "seconds": 0.02,
+        "worst": {"name": "z"},
+        "placement": {},
+        "details": {},
+    }
+    assert all(entry["reason"] for entry in report["tolerance_overrides"])
+
+
+def test_junit_has_one_testcase_per_result_with_outcomes_marked(tmp_path):
+    path = tmp_path / "ops.xml"
+    write_junit(RESULTS, path)
+    root = ElementTree.parse(path).getroot()
+    suites = root.findall("testsuite")
+    assert [suite.get("name") for suite in suites] == ["portable-moe ops on cpu", "portable-moe ops on reference"]
+    cpu = suites[0]
+    assert (cpu.get("tests"), cpu.get("failures"), cpu.get("errors"), cpu.get("skipped")) == ("4", "1", "1", "1")
+    cases = {case.get("name"): case for case in cpu.findall("testcase")}
+    assert len(root.findall(".//testcase")) == len(RESULTS)
+    assert list(cases["test_relu"]) == []
+    assert cases["test_add"].find("failure").get("message") == "z: 1 of 3 elements outside"
+    assert cases["test_abs"].find("error").text == "timed out after 3 s"
+    assert cases["test_cast"].find("skipped") is not None and cases["test_cast"].get("classname") == "cpu.Cast"
+
+
+def test_matrix_shows_only_ops_with_a_non_pass_unless_asked():
+    console = Console(record=True, width=200)
+    print_report(console, RESULTS, ["cpu", "reference"], full_matrix=False)
+    text = console.export_text()
+    assert "Add" in text and "Cast" in text and "Relu " not in text.split("op x backend")[1]
+    assert "1/1 e1" not in text and "0/1 e1" in text and "0/1 f1" in text and "0/1 u1" in text
+    assert "failed test_add: z: 1 of 3 elements outside" in text
+    console = Console(record=True, width=200)
+    print_report(console, RESULTS, ["cpu", "reference"], full_matrix=True)
+    assert "Relu" in console.export_text().split("op x backend")[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_runs_the_suite_and_writes_reports(tmp_path):
+    report, junit = tmp_path / "ops.json", tmp_path / "ops.xml"
+    command = [sys.executable, "-m", "portable_moe.cli", "conformance", "ops", "--backend", "cpu,reference"]
+    command += [
+        "--include",
+        "^test_relu$",
+        "--include",
+        "^test_add_uint8$",
+        "--json",
+        str(report),
+        "--junit",
+        str(junit),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"}, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ONNX node test cases" in result.stdout and "2 cases x 2 backends" in result.stdout
+    assert "Add" in result.stdout and "Relu" not in result.stdout.split("op x backend")[1]
+    assert "cpu" in result.stderr and "2/2" in result.stderr  # the progress bars
+    data = json.loads(report.read_text())
+    assert {(r["backend"], r["case"], r["status"]) for r in data["results"]} == {
+        ("cpu", "test_relu", PASSED),
+        ("reference", "test_relu", PASSED),
+        ("cpu", "test_add_uint8", UNSUPPORTED),
+        ("reference", "test_add_uint8", UNSUPPORTED),
+    }
+    assert data["command"].startswith("portable-moe conformance ops")
+    assert len(ElementTree.parse(junit).getroot().findall(".//testcase")) == 4
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--backend", "tpu"], "unknown backend 'tpu'"),
+        (["--jobs", "-1"], "--jobs must be 0"),
+        (["--include", "("], "bad --include regex"),
+    ],
+)
+def test_cli_usage_errors_are_one_line(arguments, message, capsys):
+    from portable_moe.cli import main
+
+    assert main(["conformance", "ops", *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unavailable_backend(monkeypatch, capsys):
+    from portable_moe.cli import main
+
+    class Unavailable(ConfigurableBackend):
+        def probe(self):
+            return ProbeResult(False, "no device found")
+
+    registry.register_backend("absent-npu", Unavailable)
+    try:
+        assert main(["conformance", "ops", "--backend", "absent-npu"]) == 2
+        assert "'absent-npu' is unavailable: no device found" in capsys.readouterr().err
+    finally:
+        registry.unregister_backend("absent-npu")
