@@ -33,6 +33,7 @@ from portable_moe.errors import (
     InputError,
     PortableMoEError,
 )
+from portable_moe.fallback import FallbackResult, compile_with_fallback, run_with_fallback
 from portable_moe.registry import (
     BackendStatus,
     backend_names,
@@ -74,6 +75,7 @@ __all__ = [
     "ConfigError",
     "ConformanceError",
     "ExportError",
+    "FallbackResult",
     "InputError",
     "ModelConfig",
     "ModelInput",
@@ -87,6 +89,7 @@ __all__ = [
     "check_backend",
     "check_bundle",
     "compare_outputs",
+    "compile_with_fallback",
     "export",
     "get_backend",
     "get_preset",
@@ -94,6 +97,7 @@ __all__ = [
     "load_bundle",
     "register_backend",
     "routing_agreement",
+    "run_with_fallback",
     "select_backend",
     "unregister_backend",
 ]

@@ -3,6 +3,11 @@
 An adapter subclasses :class:`Backend` and :class:`CompiledModel`. The public methods here check
 their arguments once (availability, MoE lowering, opset, input names, dtypes and shapes) and then
 delegate to the adapter's ``_compile`` and ``_run``, so every adapter gives the same errors.
+
+Two checks live here rather than in an adapter because every backend needs them: ``nan_policy``
+(a base option every ``compile`` and ``run`` accepts: "reject" NaN/Inf in float inputs, the
+default, or "pass" them through) and the vocabulary check (token ids outside the bundle config's
+``vocab_size`` are refused before they reach a runtime that might read out of bounds).
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+from portable_moe import safety
 from portable_moe.bundle import Bundle, load_bundle
-from portable_moe.errors import BackendError, BackendUnavailableError
-from portable_moe.tensors import TensorSpec, check_feeds, specs_from_onnx
+from portable_moe.errors import BackendError, BackendUnavailableError, PortableMoEError
+from portable_moe.tensors import TensorSpec, check_feeds, check_nan_policy, specs_from_onnx
+
+# Options every backend's compile() takes, handled here in the base, with their defaults.
+BASE_OPTION_DEFAULTS: Mapping[str, Any] = {"nan_policy": "reject"}
+# Inputs that carry token ids, checked against the bundle config's vocab_size.
+TOKEN_ID_INPUTS = ("input_ids",)
 
 
 @dataclass(frozen=True)
@@ -70,21 +81,39 @@ class ModelInput:
 def as_model_input(model: Bundle | onnx.ModelProto | str | os.PathLike[str]) -> ModelInput:
     """Accept a Bundle, a bundle directory, an .onnx file or an in-memory ModelProto.
 
+    Every route checks the model as untrusted (see :mod:`portable_moe.safety`): a bundle through
+    :func:`~portable_moe.bundle.load_bundle` and :meth:`Bundle.load_onnx`, an .onnx file the same
+    way with its own directory as the limit for external data, an in-memory model without any
+    external data.
+
     Raises:
-        BundleError: if a path is neither a bundle directory nor a readable ONNX file.
+        BundleError: if a path is neither a bundle directory nor a readable ONNX file, or the
+            model fails a safety check.
     """
     if isinstance(model, onnx.ModelProto):
-        inputs, outputs = specs_from_onnx(model)
+        source = "the in-memory model"
+        safety.check_model(model, source, root=None, base=None)
+        inputs, outputs = specs_from_onnx(model, source)
         return ModelInput(model, None, inputs, outputs)
     if not isinstance(model, Bundle):
         path = Path(model)
         if path.is_file():
-            bundle_less = Bundle(path.parent, {"model_file": path.name}, [], [])
+            # The real file decides where external data may come from (and is what the runtime opens).
+            real_path = Path(os.path.realpath(path))
+            bundle_less = Bundle(real_path.parent, {"model_file": real_path.name}, [], [])
             proto = bundle_less.load_onnx()
-            inputs, outputs = specs_from_onnx(proto)
-            return ModelInput(proto, path, inputs, outputs)
+            inputs, outputs = specs_from_onnx(proto, str(path))
+            return ModelInput(proto, real_path, inputs, outputs)
         model = load_bundle(path)
     return ModelInput(model.load_onnx(), model.model_path, model.inputs, model.outputs, model.moe_lowering, model)
+
+
+def token_id_limits(model: ModelInput) -> dict[str, int]:
+    """Input name -> vocabulary size, for the token-id inputs of a model that came from a bundle with a config."""
+    config = model.bundle.config if model.bundle is not None else None
+    if config is None:
+        return {}
+    return {spec.name: config.vocab_size for spec in model.inputs if spec.name in TOKEN_ID_INPUTS}
 
 
 class CompiledModel(abc.ABC):
@@ -94,31 +123,55 @@ class CompiledModel(abc.ABC):
         precision: the precision mode it computes in; picks the row of the tolerance table
             (``portable_moe.compare.TOLERANCES``) that conformance applies. "exact" means the
             model's own dtypes throughout.
+        nan_policy: "reject" (default) or "pass" NaN/Inf in float inputs; set by ``compile``'s
+            ``nan_policy`` option, overridable per ``run``.
+        token_id_limits: input name -> vocab_size, set by ``compile`` for bundles with a config.
     """
 
     precision: str = "exact"
+    nan_policy: str = "reject"
+    token_id_limits: Mapping[str, int] = {}
 
     def __init__(self, backend: Backend, model: ModelInput) -> None:
         self.backend_name = backend.name
         self.inputs = model.inputs
         self.outputs = model.outputs
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], *, nan_policy: str | None = None) -> dict[str, np.ndarray]:
         """Run the model.
 
+        The feeds are checked (see :func:`portable_moe.tensors.check_feeds`) and copied: the
+        caller's arrays may be read-only, strided or byte-swapped, and are never modified.
+        Safe to call from several threads at once when the adapter's runtime is (ONNX Runtime
+        sessions and the reference evaluator are).
+
+        Args:
+            feeds: input name -> numpy array.
+            nan_policy: override the compiled model's policy for NaN/Inf in float inputs for
+                this run ("reject" or "pass").
+
         Raises:
-            InputError: if a feed's name, dtype, rank or size does not match the model.
-            BackendError: if the backend fails while running.
+            InputError: if a feed's name, dtype, rank or size does not match the model, a float
+                input holds NaN/Inf under the "reject" policy, or a token id is outside the vocabulary.
+            BackendError: if the backend fails while running or leaves out an output.
         """
-        checked = check_feeds(self.inputs, feeds)
+        checked = check_feeds(
+            self.inputs,
+            feeds,
+            nan_policy=self.nan_policy if nan_policy is None else nan_policy,
+            token_id_limits=self.token_id_limits,
+        )
         try:
             results = self._run(checked)
-        except BackendError:
+        except PortableMoEError:  # already ours (an adapter's InputError or BackendError): keep its kind
             raise
         except Exception as error:
             raise BackendError(
                 f"backend {self.backend_name!r} failed while running: {type(error).__name__}: {error}"
             ) from error
+        missing = [spec.name for spec in self.outputs if spec.name not in results]
+        if missing:
+            raise BackendError(f"backend {self.backend_name!r} returned no value for output(s) {', '.join(missing)}")
         return {spec.name: results[spec.name] for spec in self.outputs}
 
     def placement(self) -> dict[str, int]:
@@ -173,27 +226,38 @@ class Backend(abc.ABC):
 
         Args:
             model: a Bundle, a bundle directory, an .onnx file, or a ModelProto.
-            options: backend options (see ``option_defaults``); unknown names are refused.
+            options: backend options (see ``option_defaults``), plus the base option every
+                backend takes: ``nan_policy`` ("reject", the default, or "pass"). Unknown names
+                are refused.
 
         Raises:
             BackendUnavailableError: if ``probe()`` says the backend cannot run here.
             BackendError: if the model's MoE lowering or opset is outside the capabilities, an
                 option is unknown, or the backend fails to compile.
+            BundleError: if the model fails a safety check.
+            InputError: if ``nan_policy`` is not "reject" or "pass".
         """
         probe = self.safe_probe()
         if not probe.available:
             raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {probe.reason}")
-        resolved = self.resolve_options(options)
+        adapter_options = dict(options or {})
+        nan_policy = check_nan_policy(adapter_options.pop("nan_policy", BASE_OPTION_DEFAULTS["nan_policy"]))
+        resolved = self.resolve_options(adapter_options)
         prepared = model if isinstance(model, ModelInput) else as_model_input(model)
         self.check_supported(prepared)
         try:
-            return self._compile(prepared, resolved)
-        except BackendError:
+            compiled = self._compile(prepared, resolved)
+        except PortableMoEError:
             raise
         except Exception as error:
             raise BackendError(
                 f"backend {self.name!r} failed to compile the model: {type(error).__name__}: {error}"
             ) from error
+        if not isinstance(compiled, CompiledModel):
+            raise BackendError(f"backend {self.name!r} compiled to a {type(compiled).__name__}, not a CompiledModel")
+        compiled.nan_policy = nan_policy
+        compiled.token_id_limits = token_id_limits(prepared)
+        return compiled
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         """Merge options with the defaults, refusing names this backend does not know."""

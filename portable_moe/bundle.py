@@ -7,17 +7,23 @@ A bundle is a directory::
     test_data_set_0/input_0.pb ...  golden inputs and outputs from the torch reference, in ONNX's
                      output_0.pb    own test-data layout (TensorProto files)
 
-Loading needs only numpy and onnx (never torch) and verifies every file's hash, so a tampered,
-truncated or incomplete bundle is refused before any backend sees it.
+Loading needs only numpy and onnx (never torch). A bundle may come from anywhere, so loading
+treats it as hostile until checked: the manifest's structure, every path it names (which must stay
+inside the bundle), the total size (see :mod:`portable_moe.safety`), every file's sha256, and the
+model itself (parsed, checked, and compared with what the manifest says of it) are verified before
+any backend sees it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,14 +34,22 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from portable_moe import safety
 from portable_moe.config import ModelConfig
 from portable_moe.errors import BundleError, ConfigError
-from portable_moe.tensors import TensorSpec
+from portable_moe.tensors import TensorSpec, specs_from_onnx
 
 BUNDLE_FORMAT = "portable-moe-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
+# A manifest is a few kilobytes; one far bigger is not a manifest (and would be parsed into memory).
+MAX_MANIFEST_BYTES = 16 * 2**20
+# How often a writer retries when other processes keep replacing the same target.
+_MOVE_ATTEMPTS = 100
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# What rename() reports when something already occupies the target.
+_TARGET_IN_THE_WAY = {errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 
 GoldenSet = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
@@ -48,13 +62,46 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _walk_error(error: OSError) -> None:
+    raise BundleError(f"{error.filename}: cannot be read ({error.strerror})")
+
+
+def scan_bundle_files(directory: Path) -> dict[str, int]:
+    """Every file below ``directory`` except the top-level manifest: relative POSIX path -> size.
+
+    A bundle holds only regular files. A symlink to a file inside the bundle counts as that file;
+    a symlink that leads out of the bundle, a symlinked directory, or a special file (a FIFO would
+    hang a reader) is refused.
+
+    Raises:
+        BundleError: naming the offending entry.
+    """
+    found: dict[str, int] = {}
+    for current, directory_names, file_names in os.walk(directory, onerror=_walk_error):
+        here = Path(current)
+        for name in directory_names:
+            if (here / name).is_symlink():
+                raise BundleError(f"{here / name}: a bundle may not contain symlinked directories")
+        for name in file_names:
+            path = here / name
+            relative = path.relative_to(directory).as_posix()
+            if relative == MANIFEST_NAME:
+                continue
+            if path.is_symlink():
+                safety.resolve_inside(directory, relative, f"{directory}: symlink")
+            try:
+                info = path.stat()
+            except OSError as error:
+                raise BundleError(f"{path}: cannot be read ({error.strerror})") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+            found[relative] = info.st_size
+    return dict(sorted(found.items()))
+
+
 def _bundle_files(directory: Path) -> list[str]:
-    """Every regular file below ``directory`` except the manifest, as sorted POSIX relative paths."""
-    return sorted(
-        path.relative_to(directory).as_posix()
-        for path in directory.rglob("*")
-        if path.is_file() and path.name != MANIFEST_NAME
-    )
+    """Every file below ``directory`` except the manifest, as sorted POSIX relative paths."""
+    return list(scan_bundle_files(directory))
 
 
 @dataclass
@@ -68,6 +115,8 @@ class Bundle:
         config: the model config the bundle was exported from (None for a bare ONNX model).
         moe_lowering: how the routed experts were lowered ("dense", "sparse", ...), or None.
         routing_outputs: output name -> decoder layer index, for outputs that carry selected experts.
+        max_bytes: the size limit applied when loading the model (None: the default, see
+            :func:`portable_moe.safety.max_bundle_bytes`).
     """
 
     path: Path
@@ -77,32 +126,81 @@ class Bundle:
     config: ModelConfig | None = None
     moe_lowering: str | None = None
     routing_outputs: dict[str, int] = field(default_factory=dict)
+    max_bytes: int | None = None
 
     @property
     def model_path(self) -> Path:
-        return self.path / self.manifest["model_file"]
+        """The model file (checked to lie inside the bundle directory).
+
+        Raises:
+            BundleError: if the manifest's ``model_file`` would leave the bundle.
+        """
+        model_file = self.manifest.get("model_file")
+        safety.resolve_inside(self.path, model_file, f"{self.path / MANIFEST_NAME}: model_file")
+        return self.path / str(model_file)
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def load_onnx(self, load_external_data: bool = True) -> onnx.ModelProto:
-        """Read the ONNX graph (with its external data unless told otherwise).
+        """Read the ONNX graph (with its external data unless told otherwise), checking it first.
+
+        The file is size-checked, parsed, checked (IR version, opsets, tensor shapes, external
+        data locations, declared sizes) and compared with the manifest before any external data
+        is read; see :func:`portable_moe.safety.load_model`.
 
         Raises:
-            BundleError: if the file is not a readable ONNX model.
+            BundleError: if the file is not a readable, sane ONNX model, refers to files outside
+                the bundle, is over the size limit, or does not match the manifest.
         """
-        try:
-            return onnx.load(str(self.model_path), load_external_data=load_external_data)
-        except Exception as error:  # onnx raises DecodeError, OSError, ValueError... for bad files
-            raise BundleError(f"{self.model_path}: not a readable ONNX model ({error})") from None
+        model = safety.load_model(
+            self.model_path, root=self.path, max_bytes=self.max_bytes, load_external_data=load_external_data
+        )
+        self._check_matches_manifest(model)
+        return model
+
+    def _check_matches_manifest(self, model: onnx.ModelProto) -> None:
+        if not (self.inputs or self.outputs):
+            return  # a bare .onnx file: there is no manifest to disagree with
+        where = f"{self.path / MANIFEST_NAME}"
+        model_inputs, model_outputs = specs_from_onnx(model, source=str(self.model_path))
+        for kind, listed, actual in (("inputs", self.inputs, model_inputs), ("outputs", self.outputs, model_outputs)):
+            if listed != actual:
+                raise BundleError(
+                    f"{where}: the manifest lists {kind} {_describe_specs(listed)} but "
+                    f"{self.manifest.get('model_file')} has {_describe_specs(actual)}; the manifest does not belong "
+                    "to this model. Re-export the bundle"
+                )
+        opsets = {opset.domain or "ai.onnx": opset.version for opset in model.opset_import}
+        for key, actual in (("opset", opsets.get("ai.onnx")), ("ir_version", model.ir_version)):
+            listed = self.manifest.get(key)
+            if listed is not None and listed != actual:
+                raise BundleError(f"{where}: the manifest says {key} {listed!r}, the model has {actual!r}")
+        logits = next((spec for spec in self.outputs if spec.name == "logits"), None)
+        if self.config and logits and logits.shape and isinstance(logits.shape[-1], int):
+            if logits.shape[-1] != self.config.vocab_size:
+                raise BundleError(
+                    f"{where}: the config's vocab_size {self.config.vocab_size} does not match the model's logits "
+                    f"size {logits.shape[-1]}"
+                )
 
     def golden_sets(self) -> list[GoldenSet]:
-        """The golden (inputs, expected outputs) pairs, keyed by tensor name."""
-        return [
-            (_read_tensors(self.path / entry["dir"], "input"), _read_tensors(self.path / entry["dir"], "output"))
-            for entry in self.manifest.get("golden", [])
-        ]
+        """The golden (inputs, expected outputs) pairs, keyed by tensor name.
+
+        Raises:
+            BundleError: if a golden directory lies outside the bundle or a file is not a sane TensorProto.
+        """
+        sets = []
+        for entry in self.manifest.get("golden", []):
+            where = f"{self.path / MANIFEST_NAME}: golden-data directory"
+            directory = safety.resolve_inside(self.path, entry.get("dir"), where)
+            sets.append((_read_tensors(directory, "input"), _read_tensors(directory, "output")))
+        return sets
+
+
+def _describe_specs(specs: list[TensorSpec]) -> str:
+    return ", ".join(f"{spec.name!r}: {spec.describe()}" for spec in specs) or "none"
 
 
 def _read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
@@ -112,6 +210,11 @@ def _read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
         proto = onnx.TensorProto()
         try:
             proto.ParseFromString(path.read_bytes())
+        except Exception as error:  # DecodeError, or OSError for an unreadable file
+            raise BundleError(f"{path}: not a readable TensorProto ({error})") from None
+        # Golden data is always inline: an external reference here could read any file.
+        safety.check_tensor(proto, f"{path}: tensor {proto.name!r}", root=None, base=None)
+        try:
             tensors[proto.name] = numpy_helper.to_array(proto)
         except Exception as error:
             raise BundleError(f"{path}: not a readable TensorProto ({error})") from None
@@ -127,13 +230,28 @@ def _write_tensors(directory: Path, prefix: str, tensors: Mapping[str, np.ndarra
         )
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a directory, finishing the job even if a second Ctrl-C or SIGTERM lands meanwhile."""
+    interrupted: BaseException | None = None
+    for _ in range(3):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            break
+        except KeyboardInterrupt as error:
+            interrupted = error
+    if interrupted is not None:
+        raise interrupted
+
+
 @contextlib.contextmanager
 def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Stage a bundle in a temporary directory and move it into place only when complete.
 
     The staging directory sits beside ``output_dir`` (same file system, so the final rename is
-    atomic). If the block raises, or the process is interrupted, the staging directory is removed
-    and ``output_dir`` is left as it was.
+    atomic). If the block raises, or the process is interrupted (Ctrl-C; SIGTERM once
+    :func:`portable_moe.safety.install_termination_handler` is installed), the staging directory is
+    removed and ``output_dir`` is left as it was. Several processes writing the same target with
+    ``overwrite`` each leave one whole bundle there (the last one to finish wins).
 
     Raises:
         BundleError: if ``output_dir`` exists and ``overwrite`` is false.
@@ -147,16 +265,48 @@ def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -
         yield staging
         if not (staging / MANIFEST_NAME).exists():
             raise BundleError(f"internal error: bundle staged in {staging} has no {MANIFEST_NAME}")
-        if target.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
-            os.replace(target, previous / "old")
-            os.replace(staging, target)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        _move_into_place(staging, target, overwrite)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(staging)
         raise
+
+
+def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename ``staging`` to ``target``; with ``overwrite``, move the old bundle aside first.
+
+    Between moving the old bundle aside and renaming the new one in, another writer may put its
+    own bundle there: then that one is moved aside in turn (the last writer wins, and every
+    bundle that lands is whole). If interrupted in between, the old bundle is put back.
+    """
+    holders: list[Path] = []
+    placed = False
+    try:
+        for _ in range(_MOVE_ATTEMPTS):
+            try:
+                os.rename(staging, target)  # fails while a non-empty target exists
+                placed = True
+                return
+            except OSError as error:
+                # Judge by the error, not by looking again: another writer may have moved it meanwhile.
+                if error.errno not in _TARGET_IN_THE_WAY:
+                    raise BundleError(
+                        f"{target}: cannot move the staged bundle into place ({error.strerror})"
+                    ) from None
+            if not overwrite:
+                raise BundleError(f"{target} already exists; choose another directory or pass overwrite (--force)")
+            holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+            holders.append(holder)
+            with contextlib.suppress(FileNotFoundError):  # another writer moved it away first
+                os.rename(target, holder / "old")
+        raise BundleError(f"{target}: other processes kept replacing it; gave up after {_MOVE_ATTEMPTS} attempts")
+    finally:
+        if not placed and not os.path.lexists(target):
+            for holder in reversed(holders):  # put the most recently displaced bundle back
+                with contextlib.suppress(OSError):
+                    os.rename(holder / "old", target)
+                    break
+        for holder in holders:
+            _remove_tree(holder)
 
 
 def write_manifest(
@@ -193,73 +343,140 @@ def write_manifest(
     return manifest
 
 
-def _verify_files(directory: Path, manifest: Mapping[str, Any]) -> None:
+def _check_relative_names(directory: Path, manifest_path: Path, manifest: Mapping[str, Any]) -> None:
+    """Every path the manifest names must stay inside the bundle; checked before anything is opened."""
+    model_file = manifest.get("model_file")
+    if not isinstance(model_file, str):
+        raise BundleError(f"{manifest_path}: malformed manifest (no 'model_file')")
+    safety.resolve_inside(directory, model_file, f"{manifest_path}: model_file")
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
-        raise BundleError(f"{directory / MANIFEST_NAME}: has no 'files' table of sha256 hashes")
+        raise BundleError(f"{manifest_path}: has no 'files' table of sha256 hashes")
+    for name, digest in listed.items():
+        safety.resolve_inside(directory, name, f"{manifest_path}: listed file")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise BundleError(f"{manifest_path}: the hash of {name!r} is {digest!r}, not a sha256 hex digest")
+    golden = manifest.get("golden", [])
+    if not isinstance(golden, list) or not all(isinstance(entry, dict) for entry in golden):
+        raise BundleError(f"{manifest_path}: malformed manifest ('golden' must be a list of objects)")
+    for entry in golden:
+        safety.resolve_inside(directory, entry.get("dir"), f"{manifest_path}: golden-data directory")
+
+
+def _verify_files(directory: Path, manifest: Mapping[str, Any], present: Mapping[str, int]) -> None:
+    listed = manifest["files"]
     for name, expected in listed.items():
         path = directory / name
-        if not path.is_file():
+        if name not in present:
             raise BundleError(f"{directory}: file {name!r} listed in the manifest is missing; re-export the bundle")
         if sha256_of(path) != expected:
             raise BundleError(
                 f"{path}: sha256 does not match the manifest; the file was changed or corrupted after export. "
                 "Re-export the bundle, or restore the original file"
             )
-    unlisted = sorted(set(_bundle_files(directory)) - set(listed))
+    unlisted = sorted(set(present) - set(listed))
     if unlisted:
         raise BundleError(
             f"{directory}: file(s) not in the manifest: {', '.join(unlisted)}; a bundle must contain only the files it lists"
         )
 
 
-def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Load a bundle directory.
+def _read_manifest(manifest_path: Path, directory: Path) -> dict[str, Any]:
+    if manifest_path.is_symlink():
+        safety.resolve_inside(directory, MANIFEST_NAME, f"{directory}: symlinked manifest")
+    try:
+        info = manifest_path.stat()
+    except OSError as error:
+        raise BundleError(f"{manifest_path}: cannot be read ({error.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BundleError(f"{directory}: no {MANIFEST_NAME} (or not a regular file); this is not a portable-moe bundle")
+    if info.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{manifest_path}: {safety.format_bytes(info.st_size)}, far bigger than any manifest; refusing to parse it"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError covers JSONDecodeError
+        raise BundleError(f"{manifest_path}: not valid JSON ({type(error).__name__}: {error})") from None
+    except OSError as error:
+        raise BundleError(f"{manifest_path}: cannot be read ({error.strerror})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{manifest_path}: not a portable-moe bundle manifest (no format {BUNDLE_FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != BUNDLE_FORMAT_VERSION or isinstance(version, bool):
+        raise BundleError(
+            f"{manifest_path}: bundle format version {version!r} is not supported (this portable-moe reads "
+            f"version {BUNDLE_FORMAT_VERSION}); re-export the bundle or upgrade portable-moe"
+        )
+    return manifest
+
+
+def _routing_outputs(manifest: Mapping[str, Any], outputs: list[TensorSpec]) -> dict[str, int]:
+    routing = manifest.get("routing_outputs") or {}
+    names = {spec.name for spec in outputs}
+    if not isinstance(routing, dict) or not all(
+        name in names and isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
+        for name, layer in routing.items()
+    ):
+        raise ValueError("'routing_outputs' must map output names to layer indices")
+    return dict(routing)
+
+
+def load_bundle(path: str | os.PathLike[str], verify: bool = True, max_bytes: int | None = None) -> Bundle:
+    """Load a bundle directory, treating it as untrusted until every check has passed.
 
     Args:
         path: the bundle directory.
         verify: check every file's sha256 against the manifest (on by default).
+        max_bytes: refuse a bundle whose files, or whose model's declared tensors, exceed this
+            many bytes (default: ``PORTABLE_MOE_MAX_BUNDLE_BYTES`` or 64 GiB).
 
     Raises:
         BundleError: if the directory, its manifest or a listed file is missing, the format is
-            unknown or newer than this version of portable-moe, or a hash does not match.
+            unknown or newer than this version of portable-moe, a hash does not match, a path
+            leaves the bundle, the bundle is over the size limit, or the model is not a sane ONNX
+            model matching the manifest. The message names the file and the problem.
+        ConfigError: if ``max_bytes`` (or the environment variable) is not a size.
     """
+    limit = safety.max_bundle_bytes(max_bytes)
     directory = Path(path)
     if not directory.exists():
         raise BundleError(f"{directory}: no such bundle directory; create one with 'portable-moe export'")
     if not directory.is_dir():
         raise BundleError(f"{directory}: a bundle is a directory (with {MANIFEST_NAME} and {MODEL_NAME}), not a file")
     manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         raise BundleError(f"{directory}: no {MANIFEST_NAME}; this is not a portable-moe bundle")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BundleError(f"{manifest_path}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{manifest_path}: not a portable-moe bundle manifest (no format {BUNDLE_FORMAT!r})")
-    version = manifest.get("format_version")
-    if version != BUNDLE_FORMAT_VERSION:
+    manifest = _read_manifest(manifest_path, directory)
+    _check_relative_names(directory, manifest_path, manifest)
+    present = scan_bundle_files(directory)
+    total = sum(present.values())
+    if total > limit:
         raise BundleError(
-            f"{manifest_path}: bundle format version {version!r} is not supported (this portable-moe reads "
-            f"version {BUNDLE_FORMAT_VERSION}); re-export the bundle or upgrade portable-moe"
+            f"{directory}: the bundle's files total {safety.format_bytes(total)}, more than the limit of "
+            f"{safety.format_bytes(limit)}; raise it with max_bytes= or {safety.MAX_BYTES_ENV} if you trust this bundle"
         )
     if verify:
-        _verify_files(directory, manifest)
+        _verify_files(directory, manifest, present)
     try:
         config = ModelConfig.from_dict(manifest["config"]) if manifest.get("config") else None
         inputs = [TensorSpec.from_dict(entry) for entry in manifest["inputs"]]
         outputs = [TensorSpec.from_dict(entry) for entry in manifest["outputs"]]
-    except (KeyError, TypeError, ValueError, ConfigError) as error:
-        raise BundleError(f"{manifest_path}: malformed manifest ({error})") from None
-    if not isinstance(manifest.get("model_file"), str):
-        raise BundleError(f"{manifest_path}: malformed manifest (no 'model_file')")
-    return Bundle(
+        routing = _routing_outputs(manifest, outputs)
+        lowering = manifest.get("moe_lowering")
+        if lowering is not None and not isinstance(lowering, str):
+            raise ValueError("'moe_lowering' must be a string")
+    except (KeyError, TypeError, ValueError, ArithmeticError, ConfigError) as error:
+        raise BundleError(f"{manifest_path}: malformed manifest ({type(error).__name__}: {error})") from None
+    bundle = Bundle(
         path=directory,
         manifest=manifest,
         inputs=inputs,
         outputs=outputs,
         config=config,
-        moe_lowering=manifest.get("moe_lowering"),
-        routing_outputs={str(name): int(layer) for name, layer in manifest.get("routing_outputs", {}).items()},
+        moe_lowering=lowering,
+        routing_outputs=routing,
+        max_bytes=limit,
     )
+    bundle.load_onnx(load_external_data=False)  # parse and check the model now, before any backend sees it
+    return bundle

@@ -26,10 +26,12 @@ from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.config import PRESETS
 from portable_moe.conformance import PASSED, BackendResult, check_bundle
 from portable_moe.errors import InputError, PortableMoEError
-from portable_moe.safety import install_termination_handler
+from portable_moe.safety import Terminated, install_termination_handler
+from portable_moe.tensors import NAN_POLICIES
 
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -161,14 +163,18 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from portable_moe.fallback import run_with_fallback, spread_options
+
     bundle = load_bundle(args.bundle)
-    backend, skipped = registry.select_backend(args.backend)
-    for name, reason in skipped:
-        stderr.print(f"[yellow]skipped {name}[/yellow]: {escape(reason)}")
     feeds = _load_feeds(bundle, args.input)
-    compiled = backend.compile(bundle, _parse_options(args.option))
-    outputs = compiled.run(feeds)
-    table = Table(title=f"Outputs of {bundle.name} on {backend.name}")
+    options = {**_parse_options(args.option), "nan_policy": args.nan_policy}
+    result = run_with_fallback(
+        bundle, args.backend, feeds, spread_options(args.backend, options), isolated=args.isolated, timeout=args.timeout
+    )
+    for attempt in result.attempts[:-1]:  # every backend passed over, and why
+        stderr.print(f"[yellow]{attempt.backend} {attempt.status}[/yellow]: {escape(attempt.reason)}")
+    outputs = result.outputs
+    table = Table(title=f"Outputs of {bundle.name} on {result.backend_name}")
     for column in ("output", "dtype", "shape", "min", "max", "mean"):
         table.add_column(column)
     for name, value in outputs.items():
@@ -181,7 +187,9 @@ def command_run(args: argparse.Namespace) -> int:
             f"{value.mean():.4g}",
         )
     stdout.print(table)
-    stdout.print(f"ran on [bold]{backend.name}[/bold]; placement: {escape(str(compiled.placement()))}")
+    stdout.print(f"ran on [bold]{result.backend_name}[/bold]; placement: {escape(str(result.placement))}")
+    if result.fell_back:
+        stdout.print(f"[yellow]fell back:[/yellow] {escape(result.describe())}")
     if args.output:
         np.savez(args.output, **outputs)
         stdout.print(f"outputs saved to {escape(args.output)}")
@@ -348,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--input", help=".npz file with one array per model input (default: the bundle's golden inputs)")
     run.add_argument("--output", help="save the outputs to this .npz file")
+    run.add_argument(
+        "--nan-policy",
+        choices=NAN_POLICIES,
+        default="reject",
+        help="NaN/Inf in float inputs: refuse them (default) or pass them to the backend",
+    )
+    run.add_argument(
+        "--isolated",
+        action="store_true",
+        help="compile and run each backend in a worker process, so a crash or hang falls back to the next",
+    )
+    run.add_argument("--timeout", type=float, help="with --isolated: seconds each backend may take (default: no limit)")
     add_option_flag(run)
     run.set_defaults(handler=command_run)
 
@@ -391,9 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         stderr.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         stderr.print("[red]interrupted[/red]")
-        return 130
+        return 143 if isinstance(interrupt, Terminated) else 130
 
 
 if __name__ == "__main__":

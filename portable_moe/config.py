@@ -156,6 +156,8 @@ class ModelConfig:
             return cls(**data)
         except TypeError as error:
             raise ConfigError(f"incomplete model config: {error}") from None
+        except (OverflowError, ValueError) as error:  # e.g. a number too large for a float
+            raise ConfigError(f"invalid model config value: {error}") from None
 
 
 _TINY = dict(

@@ -129,6 +129,12 @@ def unregister_backend(name: str) -> None:
         refresh()
 
 
+def in_process_factories() -> dict[str, Callable[[], Backend]]:
+    """The backends registered with :func:`register_backend` (name -> factory), e.g. to hand to a worker process."""
+    with _lock:
+        return dict(_extra_factories)
+
+
 def backend_names() -> list[str]:
     return sorted(_registry())
 
@@ -207,6 +213,7 @@ __all__ = [
     "BackendStatus",
     "backend_names",
     "get_backend",
+    "in_process_factories",
     "list_backends",
     "parse_backend_list",
     "refresh",

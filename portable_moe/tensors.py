@@ -1,4 +1,10 @@
-"""Tensor specs (name, dtype, symbolic shape) and the input checks every backend shares."""
+"""Tensor specs (name, dtype, symbolic shape) and the input checks every backend shares.
+
+:func:`check_feeds` is the one place inputs are checked, for every backend: names, dtypes, ranks,
+fixed and shared symbolic sizes, empty axes, non-finite floats (``nan_policy``) and token ids
+outside the vocabulary. It returns private, C-contiguous, native-byte-order copies, so a backend
+can neither see a strided or read-only view nor modify the caller's arrays.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,24 @@ from typing import Any
 import numpy as np
 import onnx
 
-from portable_moe.errors import InputError
+from portable_moe.errors import BundleError, InputError
 
 Dim = int | str | None  # a fixed size, a symbolic name shared between inputs, or unknown
+
+# What to do with NaN or Inf in a float input: refuse it (the default) or pass it to the backend.
+NAN_POLICIES = ("reject", "pass")
+# numpy dtype names a tensor spec may carry: those of the ONNX tensor types (strings are "object").
+DTYPE_NAMES = frozenset(
+    np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).name
+    for data_type in onnx.TensorProto.DataType.values()
+    if data_type != onnx.TensorProto.UNDEFINED
+)
+
+
+def _valid_dim(dim: object) -> bool:
+    if isinstance(dim, bool):
+        return False
+    return dim is None or (isinstance(dim, int) and dim >= 0) or (isinstance(dim, str) and bool(dim))
 
 
 @dataclass(frozen=True)
@@ -37,12 +58,36 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(data["shape"]))
+        """Rebuild a spec from :meth:`to_dict` output (as read from a manifest).
+
+        Raises:
+            ValueError: if the name, dtype or shape is not one a spec can have.
+            KeyError / TypeError: if a field is missing or ``data`` is not a mapping.
+        """
+        name, dtype, shape = data["name"], data["dtype"], data["shape"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a tensor name must be a non-empty string, got {name!r}")
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_valid_dim(dim) for dim in shape):
+            raise ValueError(f"tensor {name!r} has shape {shape!r}; give a list of sizes >= 0, names or null")
+        return cls(name=name, dtype=dtype, shape=tuple(shape))
 
 
-def _spec_from_value_info(value: onnx.ValueInfoProto) -> TensorSpec:
+def _spec_from_value_info(value: onnx.ValueInfoProto, source: str) -> TensorSpec:
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        raise BundleError(
+            f"{source}: graph input/output {value.name!r} is {kind or 'untyped'}, not a tensor; "
+            "portable-moe passes tensors only"
+        )
     tensor_type = value.type.tensor_type
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    except Exception:  # onnx raises KeyError (or ValueError in some versions) for an unknown type
+        raise BundleError(
+            f"{source}: graph input/output {value.name!r} has unknown element type {tensor_type.elem_type}"
+        ) from None
     shape: list[Dim] = []
     for dim in tensor_type.shape.dim:
         if dim.HasField("dim_value"):
@@ -54,23 +99,86 @@ def _spec_from_value_info(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, dtype, tuple(shape))
 
 
-def specs_from_onnx(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input and output specs of an ONNX graph (initializers listed as inputs are left out)."""
+def specs_from_onnx(model: onnx.ModelProto, source: str = "the model") -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of an ONNX graph (initializers listed as inputs are left out).
+
+    Raises:
+        BundleError: if an input or output is not a tensor of a known element type.
+    """
     initializers = {init.name for init in model.graph.initializer}
-    inputs = [_spec_from_value_info(v) for v in model.graph.input if v.name not in initializers]
-    outputs = [_spec_from_value_info(v) for v in model.graph.output]
+    inputs = [_spec_from_value_info(v, source) for v in model.graph.input if v.name not in initializers]
+    outputs = [_spec_from_value_info(v, source) for v in model.graph.output]
     return inputs, outputs
 
 
-def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Check feeds against the input specs; return them as contiguous numpy arrays.
+def check_nan_policy(policy: object) -> str:
+    """Return ``policy`` if it is one of :data:`NAN_POLICIES`.
 
-    Checks names, dtypes, ranks, fixed dimensions, and that a symbolic dimension (``batch``) has
-    the same size in every input that uses it.
+    Raises:
+        InputError: naming the policies that exist.
+    """
+    if policy not in NAN_POLICIES:
+        raise InputError(f"nan_policy must be one of {', '.join(map(repr, NAN_POLICIES))}, got {policy!r}")
+    return str(policy)
+
+
+def _first_position(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(index) for index in np.unravel_index(int(np.argmax(mask)), mask.shape))
+
+
+def _private_copy(value: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writeable, native-byte-order copy: the backend never touches the caller's array."""
+    return np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
+
+
+def _check_values(name: str, value: np.ndarray, nan_policy: str, token_id_limit: int | None) -> None:
+    # ml_dtypes' bfloat16 and float8 types have numpy kind "V", so go by name as well.
+    is_float = value.dtype.kind in "fc" or value.dtype.name.startswith(("float", "bfloat"))
+    if nan_policy == "reject" and is_float:
+        non_finite = ~np.isfinite(value)
+        if non_finite.any():
+            position = _first_position(non_finite)
+            raise InputError(
+                f"input {name!r} contains {int(non_finite.sum())} NaN/Inf value(s), the first ({value[position]}) at "
+                f"position {position}; clean the input, or pass nan_policy='pass' to let non-finite values through"
+            )
+    if token_id_limit is not None and value.dtype.kind in "iu":
+        outside = (value < 0) | (value >= token_id_limit)
+        if outside.any():
+            position = _first_position(outside)
+            raise InputError(
+                f"input {name!r} has token id {int(value[position])} at position {position}, outside the vocabulary: "
+                f"valid ids are 0 to {token_id_limit - 1} (vocab_size {token_id_limit}); "
+                f"{int(outside.sum())} id(s) out of range"
+            )
+
+
+def check_feeds(
+    specs: Sequence[TensorSpec],
+    feeds: Mapping[str, Any],
+    *,
+    nan_policy: str = "reject",
+    token_id_limits: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Check feeds against the input specs; return private copies the backend may use freely.
+
+    Checks names, dtypes, ranks, fixed dimensions, that a symbolic dimension (``batch``) has the
+    same size in every input that uses it, that no axis is empty, that float inputs hold no NaN
+    or Inf (unless ``nan_policy="pass"``), and that token ids lie inside the vocabulary.
+    Non-contiguous, read-only and byte-swapped arrays are accepted: the returned copies are
+    C-contiguous, writeable and in native byte order, and the caller's arrays are never modified.
+
+    Args:
+        specs: the model's input specs.
+        feeds: input name -> numpy array.
+        nan_policy: "reject" (default) refuses NaN/Inf in float inputs; "pass" lets them through.
+        token_id_limits: input name -> vocabulary size, for inputs that carry token ids.
 
     Raises:
         InputError: naming the input, what it got and what the model expects.
     """
+    check_nan_policy(nan_policy)
+    limits = dict(token_id_limits or {})
     if not isinstance(feeds, Mapping):
         raise InputError(f"feeds must be a mapping of input name to array, got {type(feeds).__name__}")
     expected_names = [spec.name for spec in specs]
@@ -112,5 +220,6 @@ def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, Any]) -> dict[s
                     raise InputError(
                         f"input {spec.name!r} has {dim}={size} on axis {axis}, but input {seen[1]!r} has {dim}={seen[0]}"
                     )
-        checked[spec.name] = np.ascontiguousarray(value)
+        _check_values(spec.name, value, nan_policy, limits.get(spec.name))
+        checked[spec.name] = _private_copy(value)
     return checked

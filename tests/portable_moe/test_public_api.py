@@ -42,6 +42,9 @@ PUBLIC = {
     "routing_agreement",
     "select_backend",
     "unregister_backend",
+    "FallbackResult",
+    "compile_with_fallback",
+    "run_with_fallback",
 }
 
 

@@ -1,0 +1,126 @@
+"""Interrupting an export or a compile leaves nothing half-written behind.
+
+The exports are interrupted for real: the CLI runs in a subprocess, the test waits until its
+staging directory (``.X.partial-*``) appears, then sends SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from portable_moe import load_bundle, registry
+from portable_moe.bundle import bundle_writer
+from portable_moe.hostile import write_toy_bundle
+
+
+def _cli() -> list[str]:
+    executable = shutil.which("portable-moe")
+    return [executable] if executable else [sys.executable, "-m", "portable_moe.cli"]
+
+
+def _wait_for(pattern: str, directory: Path, process: subprocess.Popen, limit: float = 180.0) -> None:
+    deadline = time.monotonic() + limit
+    while not list(directory.glob(pattern)):
+        if process.poll() is not None:
+            pytest.fail(f"the process ended before {pattern} appeared: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{pattern} did not appear within {limit} s")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_interrupted_export_leaves_no_bundle_and_no_staging(tmp_path, sent):
+    pytest.importorskip("torch", reason="exporting needs torch")
+    target = tmp_path / "X"
+    process = subprocess.Popen(
+        [*_cli(), "export", "--preset", "tiny", "-o", str(target)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(".X.partial-*", tmp_path, process)
+    process.send_signal(sent)
+    signalled = time.monotonic()
+    try:
+        _, errors = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the export did not stop within 60 s of {sent.name}")
+    assert process.returncode != 0
+    assert time.monotonic() - signalled < 60
+    assert "interrupted" in errors and "Traceback" not in errors
+    assert not target.exists()
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_an_interrupted_overwrite_keeps_the_old_bundle(tmp_path, monkeypatch):
+    """Interrupted between moving the old bundle aside and moving the new one in: the old one comes back."""
+    import portable_moe.bundle as bundle_module
+
+    target = write_toy_bundle(tmp_path / "bundle", seed=1)
+    real_rename = os.rename
+
+    def rename(source, destination):
+        if Path(source).name.startswith(".bundle.partial-"):  # the new bundle's move into place
+            raise KeyboardInterrupt
+        return real_rename(source, destination)
+
+    monkeypatch.setattr(bundle_module.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_toy_bundle(target, seed=2, overwrite=True)
+    monkeypatch.undo()
+    assert load_bundle(target).manifest["seed"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
+
+
+def test_a_failed_block_removes_its_staging_directory(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with bundle_writer(tmp_path / "b") as staging:
+            (staging / "model.onnx").write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+COMPILE_SCRIPT = """
+import sys
+from portable_moe import get_backend, load_bundle
+from portable_moe.safety import install_termination_handler
+
+install_termination_handler()
+get_backend("npu-sim").compile(load_bundle(sys.argv[1]), {"cache_dir": sys.argv[2]})
+"""
+
+
+@pytest.mark.skipif("npu-sim" not in registry.backend_names(), reason="the npu-sim backend is not installed")
+def test_an_interrupted_compile_leaves_no_temporary_cache_files_and_no_trusted_partial_entry(tmp_path, tiny_bundle):
+    cache = tmp_path / "cache"
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(COMPILE_SCRIPT), str(tiny_bundle.path), str(cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for("*/*.json", cache, process)  # the first compiled gear's entry is complete
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode != 0, "the compile finished before the signal: nothing was interrupted"
+    assert "Terminated: terminated by SIGTERM" in errors
+    assert not [path for path in cache.rglob("*") if path.name.endswith(".tmp")]
+    # What the interrupted compile left is either whole or detected and rebuilt, never trusted.
+    compiled = registry.get_backend("npu-sim").compile(tiny_bundle, {"cache_dir": str(cache)})
+    statuses = [row.cache.split(" ")[0] for row in compiled.report().gears]
+    assert set(statuses) <= {"hit", "miss", "rebuilt"} and "hit" in statuses
+    fresh = registry.get_backend("npu-sim").compile(tiny_bundle, {"cache_dir": str(tmp_path / "fresh")})
+    [(inputs, _)] = tiny_bundle.golden_sets()
+    np.testing.assert_array_equal(compiled.run(inputs)["logits"], fresh.run(inputs)["logits"])
