@@ -24,7 +24,15 @@ from rich.table import Table
 from portable_moe import registry
 from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.config import PRESETS
-from portable_moe.conformance import PASSED, BackendResult, check_bundle
+from portable_moe.conformance import (
+    GOLDEN,
+    PASSED,
+    BackendResult,
+    check_bundle,
+    input_sets_for,
+    junit_cases,
+    report_dict,
+)
 from portable_moe.errors import InputError, PortableMoEError
 from portable_moe.safety import Terminated, install_termination_handler
 from portable_moe.tensors import NAN_POLICIES
@@ -78,10 +86,10 @@ def _print_backends() -> None:
     stdout.print(table)
 
 
-def _print_results(bundle: Bundle, results: list[BackendResult]) -> None:
+def _print_results(bundle: Bundle, results: list[BackendResult], expected_from: str = "") -> None:
     table = Table(
         title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
-        f"{bundle.moe_lowering or '?'} lowering) against its golden data"
+        f"{bundle.moe_lowering or '?'} lowering) against {expected_from or 'its golden data'}"
     )
     for column in ("backend", "result", "max abs err", "max rel err", "min cosine", "routing agreement", "note"):
         table.add_column(column)
@@ -89,6 +97,7 @@ def _print_results(bundle: Bundle, results: list[BackendResult]) -> None:
         colour = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow"}[result.status]
         cosines = [c.cosine for c in result.comparisons if c.kind == "values"]
         agreement = result.routing_agreement()
+        notes = [result.reason, result.routing_note(), result.bisection.summary() if result.bisection else ""]
         table.add_row(
             result.backend,
             f"[{colour}]{result.status}[/{colour}]",
@@ -96,7 +105,7 @@ def _print_results(bundle: Bundle, results: list[BackendResult]) -> None:
             _format_error(result.worst("max_rel_error")),
             f"{min(cosines):.6f}" if cosines else "-",
             "-" if agreement != agreement else f"{agreement:.2%}",
-            escape(result.reason),
+            escape("\n".join(note for note in notes if note)),
         )
     stdout.print(table)
 
@@ -231,8 +240,31 @@ def command_bench(args: argparse.Namespace) -> int:
         f"{result.peak_rss_mib:,.0f}",
     )
     stdout.print(table)
+    estimates = []
+    if args.estimate:
+        from portable_moe.costmodel import estimate_bundle
+
+        estimates = estimate_bundle(bundle, shape[0], shape[1])
+        table = Table(
+            title=f"Roofline estimate for input {shape} (an estimate, not a measurement)",
+            caption="chip figures and their sources: portable_moe/data/chips.json",
+        )
+        for column in ("chip", "estimated ms", "GFLOP", "MB moved"):
+            table.add_column(column)
+        for estimate in estimates:
+            table.add_row(
+                escape(estimate.chip.name),
+                f"{estimate.seconds * 1000:.4f}",
+                f"{estimate.flops / 1e9:.3f}",
+                f"{estimate.bytes / 1e6:.1f}",
+            )
+        stdout.print(table)
     if args.json:
         report = {"bundle": str(bundle.path), "backend": backend.name, "input_shape": shape, **result.to_dict()}
+        if estimates:
+            report["estimates"] = [
+                {"chip": e.chip.key, "seconds": e.seconds, "flops": e.flops, "bytes": e.bytes} for e in estimates
+            ]
         Path(args.json).write_text(json.dumps(report, indent=2))
         stderr.print(f"report written to {escape(args.json)}")
     return EXIT_OK
@@ -244,13 +276,31 @@ def _backend_names(spec: str) -> list[str]:
     return registry.parse_backend_list(spec)
 
 
-def _finish_check(bundle: Bundle, results: list[BackendResult], json_path: str | None, require_all: bool) -> int:
-    _print_results(bundle, results)
+def _finish_check(
+    bundle: Bundle,
+    results: list[BackendResult],
+    json_path: str | None,
+    require_all: bool,
+    *,
+    expected_from: str = GOLDEN,
+    junit_path: str | None = None,
+    html_path: str | None = None,
+) -> int:
+    _print_results(bundle, results, expected_from)
+    report = report_dict(bundle, results, expected_from)
     if json_path:
-        Path(json_path).write_text(
-            json.dumps({"bundle": str(bundle.path), "results": [r.to_dict() for r in results]}, indent=2, default=float)
-        )
+        Path(json_path).write_text(json.dumps(report, indent=2, default=float))
         stderr.print(f"report written to {escape(json_path)}")
+    if junit_path:
+        from portable_moe.junit import write_junit
+
+        write_junit(junit_cases(results), junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
+        stderr.print(f"JUnit XML written to {escape(junit_path)}")
+    if html_path:
+        from portable_moe.report_html import write_html
+
+        write_html(report, html_path)
+        stderr.print(f"HTML report written to {escape(html_path)}")
     considered = results if require_all else [r for r in results if r.status != "unavailable"]
     if not considered:
         stderr.print("[red]no backend could be checked[/red]")
@@ -264,10 +314,22 @@ def _finish_check(bundle: Bundle, results: list[BackendResult], json_path: str |
 
 def command_check(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
+    from portable_moe.fallback import spread_options
+
     names = _backend_names(args.backend)
-    options = {name: _parse_options(args.option) for name in names} if args.option else None
-    results = check_bundle(bundle, names, options, progress=_progress)
-    return _finish_check(bundle, results, args.json, require_all=args.backend != "all")
+    # Each backend gets the -O options it declares (precision=... reaches npu-sim, not cpu).
+    options = spread_options(names, _parse_options(args.option)) if args.option else None
+    expected_from, input_sets = input_sets_for(bundle, args.inputs)
+    results = check_bundle(bundle, names, options, progress=_progress, input_sets=input_sets, bisect=args.bisect)
+    return _finish_check(
+        bundle,
+        results,
+        args.json,
+        require_all=args.backend != "all",
+        expected_from=expected_from,
+        junit_path=args.junit,
+        html_path=args.html,
+    )
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -380,7 +442,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="backends to check, comma-separated, each on its own; 'all' checks every available one (default: cpu)",
     )
-    check.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    check.add_argument("--json", metavar="FILE", help="also write the report as JSON (docs/report-schema.md)")
+    check.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML")
+    check.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with plots")
+    check.add_argument(
+        "--inputs",
+        default="golden",
+        metavar="SPEC",
+        help="golden (default: the bundle's golden data), random:N (N seeded token batches of the golden shape) "
+        "or FILE.npz; expected outputs for non-golden inputs come from the reference backend (cpu if it cannot run)",
+    )
+    check.add_argument(
+        "--bisect",
+        nargs="?",
+        const="always",
+        default="never",
+        choices=["always", "failed", "never"],
+        help="find the first graph node that leaves tolerance: --bisect for every backend, --bisect failed "
+        "only for failing ones (default: never)",
+    )
     add_option_flag(check)
     check.set_defaults(handler=command_check)
 
@@ -392,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
     bench.add_argument("--runs", type=int, default=20, help="timed runs (default: 20)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.add_argument(
+        "--estimate",
+        action="store_true",
+        help="also estimate the latency on named chips (Ascend 910B/910C, H100, H200, H20, this CPU) with a roofline model",
+    )
     add_option_flag(bench)
     bench.set_defaults(handler=command_bench)
 

@@ -160,13 +160,31 @@ def test_help_explains_each_command():
 def test_bench_prints_latency_and_throughput(exported, tmp_path):
     report = tmp_path / "bench.json"
     result = portable_moe(
-        "bench", str(exported), "--batch", "2", "--seq", "4", "--runs", "5", "--warmup", "1", "--json", str(report)
+        "bench",
+        str(exported),
+        "--batch",
+        "2",
+        "--seq",
+        "4",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--json",
+        str(report),
+        "--estimate",
     )
     assert result.returncode == 0, result.stderr
     assert "p50 ms" in result.stdout and "tokens/s" in result.stdout and "input [2, 4]" in result.stdout
     data = json.loads(report.read_text())
     assert data["runs"] == 5 and data["tokens"] == 8 and 0 < data["p50_ms"] <= data["p90_ms"]
     assert data["tokens_per_second"] == pytest.approx(8 / (data["p50_ms"] / 1000))
+    assert "an estimate, not a measurement" in result.stdout
+    chips = {estimate["chip"]: estimate for estimate in data["estimates"]}
+    assert set(chips) == {"ascend-910b", "ascend-910c", "h100-sxm", "h200-sxm", "h20", "cpu"}
+    # The same work is priced on every chip; the H200 (more bandwidth, same FLOP/s) is never slower than the H100.
+    assert len({e["flops"] for e in data["estimates"]}) == 1
+    assert chips["h200-sxm"]["seconds"] <= chips["h100-sxm"]["seconds"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""A conformance report as one self-contained HTML file with inline SVG plots.
+
+No JavaScript, no stylesheet or font from the network: the file opens the same offline. It is
+rendered from the JSON report (:func:`portable_moe.conformance.report_dict`), so a saved JSON
+report can be turned into HTML later. Plots: routing agreement per layer per backend, the
+distribution of log10 absolute error per backend and output, the expert load per backend and layer.
+Every plot is an ``<svg class="plot">`` whose bars carry their value in ``data-value``.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_WIDTH, _HEIGHT, _MARGIN = 520, 180, 36
+_COLOURS = ("#3b6fb6", "#d9822b", "#3a9d5d", "#b63b5f", "#7a5bb6", "#8c8c8c")
+_STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+td, th { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
+.passed { color: #2a7d3f; } .failed, .error { color: #b3261e; } .unavailable { color: #9a6b00; }
+figure { display: inline-block; margin: 0 1.5em 1.5em 0; vertical-align: top; }
+figcaption { font-size: 0.9em; margin-bottom: 0.3em; }
+svg.plot { background: #fafafa; border: 1px solid #ddd; }
+"""
+
+
+def _bar_chart(
+    plot_id: str, labels: Sequence[str], series: Mapping[str, Sequence[float]], y_max: float | None = None
+) -> str:
+    """Grouped bars: one group per label, one bar per series. Returns an inline SVG element."""
+    names = list(series)
+    values = [float(v) for values in series.values() for v in values]
+    top = y_max if y_max is not None else max(values, default=0.0) or 1.0
+    groups = max(len(labels), 1)
+    group_width = (_WIDTH - 2 * _MARGIN) / groups
+    bar_width = max(group_width * 0.8 / max(len(names), 1), 1.0)
+    plot_height = _HEIGHT - 2 * _MARGIN
+    parts = [
+        f'<svg class="plot" data-plot="{html.escape(plot_id)}" xmlns="http://www.w3.org/2000/svg" '
+        f'width="{_WIDTH}" height="{_HEIGHT}" viewBox="0 0 {_WIDTH} {_HEIGHT}">',
+        f'<line x1="{_MARGIN}" y1="{_HEIGHT - _MARGIN}" x2="{_WIDTH - _MARGIN}" y2="{_HEIGHT - _MARGIN}" stroke="#444"/>',
+        f'<text x="2" y="{_MARGIN}" font-size="10">{top:.3g}</text>',
+        f'<text x="2" y="{_HEIGHT - _MARGIN}" font-size="10">0</text>',
+    ]
+    for group, label in enumerate(labels):
+        x0 = _MARGIN + group * group_width + group_width * 0.1
+        for position, name in enumerate(names):
+            value = float(series[name][group])
+            height = plot_height * min(max(value / top, 0.0), 1.0)
+            x = x0 + position * bar_width
+            parts.append(
+                f'<rect class="bar" data-series="{html.escape(name)}" data-label="{html.escape(label)}" '
+                f'data-value="{value:.6g}" x="{x:.1f}" y="{_HEIGHT - _MARGIN - height:.1f}" '
+                f'width="{bar_width * 0.95:.1f}" height="{height:.1f}" fill="{_COLOURS[position % len(_COLOURS)]}">'
+                f"<title>{html.escape(name)} {html.escape(label)}: {value:.6g}</title></rect>"
+            )
+        if groups <= 24 or group % max(groups // 12, 1) == 0:
+            parts.append(f'<text x="{x0:.1f}" y="{_HEIGHT - _MARGIN + 12}" font-size="9">{html.escape(label)}</text>')
+    for position, name in enumerate(names):
+        parts.append(
+            f'<text x="{_MARGIN + position * 120}" y="14" font-size="11" '
+            f'fill="{_COLOURS[position % len(_COLOURS)]}">■ {html.escape(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _figure(caption: str, svg: str) -> str:
+    return f"<figure><figcaption>{html.escape(caption)}</figcaption>{svg}</figure>"
+
+
+def _routing_plot(results: Sequence[Mapping[str, Any]]) -> str:
+    layers = sorted({layer["layer"] for result in results for layer in result.get("routing", [])})
+    series = {
+        result["backend"]: [
+            next((layer["agreement"] for layer in result["routing"] if layer["layer"] == number), 0.0)
+            for number in layers
+        ]
+        for result in results
+        if result.get("routing")
+    }
+    if not series:
+        return ""
+    svg = _bar_chart("routing-agreement", [f"layer {number}" for number in layers], series, y_max=1.0)
+    return _figure("Routing agreement per MoE layer (1.0 = every token's expert set matches)", svg)
+
+
+def _error_plots(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    figures = []
+    for result in results:
+        for output, histogram in result.get("error_histograms", {}).items():
+            edges = histogram["log10_edges"]
+            labels = [f"{edges[i]:g}" for i in range(len(edges) - 1)]
+            svg = _bar_chart(f"error-{result['backend']}-{output}", labels, {result["backend"]: histogram["counts"]})
+            figures.append(
+                _figure(f"{result['backend']}: {output}, elements by log10(abs error) (first bin: <= 1e-10)", svg)
+            )
+    return figures
+
+
+def _load_plots(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    figures = []
+    for result in results:
+        for layer in result.get("routing", []):
+            load = layer["expert_load"]
+            series = {result["backend"]: load, "expected": layer["expected_expert_load"]}
+            svg = _bar_chart(
+                f"load-{result['backend']}-layer{layer['layer']}", [str(i) for i in range(len(load))], series
+            )
+            figures.append(
+                _figure(f"{result['backend']}: expert load, layer {layer['layer']} (selections per expert)", svg)
+            )
+    return figures
+
+
+def _summary_table(results: Sequence[Mapping[str, Any]]) -> str:
+    rows = ["<table><tr><th>backend</th><th>result</th><th>routing</th><th>bisection</th><th>note</th></tr>"]
+    for result in results:
+        routing = "; ".join(
+            f"layer {layer['layer']}: {layer['agreement']:.2%}" + (f" ({layer['verdict']})" if layer["verdict"] else "")
+            for layer in result.get("routing", [])
+        )
+        bisection = result.get("bisection") or {}
+        first = bisection.get("first_divergence")
+        bisect_text = (
+            f"first divergence: {first['node']} ({first['op_type']})"
+            if first
+            else bisection.get("error") or ("within tolerance" if bisection else "")
+        )
+        status = html.escape(result["status"])
+        rows.append(
+            f'<tr><td>{html.escape(result["backend"])}</td><td class="{status}">{status}</td>'
+            f"<td>{html.escape(routing)}</td><td>{html.escape(bisect_text)}</td>"
+            f"<td>{html.escape(result.get('reason', ''))}</td></tr>"
+        )
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The report as a self-contained HTML page.
+
+    Args:
+        report: a JSON report as :func:`portable_moe.conformance.report_dict` makes it.
+    """
+    results = report.get("results", [])
+    title = f"Conformance of {report.get('bundle_name', report.get('bundle', '?'))}"
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>preset {html.escape(str(report.get('preset')))}, {html.escape(str(report.get('moe_lowering')))} "
+        f"lowering; expected outputs from {html.escape(str(report.get('expected_from')))}; "
+        f"report schema {html.escape(str(report.get('schema_version')))}</p>",
+        _summary_table(results),
+    ]
+    routing = _routing_plot(results)
+    if routing:
+        sections += ["<h2>Routing agreement</h2>", routing]
+    errors = _error_plots(results)
+    if errors:
+        sections += ["<h2>Error distribution</h2>", *errors]
+    loads = _load_plots(results)
+    if loads:
+        sections += ["<h2>Expert load</h2>", *loads]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(sections)
+        + "</body></html>\n"
+    )
+
+
+def write_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write :func:`render_html` of ``report`` to ``path``."""
+    Path(path).write_text(render_html(report), encoding="utf-8")
