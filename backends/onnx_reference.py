@@ -42,7 +42,7 @@ class OnnxReferenceBackend(Backend):
             max_opset=onnx.defs.onnx_opset_version(),
             dtypes=frozenset({"float64", "float32", "float16", "int64", "int32", "bool"}),
             dynamic_shapes=True,
-            moe_lowerings=("dense", "capacity"),
+            moe_lowerings=("dense", "sparse", "capacity"),
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

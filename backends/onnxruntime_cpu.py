@@ -91,7 +91,7 @@ class OnnxRuntimeCpuBackend(Backend):
                 }
             ),
             dynamic_shapes=True,
-            moe_lowerings=("fused", "dense", "capacity"),
+            moe_lowerings=("fused", "sparse", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
         )
 

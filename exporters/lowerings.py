@@ -74,6 +74,11 @@ LOWERINGS: dict[str, Lowering] = {
             static_shapes=True,
         ),
         Lowering(
+            "sparse",
+            "token-slots sorted by expert; each expert runs on its own contiguous block (cost grows with tokens x top-k)",
+            "exporters.lowering_sparse",
+        ),
+        Lowering(
             "capacity",
             "fixed slots per expert (static shapes for NPU compilers); drops what does not fit, never on the golden data",
             "exporters.lowering_capacity",

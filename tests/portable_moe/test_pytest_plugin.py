@@ -11,7 +11,7 @@ from portable_moe.opsuite import PASSED, UNSUPPORTED, collect_cases, run_case, s
 
 pytest_plugins = ["pytester"]
 
-SUBSET = "^test_(add|relu)"
+SUBSET = "^test_(add|relu|string_concat)"
 
 WRONG_VENDOR = """
 from backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
@@ -66,8 +66,8 @@ def test_each_case_is_a_test_and_each_unsupported_case_a_skip(pytester):
     result.assert_outcomes(**expected)
     output = result.stdout.str()
     assert "portable-moe-ops::test_add[cpu] PASSED" in output
-    assert "portable-moe-ops::test_add_uint8[cpu] SKIPPED" in output
-    assert "unsupported on cpu: input 'x' has dtype uint8" in output
+    assert "portable-moe-ops::test_string_concat[cpu] SKIPPED" in output
+    assert "unsupported on cpu: input 'x' has dtype string" in output
 
 
 def test_failures_carry_the_reason_and_k_selects(pytester, monkeypatch):
