@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.lowerings import get_lowering
+from exporters.lowerings import Lowering, get_lowering
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import compare_outputs
 from portable_moe.config import ModelConfig, get_preset
@@ -119,6 +119,38 @@ def _check_parity(
             )
 
 
+def _save_onnx(
+    module: Any,
+    example: Any,
+    input_name: str,
+    output_names: list[str],
+    dynamic_axes: dict[int, Any],
+    opset: int,
+    lowering: Lowering,
+    path: Path,
+) -> None:
+    """torch.onnx.export (dynamo) with the lowering's translation table and rewrite, saved to ``path``."""
+    import torch
+
+    implementation = lowering.load()
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_shapes={input_name: dynamic_axes},
+            opset_version=opset,
+            custom_translation_table=getattr(implementation, "CUSTOM_TRANSLATION_TABLE", None),
+            optimize=True,
+            verbose=False,
+        )
+        if hasattr(implementation, "after_export"):
+            implementation.after_export(program)
+        program.save(str(path))
+
+
 def export_bundle(
     output_dir: str | os.PathLike[str],
     preset: str | ModelConfig = "tiny",
@@ -189,29 +221,13 @@ def export_bundle(
         golden_out.update({name: np.array(0, dtype=np.int64) for name in dropped})
     second_out = _torch_outputs(model, second_ids, names)
 
-    module = lowering.load()
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=65536)
     with bundle_writer(output_dir, overwrite=overwrite) as staging:
         say(f"exporting to ONNX opset {opset} with the {lowering.name} MoE lowering")
         model_path = staging / MODEL_NAME
         try:
-            with _quiet_exporter():
-                program = torch.onnx.export(
-                    model,
-                    (golden_ids,),
-                    dynamo=True,
-                    input_names=["input_ids"],
-                    output_names=names,
-                    dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-                    opset_version=opset,
-                    custom_translation_table=getattr(module, "CUSTOM_TRANSLATION_TABLE", None),
-                    optimize=True,
-                    verbose=False,
-                )
-                if hasattr(module, "after_export"):
-                    module.after_export(program)
-                program.save(str(model_path))
+            _save_onnx(model, golden_ids, "input_ids", names, {0: batch, 1: seq}, opset, lowering, model_path)
         except Exception as error:
             raise ExportError(
                 f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}"
@@ -301,21 +317,6 @@ def export_moe_layer(
     block.routed_experts = lowering.routed_experts(options)
     layer = _moe_layer_module(block)
     example = torch.randn(4, config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    module = lowering.load()
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            layer,
-            (example,),
-            dynamo=True,
-            input_names=["hidden"],
-            output_names=["output"],
-            dynamic_shapes={"hidden": {0: torch.export.Dim("tokens", min=1, max=65536)}},
-            opset_version=opset,
-            custom_translation_table=getattr(module, "CUSTOM_TRANSLATION_TABLE", None),
-            optimize=True,
-            verbose=False,
-        )
-        if hasattr(module, "after_export"):
-            module.after_export(program)
-        program.save(str(path))
+    tokens = torch.export.Dim("tokens", min=1, max=65536)
+    _save_onnx(layer, example, "hidden", ["output"], {0: tokens}, opset, lowering, Path(path))
     return layer, options
