@@ -24,3 +24,24 @@ def tiny_bundle_copy(tiny_bundle, tmp_path):
     target = tmp_path / "tiny"
     shutil.copytree(tiny_bundle.path, target)
     return load_bundle(target)
+
+
+def _write_vendor_package(directory, module_name: str, source: str, backends: dict[str, str]):
+    """Write a module and a dist-info registering ``backends`` (name -> "module:Class") in ``directory``.
+
+    Put ``directory`` on sys.path (or PYTHONPATH, for subprocesses) and the registry finds the
+    backends through entry points, exactly as it finds an installed vendor package.
+    """
+    (directory / f"{module_name}.py").write_text(source)
+    dist_info = directory / f"{module_name}-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module_name.replace('_', '-')}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in backends.items())
+    (dist_info / "entry_points.txt").write_text(f"[portable_moe.backends]\n{lines}")
+    return directory
+
+
+@pytest.fixture
+def write_vendor_package():
+    """A function that writes a fake vendor package (module + entry points) into a directory."""
+    return _write_vendor_package

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -107,17 +106,8 @@ def test_check_passes_on_cpu_and_reference(exported, tmp_path):
     assert [c["routing_agreement"] for c in routing] == [1.0, 1.0]
 
 
-def test_check_fails_with_exit_1_on_a_nonconforming_backend(exported, tmp_path):
-    (tmp_path / "wrong_vendor.py").write_text(WRONG_VENDOR)
-    dist_info = tmp_path / "wrong_vendor-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: wrong-vendor\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text(
-        textwrap.dedent("""
-        [portable_moe.backends]
-        wrong-npu = wrong_vendor:WrongNpu
-    """)
-    )
+def test_check_fails_with_exit_1_on_a_nonconforming_backend(exported, tmp_path, write_vendor_package):
+    write_vendor_package(tmp_path, "wrong_vendor", WRONG_VENDOR, {"wrong-npu": "wrong_vendor:WrongNpu"})
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     result = portable_moe("check", str(exported), "--backend", "cpu,wrong-npu", env=env)
     assert result.returncode == 1, result.stdout + result.stderr

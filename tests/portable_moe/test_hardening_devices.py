@@ -9,7 +9,6 @@ uses npu-sim's own fault injection when that backend is registered.
 from __future__ import annotations
 
 import multiprocessing
-import textwrap
 import time
 
 import numpy as np
@@ -201,19 +200,13 @@ class SegfaultAtCompile(OnnxRuntimeCpuBackend):
 
 
 @pytest.fixture
-def faulty_vendor(tmp_path, monkeypatch):
-    (tmp_path / "faulty_vendor.py").write_text(FAULTY_VENDOR)
-    dist_info = tmp_path / "faulty_vendor-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: faulty-vendor\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text(
-        textwrap.dedent("""
-        [portable_moe.backends]
-        segfault-at-run = faulty_vendor:SegfaultAtRun
-        hang-at-run = faulty_vendor:HangAtRun
-        segfault-at-compile = faulty_vendor:SegfaultAtCompile
-    """)
-    )
+def faulty_vendor(tmp_path, monkeypatch, write_vendor_package):
+    backends = {
+        "segfault-at-run": "faulty_vendor:SegfaultAtRun",
+        "hang-at-run": "faulty_vendor:HangAtRun",
+        "segfault-at-compile": "faulty_vendor:SegfaultAtCompile",
+    }
+    write_vendor_package(tmp_path, "faulty_vendor", FAULTY_VENDOR, backends)
     monkeypatch.syspath_prepend(str(tmp_path))  # the worker process is given the same sys.path
     registry.refresh()
     yield

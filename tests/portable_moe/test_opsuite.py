@@ -354,13 +354,9 @@ class FlakyNpu(OnnxRuntimeCpuBackend):
 
 
 @pytest.fixture
-def flaky_vendor(tmp_path, monkeypatch):
+def flaky_vendor(tmp_path, monkeypatch, write_vendor_package):
     """A vendor package on sys.path, registered through the entry-point group (worker processes see it too)."""
-    (tmp_path / "flaky_vendor.py").write_text(FLAKY_VENDOR)
-    dist_info = tmp_path / "flaky_vendor-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-vendor\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[portable_moe.backends]\nflaky-npu = flaky_vendor:FlakyNpu\n")
+    write_vendor_package(tmp_path, "flaky_vendor", FLAKY_VENDOR, {"flaky-npu": "flaky_vendor:FlakyNpu"})
     monkeypatch.syspath_prepend(str(tmp_path))
     registry.refresh()
     yield "flaky-npu"

@@ -70,12 +70,8 @@ def test_each_case_is_a_test_and_each_unsupported_case_a_skip(pytester):
     assert "unsupported on cpu: input 'x' has dtype string" in output
 
 
-def test_failures_carry_the_reason_and_k_selects(pytester, monkeypatch):
-    (pytester.path / "wrong_vendor.py").write_text(WRONG_VENDOR)
-    dist_info = pytester.path / "wrong_vendor-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: wrong-vendor\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[portable_moe.backends]\nwrong-npu = wrong_vendor:WrongNpu\n")
+def test_failures_carry_the_reason_and_k_selects(pytester, monkeypatch, write_vendor_package):
+    write_vendor_package(pytester.path, "wrong_vendor", WRONG_VENDOR, {"wrong-npu": "wrong_vendor:WrongNpu"})
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), os.environ.get("PYTHONPATH", "")]))
     result = pytester.runpytest_subprocess(
         "--portable-moe-backend=wrong-npu", "--portable-moe-include=^test_(relu|abs)$", "--portable-moe-presets=none",

@@ -1,7 +1,5 @@
 """Discovery through entry points, exactly as a vendor's installed package is found."""
 
-import textwrap
-
 import pytest
 
 from portable_moe import BackendError, BackendUnavailableError, registry
@@ -40,22 +38,16 @@ class ExplodingProbe(MissingDriverNpu):
 
 
 @pytest.fixture
-def vendor_package(tmp_path, monkeypatch):
+def vendor_package(tmp_path, monkeypatch, write_vendor_package):
     """Install (on sys.path) a distribution that registers adapters through the entry-point group."""
-    (tmp_path / "example_vendor.py").write_text(VENDOR_MODULE)
-    dist_info = tmp_path / "example_vendor-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: example-vendor\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text(
-        textwrap.dedent("""
-        [portable_moe.backends]
-        ready-npu = example_vendor:ReadyNpu
-        missing-driver-npu = example_vendor:MissingDriverNpu
-        exploding-npu = example_vendor:ExplodingProbe
-        broken-import-npu = example_vendor_not_installed:Adapter
-        not-a-backend = builtins:dict
-    """)
-    )
+    backends = {
+        "ready-npu": "example_vendor:ReadyNpu",
+        "missing-driver-npu": "example_vendor:MissingDriverNpu",
+        "exploding-npu": "example_vendor:ExplodingProbe",
+        "broken-import-npu": "example_vendor_not_installed:Adapter",
+        "not-a-backend": "builtins:dict",
+    }
+    write_vendor_package(tmp_path, "example_vendor", VENDOR_MODULE, backends)
     monkeypatch.syspath_prepend(str(tmp_path))
     registry.refresh()
     yield
