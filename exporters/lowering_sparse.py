@@ -12,28 +12,37 @@ How it works ("sort and split"):
 2. The hidden rows are gathered once in that order and cut into ``E`` blocks by
    a single ``Split`` whose sizes are the per-expert counts (data dependent,
    which is fine for ``Split``; blocks of size 0 are allowed).
-3. A static Python loop over the ``E`` experts runs the SwiGLU MLP on each block
-   (three ``Gemm`` plus two elementwise ops per expert). Blocks of experts that
-   received no tokens have zero rows, so their ``Gemm`` does no work and never
-   touches that expert's weights.
+3. A static Python loop over the ``E`` experts multiplies each block by that
+   expert's fused gate/up weight (one ``Gemm`` per expert); the SwiGLU
+   activation then runs once over all rows; a second ``Split`` and loop apply
+   each expert's down projection (one more ``Gemm`` per expert). Blocks of
+   experts that received no tokens have zero rows, so their ``Gemm`` does no
+   work and never touches that expert's weights.
 4. The results, concatenated in sorted order, are put back in (token, slot)
    order by a ``Gather`` with the inverse permutation, scaled by the routing
    weights and summed over the k slots (``ReduceSum``).
 
-Why this design (measured with ONNX Runtime 1.32 on CPU, 2 threads; see
-``scratch/bench_sparse.py``):
+Why this design (measured with ONNX Runtime 1.32 on a shared 2-core CPU, H=1024,
+I=512, k=6, ``intra_op_num_threads`` 2 unless noted; see ``scratch/bench_sparse.py``):
 
-* Per-slot weight gather (``w1[expert_ids]`` then batched matmul) is flat in
-  ``E`` but copies ``T * k`` expert matrices on every call; even one decoded token
-  was about 10x slower than this lowering, and prefill would materialise
-  gigabytes.
+* Cost per decoded token is nearly flat in ``E``: every node in the per-expert
+  loops runs for every expert on every call, empty or not, so only the two
+  ``Gemm`` nodes are per expert. With :func:`after_export` applied, decoding
+  one token at ``E=128`` took 1.1-1.2x the ``E=8`` time (about 1.5 ms to
+  1.7 ms at best); without it about 1.5x, because the exporter emits about four
+  scalar nodes per expert for the data-dependent split sizes, which
+  :func:`after_export` (run by the project exporter) removes.
+* Prefill (``T=512``) matches the dense lowering at ``E=8`` and is about 3x
+  and 10x faster at ``E=32`` and ``E=128``.
+* Per-slot weight gather (``w1[expert_ids]`` then batched matmul) is also flat
+  in ``E`` but copies ``T * k`` expert matrices on every call: one decoded
+  token cost about 2-3x this lowering (1 thread), eight tokens 3-12x, and prefill
+  would materialise about 18 GB (``T=512``).
 * A per-expert ``nonzero`` / ``index_select`` / ``index_add`` loop exports too,
-  but costs about 15 runtime nodes per expert, so decode time grows with ``E``.
-  Sort-and-split leaves 5 compute nodes per expert (plus a few scalar nodes the
-  exporter emits for each split size), which keeps decode close to flat in
-  ``E``: with 128 experts a decoded token cost about 1.25x what it costs with 8.
+  but runs about 15 nodes per expert on every call, so decode grows with ``E``
+  (at ``E=128`` 1.4-1.7x this lowering's decode time, 1 thread).
 * A data-dependent loop over only the experts that were hit does not pass
-  ``torch.export`` (``GuardOnDataDependentSymNode``), and ONNX ``Loop`` over
+  ``torch.export`` (``GuardOnDataDependentSymNode``), and an ONNX ``Loop`` over
   experts would need a runtime ``Gather`` (a copy) of each expert's weights.
 
 Requirements for the sparsity to pay off at runtime:
@@ -126,23 +135,32 @@ def routed_experts_sparse(
     # export as one ONNX Split with a runtime `split` input.
     sizes = counts.tolist()
     # State that the blocks tile the sorted rows. torch 2.13 exports the same
-    # graph without it, but it spares the symbolic shape engine a data-dependent
-    # guard in split_with_sizes, and it adds no node to the graph.
+    # graph without it; it is kept for the symbolic shape engine (split needs
+    # the sizes to sum to the dimension) and adds no node to the graph.
     torch._check(sum(sizes) == sorted_hidden.shape[0])
     blocks = torch.split(sorted_hidden, sizes)
 
+    # Gate and up projections side by side, [E, 2I, H]: one Gemm per expert
+    # instead of two. With constant weights, ONNX Runtime folds this Concat
+    # once at session start.
+    inter = w1.shape[1]
+    w13 = torch.cat([w1, w3], dim=1)
     # Per-expert weights via one split per tensor rather than w[e]: both become
     # constants after ONNX Runtime's constant folding, but folding E separate
     # Gather(w, e) nodes materialises the whole [E, ...] initializer once per
     # node (quadratic in E: 141 s of session start-up at E=128 versus about
-    # 1 s at E=32), while one Split per tensor is folded once.
-    w1_parts, w3_parts, w2_parts = (torch.split(w, 1, dim=0) for w in (w1, w3, w2))
+    # 4 s with the split), while one Split per tensor is folded once.
+    w13_parts, w2_parts = (torch.split(w, 1, dim=0) for w in (w13, w2))
 
-    # Static loop: E is a Python int, so this unrolls into E small subgraphs
-    # whose weights are constant slices. Empty blocks make the three Gemm nodes
-    # no-ops, which is what keeps decode cheap.
-    outputs = [_swiglu_expert(blocks[e], w1_parts[e][0], w3_parts[e][0], w2_parts[e][0]) for e in range(num_experts)]
-    sorted_out = torch.cat(outputs)
+    # Static loops: E is a Python int, so they unroll into one Gemm per expert
+    # each, against constant weights. Every node in these loops runs for every
+    # expert on every call, even with an empty block (then it does no work but
+    # still costs dispatch), so only the Gemms are per expert; the activation
+    # runs once over all rows between them.
+    gate_up = torch.cat([_linear(blocks[e], w13_parts[e][0]) for e in range(num_experts)])
+    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    act_blocks = torch.split(act, sizes)
+    sorted_out = torch.cat([_linear(act_blocks[e], w2_parts[e][0]) for e in range(num_experts)])
 
     # Undo the sort with a Gather by the inverse permutation, then weight and
     # sum the k slots of each token. Not index_add: that lowers to
@@ -155,24 +173,22 @@ def routed_experts_sparse(
     return (slot_out * expert_weights.unsqueeze(-1)).sum(dim=1)
 
 
-def _swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Runs one SwiGLU expert MLP on a block of rows.
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Multiplies a block of rows by one expert's weight (``nn.Linear`` layout).
 
-    ``F.linear`` is used on purpose: it lowers to ``Gemm(transB=1)`` against a
-    constant weight, which ONNX Runtime pre-packs and which has a fast
-    single-row path (decode); a matmul against an explicitly transposed or
-    gathered weight measured several times slower for one row.
+    ``F.linear`` on purpose: it lowers to ``Gemm(transB=1)`` against a constant
+    weight, which ONNX Runtime pre-packs and which has a fast single-row path
+    (decode); a matmul against an explicitly transposed or gathered weight
+    measured several times slower for one row.
 
     Args:
-        x: Rows routed to this expert, shape ``[n, H]`` (``n`` may be 0).
-        w1: Gate projection, shape ``[I, H]``.
-        w3: Up projection, shape ``[I, H]``.
-        w2: Down projection, shape ``[H, I]``.
+        x: Rows routed to this expert, shape ``[n, in]`` (``n`` may be 0).
+        weight: The expert's weight, shape ``[out, in]``.
 
     Returns:
-        Expert output, shape ``[n, H]``.
+        Shape ``[n, out]``.
     """
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return F.linear(x, weight)
 
 
 def _check_static_shapes(
