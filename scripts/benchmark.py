@@ -54,8 +54,8 @@ def machine_info(threads: int) -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
+    except OSError:  # no /proc/cpuinfo (not Linux): the model stays "unknown"
+        model = "unknown"
     return {
         "cpu": model,
         "logical_cores": os.cpu_count(),
