@@ -116,9 +116,9 @@ def test_writer_refuses_to_overwrite_and_replaces_atomically_when_told(tmp_path,
 
     target = tmp_path / "bundle"
     shutil.copytree(tiny_bundle.path, target)
+    # Refused on entry, before the block could stage anything.
     with pytest.raises(BundleError, match="already exists"):
-        with bundle_writer(target):
-            pass
+        bundle_writer(target).__enter__()
     # A failed overwrite keeps the old bundle whole.
     with pytest.raises(RuntimeError):
         with bundle_writer(target, overwrite=True) as staging:
