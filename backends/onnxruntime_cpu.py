@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 
 # ORT's optimisation levels by the names users type.
 _OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -58,7 +58,10 @@ class OnnxRuntimeCpuBackend(Backend):
     name = "cpu"
     vendor = "ONNX Runtime (any x86-64 or Arm CPU)"
     description = "ONNX Runtime CPU execution provider"
-    option_defaults = {"threads": 0, "optimization": "all"}
+    declared_options = {
+        "threads": Option(0, int, "intra-op threads (0: ONNX Runtime decides)", minimum=0),
+        "optimization": Option("all", str, "ONNX Runtime graph optimisation level", choices=_OPTIMIZATION_LEVELS),
+    }
 
     def probe(self) -> ProbeResult:
         try:

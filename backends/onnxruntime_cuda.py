@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from backends.onnxruntime_cpu import model_source, session_options
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError, InputError
 from portable_moe.tensors import TensorSpec
 
@@ -232,18 +232,11 @@ class CudaSettings:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> CudaSettings:
-        """Check option values (as the CLI passes them: JSON-decoded).
+        """Settings from options whose values the backend's declarations checked; refuses combinations.
 
         Raises:
-            BackendError: naming the option, the value received and what is expected.
+            BackendError: for options that exclude each other.
         """
-        for name in ("device_id", "gpu_mem_limit"):
-            value = options[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise BackendError(f"cuda option {name} must be a non-negative integer, got {value!r}")
-        for name in ("enable_cuda_graph", "allow_cpu_fallback"):
-            if not isinstance(options[name], bool):
-                raise BackendError(f"cuda option {name} must be true or false, got {options[name]!r}")
         if options["enable_cuda_graph"] and options["allow_cpu_fallback"]:
             raise BackendError(
                 "cuda options enable_cuda_graph and allow_cpu_fallback exclude each other: "
@@ -461,7 +454,12 @@ class OnnxRuntimeCudaBackend(Backend):
     name = "cuda"
     vendor = "NVIDIA (ONNX Runtime CUDA execution provider)"
     description = "ONNX Runtime CUDA execution provider (needs onnxruntime-gpu and an NVIDIA GPU)"
-    option_defaults = {"device_id": 0, "gpu_mem_limit": 0, "enable_cuda_graph": False, "allow_cpu_fallback": False}
+    declared_options = {
+        "device_id": Option(0, int, "CUDA device index", minimum=0),
+        "gpu_mem_limit": Option(0, int, "ONNX Runtime arena limit in bytes (0: no limit)", minimum=0),
+        "enable_cuda_graph": Option(False, bool, "capture a CUDA graph (every node must run on the GPU)"),
+        "allow_cpu_fallback": Option(False, bool, "let nodes CUDA cannot run fall back to the CPU"),
+    }
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError
 
 INSTALL_HINT = 'pip install "portable-moe[openvino]"'
@@ -45,25 +45,16 @@ def _device_names(core: Any) -> list[str]:
     return names
 
 
-def check_options(options: dict[str, Any], available_devices: list[str]) -> None:
-    """Refuse option values OpenVINO would reject later with a less helpful message.
+def check_device(device: str, available_devices: list[str]) -> None:
+    """Refuse a device OpenVINO would reject later with a less helpful message.
 
     Raises:
-        BackendError: if ``device`` is not one of ``available_devices`` (or ``AUTO``),
-            ``precision`` is not a known hint, or ``threads`` is not a non-negative integer.
+        BackendError: if ``device`` is not one of ``available_devices`` (or ``AUTO``).
     """
-    device = options["device"]
     if device != "AUTO" and device not in available_devices:
         raise BackendError(
             f"openvino has no device {device!r}; devices here: {', '.join(available_devices) or 'none'} (or AUTO)"
         )
-    if options["precision"] not in PRECISION_HINTS:
-        raise BackendError(
-            f"openvino precision must be one of {', '.join(PRECISION_HINTS)}, got {options['precision']!r}"
-        )
-    threads = options["threads"]
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise BackendError(f"openvino threads must be a non-negative integer (0: OpenVINO decides), got {threads!r}")
 
 
 def expand_broadcast_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -167,7 +158,27 @@ class OpenVinoCompiledModel(CompiledModel):
 
 
 def _precision_name(compiled: Any) -> str:
-    """The compiled model's inference precision as ``f32``/``f16``/``bf16`` (OpenVINO's ``Type`` names)."""
+    """The precision the compiled model really computes in, ``f32``/``f16``/``bf16`` (OpenVINO's ``Type`` names).
+
+    The runtime model (the graph the plugin executes) records each node's ``runtimePrecision``:
+    the lowest float precision found there is what took effect. That is the plugin's own answer,
+    where guessing from the CPU's OPTIMIZATION_CAPABILITIES is not: a Xeon with AVX-512 but no
+    AVX512_BF16 omits BF16 there yet honours a bf16 hint. A device without a runtime model falls
+    back to the compiled model's INFERENCE_PRECISION_HINT property.
+    """
+    try:
+        used = {
+            str(op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in compiled.get_runtime_model().get_ordered_ops()
+            if "runtimePrecision" in op.get_rt_info()
+        }
+    except Exception:  # a plugin without a runtime model (or without the attribute) reports its hint below
+        used = set()
+    for reduced in ("bf16", "f16"):
+        if reduced in used:
+            return reduced
+    if used:
+        return "f32"
     try:
         value = compiled.get_property("INFERENCE_PRECISION_HINT")
     except Exception:  # a device without the property computes in the model's own precision
@@ -179,7 +190,11 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     vendor = "Intel OpenVINO (CPU, Intel GPU and NPU)"
     description = "OpenVINO runtime reading the bundle's ONNX"
-    option_defaults = {"device": "CPU", "precision": "f32", "threads": 0}
+    declared_options = {
+        "device": Option("CPU", str, "device to compile for (CPU, GPU, NPU, AUTO; see 'portable-moe backends')"),
+        "precision": Option("f32", str, "inference precision hint", choices=PRECISION_HINTS),
+        "threads": Option(0, int, "inference threads (0: OpenVINO decides)", minimum=0),
+    }
 
     def probe(self) -> ProbeResult:
         try:
@@ -211,7 +226,7 @@ class OpenVinoBackend(Backend):
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
         openvino = _import_openvino()
         core = openvino.Core()
-        check_options(options, list(core.available_devices))
+        check_device(options["device"], list(core.available_devices))
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": options["precision"]}
         if options["threads"]:
             config["INFERENCE_NUM_THREADS"] = options["threads"]

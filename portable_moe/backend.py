@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,93 @@ import onnx
 from portable_moe import safety
 from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.errors import BackendError, BackendUnavailableError, PortableMoEError
-from portable_moe.tensors import TensorSpec, check_feeds, check_nan_policy, specs_from_onnx
+from portable_moe.tensors import NAN_POLICIES, TensorSpec, check_feeds, check_nan_policy, specs_from_onnx
 
-# Options every backend's compile() takes, handled here in the base, with their defaults.
-BASE_OPTION_DEFAULTS: Mapping[str, Any] = {"nan_policy": "reject"}
+# Words users type for true and false (``-O strict=False`` arrives as the string "False").
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One compile option as a backend declares it: its type, allowed values, default and meaning.
+
+    Values are checked (and words like "false" turned into their type) before anything compiles,
+    so a bad ``-O NAME=VALUE`` is one line naming the option, the value and what it takes.
+
+    Attributes:
+        default: the value when the option is not given.
+        kind: ``bool``, ``int``, ``float`` or ``str``; None for a value the backend checks itself
+            with ``parse`` (or at compile, against the model).
+        help: what the option does, one line.
+        choices: the allowed values, when there is a fixed set.
+        minimum / maximum: the allowed range of a number (inclusive).
+        optional: None is allowed (it means "not set").
+        parse: turns the value into its checked form; raises PortableMoEError (or ValueError/TypeError)
+            for a bad one. Used when ``kind`` is None.
+    """
+
+    default: Any
+    kind: type | None
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False
+    parse: Callable[[Any], Any] | None = None
+
+    def describe(self) -> str:
+        """What the option takes, e.g. "an integer >= 0" or "one of f32, f16, bf16" ("" for free text)."""
+        if self.choices:
+            return "one of " + ", ".join(str(choice) for choice in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        if self.kind in (int, float):
+            noun = "an integer" if self.kind is int else "a number"
+            bounds = [f">= {self.minimum:g}" if self.minimum is not None else "", ""]
+            bounds[1] = f"<= {self.maximum:g}" if self.maximum is not None else ""
+            return " ".join([noun, *filter(None, bounds)])
+        return ""  # text, or a value the backend's parse checks: the help says what it takes
+
+    def check(self, backend: str, name: str, value: Any) -> Any:
+        """The value in its checked form.
+
+        Raises:
+            BackendError: naming the backend, the option, the value received and what it takes.
+        """
+        if value is None and (self.optional or self.default is None):
+            return None
+        refusal = BackendError(f"{backend} option {name} must be {self.describe() or self.help}, got {value!r}")
+        if self.kind is None:
+            if self.parse is None:
+                return value
+            try:
+                return self.parse(value)
+            except PortableMoEError:
+                raise
+            except (TypeError, ValueError):
+                raise refusal from None
+        if self.kind is bool:
+            if isinstance(value, str) and value.strip().lower() in (*_TRUE_WORDS, *_FALSE_WORDS):
+                value = value.strip().lower() in _TRUE_WORDS
+            if not isinstance(value, bool):
+                raise refusal
+            return value
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kind) or isinstance(value, bool):
+            raise refusal
+        if self.choices and value not in self.choices:
+            raise refusal
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise refusal
+        return self.parse(value) if self.parse is not None else value
+
+
+# Options every backend's compile() takes, handled here in the base.
+BASE_OPTIONS: Mapping[str, Option] = {
+    "nan_policy": Option("reject", str, "NaN/Inf in float inputs: refuse them or pass them on", choices=NAN_POLICIES),
+}
+BASE_OPTION_DEFAULTS: Mapping[str, Any] = {name: option.default for name, option in BASE_OPTIONS.items()}
 # Inputs that carry token ids, checked against the bundle config's vocab_size.
 TOKEN_ID_INPUTS = ("input_ids",)
 
@@ -191,14 +274,23 @@ class Backend(abc.ABC):
         vendor: who makes the silicon or runtime.
         description: one line for ``portable-moe backends``.
         simulated: True for a backend that simulates hardware it does not have.
-        option_defaults: the options ``compile`` accepts, with their defaults.
+        declared_options: the options ``compile`` accepts, each with its type, range and default
+            (:class:`Option`); checked before anything compiles.
+        option_defaults: the options' defaults; derived from ``declared_options``. An adapter that
+            declares only defaults gets its values unchecked (its ``_compile`` checks them).
     """
 
     name: str = ""
     vendor: str = ""
     description: str = ""
     simulated: bool = False
+    declared_options: Mapping[str, Option] = {}
     option_defaults: Mapping[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "declared_options" in cls.__dict__ and "option_defaults" not in cls.__dict__:
+            cls.option_defaults = {name: option.default for name, option in cls.declared_options.items()}
 
     @abc.abstractmethod
     def probe(self) -> ProbeResult:
@@ -260,13 +352,32 @@ class Backend(abc.ABC):
         return compiled
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Merge options with the defaults, refusing names this backend does not know."""
+        """Check options against their declarations and merge them with the defaults.
+
+        Raises:
+            BackendError: for a name this backend does not know, or a value of the wrong type or
+                outside the option's choices or range.
+        """
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.option_defaults))
         if unknown:
             known = ", ".join(sorted(self.option_defaults)) or "none"
             raise BackendError(f"backend {self.name!r} has no option(s) {', '.join(unknown)}; its options: {known}")
+        for name, value in options.items():
+            if name in self.declared_options:
+                options[name] = self.declared_options[name].check(self.name, name, value)
         return {**self.option_defaults, **options}
+
+    def check_options(self, options: Mapping[str, Any] | None) -> None:
+        """Check options as ``compile`` would (the base option ``nan_policy`` included), without compiling.
+
+        Raises:
+            BackendError: for an unknown option or a bad value.
+            InputError: for a bad ``nan_policy``.
+        """
+        adapter_options = dict(options or {})
+        check_nan_policy(adapter_options.pop("nan_policy", BASE_OPTION_DEFAULTS["nan_policy"]))
+        self.resolve_options(adapter_options)
 
     def check_supported(self, model: ModelInput) -> None:
         """Refuse a model whose lowering, opset or operator domains this backend does not take."""
@@ -276,7 +387,7 @@ class Backend(abc.ABC):
             raise BackendError(
                 f"backend {self.name!r} does not accept the {lowering!r} MoE lowering; it takes "
                 f"{', '.join(capabilities.moe_lowerings)}. Re-export with --moe-lowering "
-                f"{capabilities.preferred_lowering} (or auto)"
+                f"{capabilities.preferred_lowering} (or --moe-lowering auto --for-backend {self.name})"
             )
         for opset in model.proto.opset_import:
             if opset.domain in ("", "ai.onnx"):

@@ -162,8 +162,14 @@ class BisectResult:
     worst_ratio: float = 0.0  # largest (max abs error / allowed error) over the compared values
     error: str = ""
 
-    def summary(self) -> str:
-        """One line for the terminal table."""
+    def summary(self, outputs_conform: bool = False) -> str:
+        """One line for the terminal table.
+
+        Args:
+            outputs_conform: the backend's final outputs passed. Then a node outside the per-value
+                tolerance is where the largest deviation starts, not a divergence: reduced-precision
+                backends leave it inside the graph and still conform.
+        """
         if self.error:
             return f"bisect: {self.error}"
         if self.first_divergence is None:
@@ -177,10 +183,13 @@ class BisectResult:
         uncompared = (
             f"; uncompared integer inputs: {', '.join(found.uncompared_inputs)}" if found.uncompared_inputs else ""
         )
-        return (
-            f"bisect vs {self.oracle}: first divergence at node {found.node!r} ({found.op_type}): output abs error "
-            f"{worst.max_abs_error:.3g}, inputs' max abs error {inputs:.3g}{uncompared}"
-        )
+        where = f"node {found.node!r} ({found.op_type}): output abs error {worst.max_abs_error:.3g}, "
+        if outputs_conform:
+            return (
+                f"bisect vs {self.oracle}: outputs conform; largest deviation starts at {where}"
+                f"inputs' max abs error {inputs:.3g}{uncompared} (intermediates may exceed the output tolerance)"
+            )
+        return f"bisect vs {self.oracle}: first divergence at {where}inputs' max abs error {inputs:.3g}{uncompared}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

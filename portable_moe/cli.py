@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +21,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from portable_moe import progress as step_progress
 from portable_moe import registry
+from portable_moe.backend import BASE_OPTIONS
 from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.config import PRESETS
 from portable_moe.conformance import (
     GOLDEN,
+    NOT_CHECKED,
     PASSED,
+    SKIPPED,
     BackendResult,
     check_bundle,
     input_sets_for,
@@ -35,11 +39,13 @@ from portable_moe.conformance import (
 )
 from portable_moe.errors import InputError, PortableMoEError
 from portable_moe.safety import Terminated, install_termination_handler
-from portable_moe.tensors import NAN_POLICIES
+from portable_moe.tensors import NAN_POLICIES, check_nan_policy, load_npz
 
-# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, unless
+# COLUMNS says how wide to be.
+_PIPED_WIDTH = None if "COLUMNS" in os.environ else 160
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -48,8 +54,46 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMAND_MODULES: list[str] = ["portable_moe.opsuite"]
 
 
+# How long steps show their progress (set by main from the terminal and --verbose): None is silent.
+_steps: step_progress.Progress | None = None
+
+
 def _progress(message: str) -> None:
-    stderr.print(f"[dim]·[/dim] {escape(message)}")
+    if _steps is not None:
+        _steps(message)
+
+
+def _print(*renderables: Any, **options: Any) -> None:
+    """Print a result on stdout, ending the progress display first so the two do not interleave."""
+    step_progress.finish(_steps)
+    stdout.print(*renderables, **options)
+
+
+def _choose_progress(verbose: bool) -> step_progress.Progress | None:
+    """A live display on a terminal, step lines with their times for --verbose, else nothing."""
+    if stderr.is_terminal:
+        return step_progress.LiveSteps(stderr)
+    return step_progress.StepPrinter() if verbose else None
+
+
+class _Notes:
+    """Long texts of a table (reasons, fix commands) printed whole below it, numbered; cells show the number."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def add(self, *texts: str) -> str:
+        """Number each non-empty text; return the numbers for the table cell ("" when none)."""
+        numbers = []
+        for text in texts:
+            if text:
+                self.texts.append(text)
+                numbers.append(str(len(self.texts)))
+        return ",".join(numbers)
+
+    def print(self) -> None:
+        for number, text in enumerate(self.texts, 1):
+            _print(f"[{number}] {escape(text)}")
 
 
 def _parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -72,18 +116,41 @@ def _format_error(value: float) -> str:
 
 def _print_backends() -> None:
     table = Table(title="Registered backends")
-    for column in ("name", "available", "vendor", "description", "reason / details"):
-        table.add_column(column)
+    table.add_column("name", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    table.add_column("what it is (vendor)")
+    table.add_column("note", no_wrap=True)
+    notes = _Notes()
     for status in registry.list_backends():
         description = status.description + (" [simulated]" if status.simulated else "")
         table.add_row(
             status.name,
             "[green]yes[/green]" if status.available else "[red]no[/red]",
-            escape(status.vendor),
-            escape(description),
-            escape(status.reason),
+            f"{escape(description)} [dim]({escape(status.vendor)})[/dim]",
+            notes.add(f"{status.name}: {status.reason}" if status.reason else ""),
         )
-    stdout.print(table)
+    _print(table)
+    notes.print()
+
+
+def _print_options() -> None:
+    """Every backend's declared options: NAME=DEFAULT, what it takes and what it does; then the base ones."""
+    sections = [(name, registry.get_backend(name)) for name in registry.backend_names()]
+    for title, options, defaults in [
+        *((f"{name} (-O NAME=VALUE)", backend.declared_options, backend.option_defaults) for name, backend in sections),
+        ("every backend", BASE_OPTIONS, {name: option.default for name, option in BASE_OPTIONS.items()}),
+    ]:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column()
+        for name, default in defaults.items():
+            option = options.get(name)
+            meaning = "; ".join(filter(None, [option.describe(), option.help])) if option else "(not declared)"
+            shown = "unset" if default is None else default if isinstance(default, str) else json.dumps(default)
+            grid.add_row(f"  {escape(name)}={escape(shown)}", escape(meaning))
+        _print(f"[bold]{escape(title)}[/bold]" + ("" if defaults else ": no options"))
+        if defaults:
+            _print(grid)
 
 
 def _print_results(bundle: Bundle, results: list[BackendResult], expected_from: str = "") -> None:
@@ -91,23 +158,29 @@ def _print_results(bundle: Bundle, results: list[BackendResult], expected_from: 
         title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
         f"{bundle.moe_lowering or '?'} lowering) against {expected_from or 'its golden data'}"
     )
-    for column in ("backend", "result", "max abs err", "max rel err", "min cosine", "routing agreement", "note"):
-        table.add_column(column)
+    table.caption = "abs err: largest |error|; rel err: largest |error| / largest |expected value| of the output"
+    table.caption_justify = "left"
+    for column in ("backend", "result", "abs err", "rel err", "cosine", "routing", "note"):
+        table.add_column(column, no_wrap=True)
+    notes = _Notes()
     for result in results:
-        colour = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow"}[result.status]
+        colour = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow", SKIPPED: "yellow"}
         cosines = [c.cosine for c in result.comparisons if c.kind == "values"]
         agreement = result.routing_agreement()
-        notes = [result.reason, result.routing_note(), result.bisection.summary() if result.bisection else ""]
+        bisection = result.bisection.summary(outputs_conform=result.passed) if result.bisection else ""
         table.add_row(
             result.backend,
-            f"[{colour}]{result.status}[/{colour}]",
+            f"[{colour[result.status]}]{result.status}[/{colour[result.status]}]",
             _format_error(result.worst("max_abs_error")),
-            _format_error(result.worst("max_rel_error")),
+            _format_error(result.worst("max_scaled_error")),
             f"{min(cosines):.6f}" if cosines else "-",
             "-" if agreement != agreement else f"{agreement:.2%}",
-            escape("\n".join(note for note in notes if note)),
+            notes.add(
+                *(f"{result.backend}: {note}" for note in (result.reason, result.routing_note(), bisection) if note)
+            ),
         )
-    stdout.print(table)
+    _print(table)
+    notes.print()
 
 
 def _load_feeds(bundle: Bundle, input_path: str | None) -> dict[str, np.ndarray]:
@@ -116,14 +189,7 @@ def _load_feeds(bundle: Bundle, input_path: str | None) -> dict[str, np.ndarray]
         if not golden:
             raise InputError(f"{bundle.path} has no golden inputs; pass --input FILE.npz")
         return golden[0][0]
-    path = Path(input_path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such input file; give an .npz with one array per model input")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except Exception as error:
-        raise InputError(f"{path}: not a readable .npz file ({error})") from None
+    return load_npz(input_path, "--input")
 
 
 def _capacity_factor(text: str) -> str:
@@ -138,6 +204,8 @@ def _capacity_factor(text: str) -> str:
 
 def command_backends(args: argparse.Namespace) -> int:
     _print_backends()
+    if args.options:
+        _print_options()
     return EXIT_OK
 
 
@@ -147,7 +215,7 @@ def command_export(args: argparse.Namespace) -> int:
     lowering = args.moe_lowering
     if lowering == "auto":
         lowering = registry.resolve_lowering("auto", args.for_backend)
-        _progress(f"auto lowering for backend {args.for_backend!r}: {lowering}")
+        stderr.print(f"auto lowering for backend {args.for_backend!r}: {lowering}")
     lowering_options: dict[str, Any] = {}
     if args.capacity_factor is not None:
         lowering_options["capacity_factor"] = "auto" if args.capacity_factor == "auto" else float(args.capacity_factor)
@@ -165,7 +233,7 @@ def command_export(args: argparse.Namespace) -> int:
         overwrite=args.force,
         progress=_progress,
     )
-    stdout.print(
+    _print(
         f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {len(bundle.manifest['files'])} files)"
     )
     return EXIT_OK
@@ -176,10 +244,19 @@ def command_run(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     feeds = _load_feeds(bundle, args.input)
-    options = {**_parse_options(args.option), "nan_policy": args.nan_policy}
+    options = _parse_options(args.option)
+    if args.nan_policy is not None:
+        if "nan_policy" in options and options["nan_policy"] != args.nan_policy:
+            raise InputError(
+                f"--nan-policy {args.nan_policy} and -O nan_policy={options['nan_policy']} disagree; give one of them"
+            )
+        options["nan_policy"] = args.nan_policy
+    options["nan_policy"] = check_nan_policy(options.get("nan_policy", "reject"))
+    _progress(f"compiling {bundle.name} for {args.backend} and running it")
     result = run_with_fallback(
         bundle, args.backend, feeds, spread_options(args.backend, options), isolated=args.isolated, timeout=args.timeout
     )
+    step_progress.finish(_steps)
     for attempt in result.attempts[:-1]:  # every backend passed over, and why
         stderr.print(f"[yellow]{attempt.backend} {attempt.status}[/yellow]: {escape(attempt.reason)}")
     outputs = result.outputs
@@ -195,13 +272,13 @@ def command_run(args: argparse.Namespace) -> int:
             f"{value.max():.4g}",
             f"{value.mean():.4g}",
         )
-    stdout.print(table)
-    stdout.print(f"ran on [bold]{result.backend_name}[/bold]; placement: {escape(str(result.placement))}")
+    _print(table)
+    _print(f"ran on [bold]{result.backend_name}[/bold]; placement: {escape(str(result.placement))}")
     if result.fell_back:
-        stdout.print(f"[yellow]fell back:[/yellow] {escape(result.describe())}")
+        _print(f"[yellow]fell back:[/yellow] {escape(result.describe())}")
     if args.output:
         np.savez(args.output, **outputs)
-        stdout.print(f"outputs saved to {escape(args.output)}")
+        _print(f"outputs saved to {escape(args.output)}")
     return EXIT_OK
 
 
@@ -219,6 +296,7 @@ def command_bench(args: argparse.Namespace) -> int:
     feeds = _load_feeds(bundle, None) if args.batch is None else token_feeds(bundle, args.batch, args.seq)
     _progress(f"compiling {bundle.name} for {backend.name}")
     compiled = backend.compile(bundle, _parse_options(args.option))
+    step_progress.finish(_steps)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=stderr, transient=True
     ) as progress:
@@ -239,7 +317,7 @@ def command_bench(args: argparse.Namespace) -> int:
         f"{result.tokens_per_second:,.0f}",
         f"{result.peak_rss_mib:,.0f}",
     )
-    stdout.print(table)
+    _print(table)
     estimates = []
     if args.estimate:
         from portable_moe.costmodel import estimate_bundle
@@ -258,7 +336,7 @@ def command_bench(args: argparse.Namespace) -> int:
                 f"{estimate.flops / 1e9:.3f}",
                 f"{estimate.bytes / 1e6:.1f}",
             )
-        stdout.print(table)
+        _print(table)
     if args.json:
         report = {"bundle": str(bundle.path), "backend": backend.name, "input_shape": shape, **result.to_dict()}
         if estimates:
@@ -270,8 +348,12 @@ def command_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checks_all(spec: str) -> bool:
+    return spec.strip().casefold() == "all"
+
+
 def _backend_names(spec: str) -> list[str]:
-    if spec == "all":
+    if _checks_all(spec):
         return registry.backend_names()
     return registry.parse_backend_list(spec)
 
@@ -301,7 +383,8 @@ def _finish_check(
 
         write_html(report, html_path)
         stderr.print(f"HTML report written to {escape(html_path)}")
-    considered = results if require_all else [r for r in results if r.status != "unavailable"]
+    # Naming backends requires each to pass; "all" means every backend that can run here and takes the bundle.
+    considered = results if require_all else [r for r in results if r.status not in NOT_CHECKED]
     if not considered:
         stderr.print("[red]no backend could be checked[/red]")
         return EXIT_FAILED
@@ -320,28 +403,49 @@ def command_check(args: argparse.Namespace) -> int:
     # Each backend gets the -O options it declares (precision=... reaches npu-sim, not cpu).
     options = spread_options(names, _parse_options(args.option)) if args.option else None
     expected_from, input_sets = input_sets_for(bundle, args.inputs)
-    results = check_bundle(bundle, names, options, progress=_progress, input_sets=input_sets, bisect=args.bisect)
+    checks_all = _checks_all(args.backend)
+    results = check_bundle(
+        bundle,
+        names,
+        options,
+        progress=_progress,
+        input_sets=input_sets,
+        bisect=args.bisect,
+        skip_unaccepted=checks_all,
+    )
     return _finish_check(
         bundle,
         results,
         args.json,
-        require_all=args.backend != "all",
+        require_all=not checks_all,
         expected_from=expected_from,
         junit_path=args.junit,
         html_path=args.html,
     )
 
 
+def demo_directory(preset: str) -> Path:
+    """Where the demo keeps its bundle: ``$PORTABLE_MOE_CACHE/demo/PRESET``, else ``~/.cache/portable-moe/demo/PRESET``."""
+    root = os.environ.get("PORTABLE_MOE_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "portable-moe") / "demo" / preset
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from exporters import export_bundle
 
-    with tempfile.TemporaryDirectory(prefix="portable-moe-demo-") as scratch:
-        output = Path(args.output) if args.output else Path(scratch) / args.preset
-        bundle = export_bundle(output, args.preset, args.seed, overwrite=args.force, progress=_progress)
-        stdout.print(f"exported {args.preset} to {escape(str(bundle.path))}")
-        _print_backends()
-        results = check_bundle(bundle, registry.backend_names(), progress=_progress)
-        return _finish_check(bundle, results, args.json, require_all=False)
+    # The demo's own directory is replaced on each run; a directory the user names is replaced only with --force.
+    output = Path(args.output) if args.output else demo_directory(args.preset)
+    bundle = export_bundle(output, args.preset, args.seed, overwrite=args.force or not args.output, progress=_progress)
+    _print(f"exported {args.preset} to {escape(str(bundle.path))}")
+    _print_backends()
+    results = check_bundle(bundle, registry.backend_names(), progress=_progress, skip_unaccepted=True)
+    status = _finish_check(bundle, results, args.json, require_all=False)
+    stderr.print(
+        f"the bundle stays in {escape(str(bundle.path))}; check it again with: "
+        f"portable-moe check {escape(str(bundle.path))} --backend all",
+        soft_wrap=True,
+    )
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a DeepSeek-style MoE model to a self-checking ONNX bundle, run it on many "
         "backends, and prove that they compute the same thing.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show the versions of portable-moe and what it runs on"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_preset_options(command: argparse.ArgumentParser) -> None:
@@ -376,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="export the tiny preset, check it on every available backend")
     add_preset_options(demo)
-    demo.add_argument("-o", "--output", help="keep the bundle here (default: a temporary directory)")
+    demo.add_argument(
+        "-o", "--output", help="write the bundle here (default: ~/.cache/portable-moe/demo/PRESET, replaced each run)"
+    )
     demo.add_argument("--json", metavar="FILE", help="also write the conformance report as JSON")
     demo.set_defaults(handler=command_demo)
 
@@ -407,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=command_export)
 
     backends = commands.add_parser("backends", help="list every registered backend, available or not, and why")
+    backends.add_argument(
+        "--options", action="store_true", help="also list each backend's -O options: what they take and their defaults"
+    )
     backends.set_defaults(handler=command_backends)
 
     run = commands.add_parser("run", help="run a bundle on a backend and summarise the outputs")
@@ -421,8 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--nan-policy",
         choices=NAN_POLICIES,
-        default="reject",
-        help="NaN/Inf in float inputs: refuse them (default) or pass them to the backend",
+        help="NaN/Inf in float inputs: refuse them (default: reject) or pass them to the backend",
     )
     run.add_argument(
         "--isolated",
@@ -482,23 +592,77 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_command(commands)
+    _add_global_flags(parser, top_level=True)
     return parser
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """Add --debug and --verbose to ``parser`` and every subcommand, so they work anywhere on the line.
+
+    Below the top level their default is SUPPRESS: a subcommand that is not given the flag leaves
+    the value the top level parsed.
+    """
+    default: Any = False if top_level else argparse.SUPPRESS
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="print each long step with its time even when stderr is not a terminal",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subcommand in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                _add_global_flags(subcommand)
+
+
+class _VersionAction(argparse.Action):
+    """Print :func:`_version_line` unwrapped (argparse's own version action wraps it) and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version_line())
+        parser.exit()
+
+
+def _version_line() -> str:
+    """``portable-moe X (python ..., numpy ..., onnx ..., onnxruntime ...)``: what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from portable_moe import __version__
+
+    parts = [f"python {sys.version.split()[0]}"]
+    for package in ("numpy", "onnx", "onnxruntime", "torch", "openvino"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return f"portable-moe {__version__} ({', '.join(parts)})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _steps
     parser = build_parser()
     args = parser.parse_args(argv)
     install_termination_handler()  # SIGTERM unwinds like Ctrl-C: no half-written bundle is left
+    _steps = _choose_progress(args.verbose)
     try:
         return args.handler(args)
     except PortableMoEError as error:
+        step_progress.finish(_steps)
         if args.debug:
             traceback.print_exc()
         stderr.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt as interrupt:
+        step_progress.finish(_steps)
         stderr.print("[red]interrupted[/red]")
         return 143 if isinstance(interrupt, Terminated) else 130
+    finally:
+        step_progress.finish(_steps)
 
 
 if __name__ == "__main__":

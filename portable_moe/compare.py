@@ -136,7 +136,12 @@ def tolerance_for(dtype: str, precision: str = "exact") -> Tolerance:
 
 @dataclass
 class OutputComparison:
-    """How one output compares. ``passed`` is the verdict; ``message`` says where it failed."""
+    """How one output compares. ``passed`` is the verdict; ``message`` says where it failed.
+
+    ``max_rel_error`` is elementwise (``|error| / |expected|``), so it explodes where an expected
+    value is near zero; ``max_scaled_error`` is ``max |error| / max |expected|``, the error relative
+    to the output's scale, which stays meaningful there (the terminal table shows this one).
+    """
 
     name: str
     kind: str  # "values" or "routing"
@@ -144,6 +149,7 @@ class OutputComparison:
     message: str = ""
     max_abs_error: float = float("nan")
     max_rel_error: float = float("nan")
+    max_scaled_error: float = float("nan")
     cosine: float = float("nan")
     routing_agreement: float = float("nan")
     disagreeing_tokens: list[tuple[int, ...]] = field(default_factory=list)
@@ -157,6 +163,7 @@ class OutputComparison:
             "message": self.message,
             "max_abs_error": self.max_abs_error,
             "max_rel_error": self.max_rel_error,
+            "max_scaled_error": self.max_scaled_error,
             "cosine": self.cosine,
             "routing_agreement": self.routing_agreement,
             "disagreeing_tokens": [list(index) for index in self.disagreeing_tokens[:20]],
@@ -217,12 +224,16 @@ def compare_values(name: str, expected: np.ndarray, actual: np.ndarray, toleranc
     worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.size else ()
     worst_index = tuple(int(i) for i in worst)
     passed = bool(excess.size == 0 or excess[worst] <= 0)
+    max_abs_error = float(difference.max()) if difference.size else 0.0
+    scale = float(np.abs(expected64).max()) if expected64.size else 0.0
+    scaled_error = max_abs_error / scale if scale > 0 else (0.0 if max_abs_error == 0 else float("inf"))
     comparison = OutputComparison(
         name,
         "values",
         passed,
-        max_abs_error=float(difference.max()) if difference.size else 0.0,
+        max_abs_error=max_abs_error,
         max_rel_error=float(relative.max()) if relative.size else 0.0,
+        max_scaled_error=scaled_error,
         cosine=cosine,
         worst_index=worst_index if difference.size else None,
     )

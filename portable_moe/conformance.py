@@ -28,8 +28,14 @@ from portable_moe.compare import OutputComparison, compare_outputs
 from portable_moe.errors import BundleError, InputError, PortableMoEError
 from portable_moe.registry import get_backend
 from portable_moe.routing import LayerRouting, layer_routing, mark_cascades, routing_margins
+from portable_moe.tensors import load_npz
 
 PASSED, FAILED, ERROR, UNAVAILABLE = "passed", "failed", "error", "unavailable"
+# A backend left out because it does not take the bundle (its MoE lowering, opset or operator
+# domains), when the caller asked for every backend that does rather than for this one by name.
+SKIPPED = "skipped"
+# Statuses that say a backend was not checked at all: never a pass, never a failure of "all".
+NOT_CHECKED = (UNAVAILABLE, SKIPPED)
 REPORT_SCHEMA_VERSION = 1
 GOLDEN = "golden (torch reference, from the bundle)"
 # log10(abs error) histogram bins: errors below 1e-10 land in the first bin, above 10 in the last.
@@ -123,6 +129,7 @@ def check_backend(
     input_sets: Sequence[InputSet] | None = None,
     margins: Sequence[Mapping[str, np.ndarray]] | None = None,
     bisect: str = "never",
+    skip_unaccepted: bool = False,
 ) -> BackendResult:
     """Compile ``bundle`` for ``backend``, run every input set, compare with the expected outputs.
 
@@ -138,16 +145,24 @@ def check_backend(
         margins: per input set, routing output -> each token's top-k margin (see
             :func:`portable_moe.routing.routing_margins`); None leaves margins unknown.
         bisect: "never", "failed" (bisect when the check fails) or "always".
+        skip_unaccepted: a backend that does not take the bundle (its lowering, opset or operator
+            domains) ends as "skipped" rather than "error", for checks of every backend.
     """
     probe = backend.safe_probe()
     if not probe.available:
         return BackendResult(backend.name, UNAVAILABLE, probe.reason)
+    model = model or as_model_input(bundle)
+    if skip_unaccepted:
+        try:
+            backend.check_supported(model)
+        except PortableMoEError as error:
+            return BackendResult(backend.name, SKIPPED, str(error))
     golden = list(input_sets) if input_sets is not None else bundle.golden_sets()
     if not golden:
         raise BundleError(f"{bundle.path}: the bundle has no golden data to check against")
     started = time.perf_counter()
     try:
-        compiled = backend.compile(model or as_model_input(bundle), options)
+        compiled = backend.compile(model, options)
     except PortableMoEError as error:
         return BackendResult(backend.name, ERROR, str(error), compile_seconds=time.perf_counter() - started)
     compile_seconds = time.perf_counter() - started
@@ -188,9 +203,7 @@ def check_backend(
     )
     if bisect == "always" or (bisect == "failed" and failures):
         feeds = golden[first_failing_set or 0][0]
-        result.bisection = bisect_divergence(
-            (model or as_model_input(bundle)).proto, backend, feeds, options, compiled.precision
-        )
+        result.bisection = bisect_divergence(model.proto, backend, feeds, options, compiled.precision)
     return result
 
 
@@ -244,13 +257,7 @@ def input_sets_for(bundle: Bundle, spec: str = "golden") -> tuple[str, list[Inpu
 
 
 def _read_npz(bundle: Bundle, path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise InputError(f"--inputs {path}: no such file; give golden, random:N or an .npz with one array per input")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feeds = {name: data[name] for name in data.files}
-    except Exception as error:
-        raise InputError(f"{path}: not a readable .npz file ({error})") from None
+    feeds = load_npz(path, "--inputs")
     expected = sorted(spec.name for spec in bundle.inputs)
     if sorted(feeds) != expected:
         raise InputError(f"{path}: holds arrays {sorted(feeds)}, expected exactly the model inputs {expected}")
@@ -271,11 +278,11 @@ class JunitCase:
 
 def junit_cases(results: Sequence[BackendResult]) -> list[JunitCase]:
     """The check as JUnit cases: one per (backend, output) comparison; a backend that could not
-    run at all is one case, an error (or a skip, when unavailable)."""
+    run at all is one case, an error (or a skip, when unavailable or not taking the bundle)."""
     cases = []
     for result in results:
         if not result.comparisons:
-            status = {UNAVAILABLE: "unavailable", PASSED: "passed"}.get(result.status, "error")
+            status = result.status if result.status in (*NOT_CHECKED, PASSED) else ERROR
             cases.append(
                 JunitCase(result.backend, "model", "compile and run", status, result.compile_seconds, result.reason)
             )
@@ -322,8 +329,9 @@ def check_bundle(
     *,
     input_sets: Sequence[InputSet] | None = None,
     bisect: str = "never",
+    skip_unaccepted: bool = False,
 ) -> list[BackendResult]:
-    """Check a bundle on each named backend (unknown names raise before anything runs).
+    """Check a bundle on each named backend (unknown names and bad options raise before anything runs).
 
     Args:
         bundle: a loaded bundle.
@@ -332,10 +340,14 @@ def check_bundle(
         progress: called with a message before each backend.
         input_sets: (feeds, expected) pairs (see :func:`input_sets_for`); default: the golden sets.
         bisect: "never", "failed" or "always" (see :func:`check_backend`).
+        skip_unaccepted: backends that do not take the bundle end as "skipped", not "error"
+            (for "every backend that can": the CLI's ``--backend all``).
     """
     if bisect not in ("never", "failed", "always"):
         raise InputError(f"bisect must be never, failed or always, got {bisect!r}")
     backends = [get_backend(name) for name in backend_names]
+    for backend in backends:  # a bad option is the caller's mistake: refuse it before anything compiles
+        backend.check_options((options or {}).get(backend.name))
     model = as_model_input(bundle)
     sets = list(input_sets) if input_sets is not None else bundle.golden_sets()
     margins = _margins(bundle, model, sets, progress)
@@ -352,6 +364,7 @@ def check_bundle(
                 input_sets=sets,
                 margins=margins,
                 bisect=bisect,
+                skip_unaccepted=skip_unaccepted,
             )
         )
     return results

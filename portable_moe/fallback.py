@@ -97,6 +97,8 @@ def _check_options(options: BackendOptions | None, names: list[str]) -> dict[str
             f"options are given per backend, keyed by backend name (e.g. {{'cpu': {{'threads': 2}}}}); got options "
             f"for {', '.join(map(repr, stray))}, which is not in the list {', '.join(names)}"
         )
+    for name in names:  # bad values stop at once: every backend after it would be tried for nothing
+        registry.get_backend(name).check_options(options.get(name))
     return options
 
 

@@ -1,7 +1,8 @@
 """JUnit XML for the op suite, the format CI systems read: one testsuite per backend, one testcase per case.
 
-A failed case gets a ``<failure>``, an error an ``<error>``, an unsupported case a ``<skipped>``:
-CI shows skips as skips, never as passes.
+A failed case gets a ``<failure>``, an error an ``<error>``; an unsupported case, an unavailable
+backend and a backend that does not take the bundle get a ``<skipped>`` with the reason: CI shows
+skips as skips, never as passes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from portable_moe.opsuite import CaseResult
 
-_ELEMENTS = {"failed": "failure", "error": "error", "unsupported": "skipped"}
+_ELEMENTS = {
+    "failed": "failure",
+    "error": "error",
+    "unsupported": "skipped",
+    "unavailable": "skipped",
+    "skipped": "skipped",
+}
 
 
 def junit_tree(results: Sequence[CaseResult], suite_name: str = "portable-moe ops") -> ElementTree.ElementTree:

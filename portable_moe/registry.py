@@ -12,6 +12,8 @@ unavailable, with the error as its reason: it is never dropped silently.
 
 from __future__ import annotations
 
+import difflib
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,17 +141,54 @@ def backend_names() -> list[str]:
     return sorted(_registry())
 
 
-def get_backend(name: str) -> Backend:
-    """Return the registered backend called ``name``, available or not.
+def canonical_name(name: str) -> str:
+    """The registered name a user meant: ``name`` itself, or its case-insensitive match ("CPU" -> "cpu").
 
     Raises:
-        BackendError: if no backend has that name (the message lists the names that exist).
+        BackendError: if no backend has that name; the message lists the names that exist and
+            suggests the likeliest ones (close spellings, and backends whose vendor or description
+            mentions the word, e.g. "gpu" -> cuda).
     """
     registry = _registry()
-    if name not in registry:
-        known = ", ".join(sorted(registry)) or "none (is portable-moe installed?)"
-        raise BackendError(f"unknown backend {name!r}; registered backends: {known}")
-    return registry[name]
+    if name in registry:
+        return name
+    folded = {registered.casefold(): registered for registered in registry}
+    if name.strip().casefold() in folded:
+        return folded[name.strip().casefold()]
+    known = ", ".join(sorted(registry)) or "none (is portable-moe installed?)"
+    raise BackendError(f"unknown backend {name!r}; registered backends: {known}{_suggestion(name, registry)}")
+
+
+def _suggestion(name: str, registry: dict[str, Backend]) -> str:
+    """ "; did you mean ...?" naming up to three backends: names it starts, mentions of it as a word, close spellings."""
+    typed = name.strip().casefold()
+    prefixed = [registered for registered in sorted(registry) if typed and registered.casefold().startswith(typed)]
+    word = re.compile(rf"\b{re.escape(typed)}\b", re.IGNORECASE)
+    mentioned = [
+        registered
+        for registered, backend in sorted(registry.items())
+        if typed and word.search(f"{backend.vendor} {backend.description}")
+    ]
+    spelled = difflib.get_close_matches(typed, sorted(registry), n=3, cutoff=0.6)
+    likely = list(dict.fromkeys([*prefixed, *mentioned, *spelled]))[:3]
+    if not likely:
+        return ""
+    quoted = [repr(candidate) for candidate in likely]
+    return (
+        "; did you mean "
+        + (" or ".join(quoted) if len(quoted) < 3 else f"{quoted[0]}, {quoted[1]} or {quoted[2]}")
+        + "?"
+    )
+
+
+def get_backend(name: str) -> Backend:
+    """Return the registered backend called ``name`` (case-insensitive), available or not.
+
+    Raises:
+        BackendError: if no backend has that name (the message lists the names that exist and
+            suggests the likeliest).
+    """
+    return _registry()[canonical_name(name)]
 
 
 def list_backends() -> list[BackendStatus]:
@@ -172,13 +211,11 @@ def list_backends() -> list[BackendStatus]:
 
 
 def parse_backend_list(spec: str) -> list[str]:
-    """Split ``"npu-sim,cpu"`` into names, refusing empty entries and unknown names."""
+    """Split ``"npu-sim,cpu"`` into registered names (case-insensitive), refusing empty entries and unknown names."""
     names = [part.strip() for part in spec.split(",")]
     if not spec.strip() or any(not name for name in names):
         raise BackendError(f"bad backend list {spec!r}: give names separated by commas, e.g. 'npu-sim,cpu'")
-    for name in names:
-        get_backend(name)
-    return names
+    return [canonical_name(name) for name in names]
 
 
 def select_backend(spec: str) -> tuple[Backend, list[tuple[str, str]]]:
@@ -212,6 +249,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "BackendStatus",
     "backend_names",
+    "canonical_name",
     "get_backend",
     "in_process_factories",
     "list_backends",

@@ -127,7 +127,8 @@ def _summary_table(results: Sequence[Mapping[str, Any]]) -> str:
         bisection = result.get("bisection") or {}
         first = bisection.get("first_divergence")
         bisect_text = (
-            f"first divergence: {first['node']} ({first['op_type']})"
+            f"{'largest deviation from' if result['status'] == 'passed' else 'first divergence:'} "
+            f"{first['node']} ({first['op_type']})"
             if first
             else bisection.get("error") or ("within tolerance" if bisection else "")
         )

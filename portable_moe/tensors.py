@@ -8,8 +8,10 @@ can neither see a strided or read-only view nor modify the caller's arrays.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -223,3 +225,35 @@ def check_feeds(
         _check_values(spec.name, value, nan_policy, limits.get(spec.name))
         checked[spec.name] = _private_copy(value)
     return checked
+
+
+# The first bytes of a zip archive (an .npz) and of a single .npy array.
+_ZIP_MAGIC, _NPY_MAGIC = b"PK", b"\x93NUMPY"
+
+
+def load_npz(path: str | os.PathLike[str], flag: str = "--input") -> dict[str, np.ndarray]:
+    """Read an ``.npz`` file (one array per name), refusing anything else with a message saying what it is.
+
+    Args:
+        path: the file.
+        flag: how the user named the file (for the message).
+
+    Raises:
+        InputError: if the file is missing, is not an .npz (a text file, a single .npy array) or
+            cannot be read; never unpickles.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{flag} {file}: no such file; give an .npz with one array per model input")
+    with file.open("rb") as handle:
+        head = handle.read(len(_NPY_MAGIC))
+    save_hint = "write one with numpy.savez(path, input_ids=array)"
+    if head.startswith(_NPY_MAGIC):
+        raise InputError(f"{flag} {file}: a single .npy array, not an .npz; {save_hint}")
+    if not head.startswith(_ZIP_MAGIC):
+        raise InputError(f"{flag} {file}: not an .npz file (an .npz is a zip archive of arrays); {save_hint}")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except Exception as error:
+        raise InputError(f"{flag} {file}: not a readable .npz file ({error})") from None

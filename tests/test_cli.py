@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,10 +52,11 @@ def portable_moe(*args: str, env: dict[str, str] | None = None, cwd: Path | None
 def exported(tmp_path_factory) -> Path:
     pytest.importorskip("torch", reason="exporting needs torch")
     output = tmp_path_factory.mktemp("cli") / "tiny"
-    result = portable_moe("export", "--preset", "tiny", "--seed", "0", "-o", str(output))
+    result = portable_moe("export", "--preset", "tiny", "--seed", "0", "-o", str(output), "--verbose")
     assert result.returncode == 0, result.stderr
     assert "bundle written to" in result.stdout
-    assert "validating: ONNX Runtime against torch" in result.stderr  # progress is shown
+    # Piped stderr shows no live display; --verbose (anywhere on the line) prints each step with its time.
+    assert re.search(r"^· validating: ONNX Runtime against torch .* \(\d+\.\d s\)$", result.stderr, re.MULTILINE)
     return output
 
 
@@ -82,7 +84,7 @@ def test_run_prints_output_summaries(exported, tmp_path):
 def test_run_with_an_input_file(exported, tmp_path):
     inputs = tmp_path / "in.npz"
     np.savez(inputs, input_ids=np.arange(12, dtype=np.int64).reshape(3, 4))
-    result = portable_moe("run", str(exported), "--input", str(inputs), "-O", "threads=1")
+    result = portable_moe("run", str(exported), "--input", str(inputs), "-O", "threads=1", "--backend", "CPU")
     assert result.returncode == 0, result.stderr
     assert "[3, 4, 256]" in result.stdout
 
@@ -121,7 +123,16 @@ def test_check_fails_with_exit_1_on_a_nonconforming_backend(exported, tmp_path, 
         (["check", "no/such/bundle"], "error: no/such/bundle: no such bundle directory"),
         (["run", "{bundle}", "--backend", "tpu"], "error: unknown backend 'tpu'; registered backends:"),
         (["run", "{bundle}", "-O", "threads"], "error: bad option 'threads': write NAME=VALUE"),
-        (["run", "{bundle}", "--input", "missing.npz"], "error: missing.npz: no such input file"),
+        (["run", "{bundle}", "--input", "missing.npz"], "error: --input missing.npz: no such file"),
+        (["run", "{bundle}", "--input", "{bundle}/manifest.json"], "manifest.json: not an .npz file (an .npz is a zip"),
+        (["run", "{bundle}", "--backend", "gpu"], "; did you mean 'cuda', 'openvino' or 'cpu'?"),
+        (["run", "{bundle}", "-O", "threads=abc"], "error: cpu option threads must be an integer >= 0, got 'abc'"),
+        (
+            ["run", "{bundle}", "-O", "nan_policy=maybe"],
+            "error: nan_policy must be one of 'reject', 'pass', got 'maybe'",
+        ),
+        (["run", "{bundle}", "-O", "nan_policy=pass", "--nan-policy", "reject"], "disagree; give one of them"),
+        (["check", "{bundle}", "--backend", "npu-sim", "-O", "threads=-1"], "npu-sim option threads must be an"),
         (["export", "--preset", "tiny", "-o", "{bundle}"], "already exists; choose another directory"),
     ],
 )
@@ -133,9 +144,17 @@ def test_bad_usage_exits_2_with_one_line_and_no_traceback(exported, args, messag
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_debug_shows_the_traceback():
-    result = portable_moe("--debug", "check", "no/such/bundle")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_wherever_it_is_given(where):
+    args = ["--debug", "check", "no/such/bundle"] if where == "before" else ["check", "no/such/bundle", "--debug"]
+    result = portable_moe(*args)
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_version_names_what_a_bug_report_needs():
+    result = portable_moe("--version")
+    assert result.returncode == 0
+    assert re.fullmatch(r"portable-moe \S+ \(python [\d.]+, numpy \S+, onnx \S+, onnxruntime \S+.*\)\n", result.stdout)
 
 
 def test_help_explains_each_command():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -41,8 +42,8 @@ from backends.npu_sim.partition import (
     plan_graph,
 )
 from backends.npu_sim.precision import PRECISION_MODES, apply_precision, float16_nodes, float16_tensors
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
-from portable_moe.costmodel import NodeWork, estimate_from_work, get_chip, node_work
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
+from portable_moe.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
 from portable_moe.errors import BackendError, InputError
 
 GIB = 1 << 30
@@ -290,6 +291,18 @@ class NpuSimCompiledModel(CompiledModel):
         return gear_module.unpad_outputs(self.outputs, results, sizes)
 
 
+def _directory_path(value: Any) -> str | os.PathLike[str]:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"not a path: {value!r}")
+    return value
+
+
+def _known_chip(key: str) -> str:
+    if key not in chip_keys():
+        raise BackendError(f"npu-sim option chip must be one of {', '.join(chip_keys())}, got {key!r}")
+    return key
+
+
 class NpuSimBackend(Backend):
     """The simulated NPU. See the module docstring and docs/writing-a-backend.md."""
 
@@ -297,20 +310,35 @@ class NpuSimBackend(Backend):
     vendor = "simulated (modelled on Huawei Ascend public constraints)"
     description = "simulated NPU (runs on ONNX Runtime CPU): Ascend-like op table, gears, fp16 modes, compile cache"
     simulated = True
-    option_defaults = {
-        "precision": "force_fp16",
-        "batch_sizes": gear_module.DEFAULT_BATCH_SIZES,
-        "seq_lengths": gear_module.DEFAULT_SEQ_LENGTHS,
-        "gears": None,
-        "strict": False,
-        "cache_dir": None,
-        "memory_gib": 64.0,
-        "router_fp32": True,
-        "fold_constants": True,
-        "chip": "ascend-910b",
-        "threads": 0,
-        "fail_on_run": 0,
-        "fail_on_compile": False,
+    declared_options = {
+        "precision": Option("force_fp16", str, "Ascend precision mode", choices=PRECISION_MODES),
+        "batch_sizes": Option(
+            gear_module.DEFAULT_BATCH_SIZES,
+            None,
+            "batch sizes to compile gears for, e.g. '1,2,4,8'",
+            parse=lambda value: gear_module.int_list(value, "batch_sizes"),
+        ),
+        "seq_lengths": Option(
+            gear_module.DEFAULT_SEQ_LENGTHS,
+            None,
+            "sequence lengths to compile gears for, e.g. '16,64,256'",
+            parse=lambda value: gear_module.int_list(value, "seq_lengths"),
+        ),
+        "gears": Option(None, None, "explicit gears, e.g. ['2x128', '4x64'] (replace batch_sizes x seq_lengths)"),
+        "strict": Option(False, bool, "refuse a model that needs host (CPU) fallback"),
+        "cache_dir": Option(
+            None,
+            None,
+            "a directory for the offline-compile cache (default: ~/.cache/portable-moe/npu-sim)",
+            parse=_directory_path,
+        ),
+        "memory_gib": Option(64.0, float, "simulated device memory budget in GiB", minimum=0),
+        "router_fp32": Option(True, bool, "keep the MoE router in float32 under float16 modes"),
+        "fold_constants": Option(True, bool, "fold constant subgraphs at compile time"),
+        "chip": Option("ascend-910b", str, "chip whose roofline prices the compile report", parse=_known_chip),
+        "threads": Option(0, int, "host threads (0: ONNX Runtime decides)", minimum=0),
+        "fail_on_run": Option(0, int, "fault injection: fail the Nth run (0: never)", minimum=0),
+        "fail_on_compile": Option(False, bool, "fault injection: fail while compiling"),
     }
 
     def probe(self) -> ProbeResult:
@@ -338,7 +366,6 @@ class NpuSimBackend(Backend):
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
-        options = _checked_options(options)
         if options["fail_on_compile"]:
             raise BackendError("simulated device error while compiling (fault injected by fail_on_compile=True)")
         budget = int(options["memory_gib"] * GIB)
@@ -462,32 +489,6 @@ def _build_gear(
     except ValueError as error:  # protobuf refuses messages over 2 GiB
         raise BackendError(f"npu-sim cannot serialise the {gear.describe()} artifact: {error}") from None
     return analysis, data
-
-
-def _checked_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options with their types checked (``-O strict=False`` arrives as the string "False").
-
-    Raises:
-        BackendError: naming the option, what it got and what it takes.
-    """
-    checked = dict(options)
-    for name in ("strict", "router_fp32", "fold_constants", "fail_on_compile"):
-        value = checked[name]
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            value = value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise BackendError(f"npu-sim option {name} must be true or false, got {checked[name]!r}")
-        checked[name] = value
-    for name, kind in (("fail_on_run", int), ("threads", int), ("memory_gib", float)):
-        try:
-            checked[name] = kind(checked[name] or 0)
-        except (TypeError, ValueError):
-            raise BackendError(f"npu-sim option {name} must be a number, got {checked[name]!r}") from None
-        if checked[name] < 0:
-            raise BackendError(f"npu-sim option {name} must not be negative, got {checked[name]!r}")
-    if checked["precision"] not in PRECISION_MODES:
-        raise BackendError(f"npu-sim precision {checked['precision']!r} is not one of {', '.join(PRECISION_MODES)}")
-    return checked
 
 
 def _notes(model: ModelInput, options: Mapping[str, Any]) -> list[str]:

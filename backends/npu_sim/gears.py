@@ -65,7 +65,12 @@ class Gear:
         return "-".join(f"{''.join(c for c in name if c.isalnum())}{size}" for name, size in self.sizes) or "static"
 
 
-def _int_list(value: Any, option: str) -> list[int]:
+def int_list(value: Any, option: str) -> list[int]:
+    """Sizes from ``'1,2,4'``, ``[1, 2, 4]`` or ``4``, sorted and deduplicated.
+
+    Raises:
+        BackendError: unless every size is a positive integer.
+    """
     try:
         items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
         sizes = sorted({int(item) for item in items})
@@ -133,8 +138,8 @@ def build_gears(inputs: Sequence[TensorSpec], options: Mapping[str, Any]) -> lis
             gears.add(Gear(tuple((name, sizes[name]) for name in names)))
         return sorted(gears, key=lambda gear: (gear.elements, gear.sizes))
     per_dim = {
-        "batch": _int_list(options.get("batch_sizes", DEFAULT_BATCH_SIZES), "batch_sizes"),
-        "seq": _int_list(options.get("seq_lengths", DEFAULT_SEQ_LENGTHS), "seq_lengths"),
+        "batch": int_list(options.get("batch_sizes", DEFAULT_BATCH_SIZES), "batch_sizes"),
+        "seq": int_list(options.get("seq_lengths", DEFAULT_SEQ_LENGTHS), "seq_lengths"),
     }
     uncovered = [name for name in names if name not in per_dim]
     if uncovered:

@@ -260,17 +260,23 @@ def test_options_reach_the_provider():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"device_id": -1}, r"device_id must be a non-negative integer, got -1"),
-        ({"device_id": True}, r"device_id must be a non-negative integer, got True"),
-        ({"gpu_mem_limit": "2GB"}, r"gpu_mem_limit must be a non-negative integer, got '2GB'"),
-        ({"enable_cuda_graph": "yes"}, r"enable_cuda_graph must be true or false, got 'yes'"),
-        ({"allow_cpu_fallback": 1}, r"allow_cpu_fallback must be true or false, got 1"),
-        ({"enable_cuda_graph": True, "allow_cpu_fallback": True}, r"exclude each other"),
+        ({"device_id": -1}, r"cuda option device_id must be an integer >= 0, got -1"),
+        ({"device_id": True}, r"cuda option device_id must be an integer >= 0, got True"),
+        ({"gpu_mem_limit": "2GB"}, r"cuda option gpu_mem_limit must be an integer >= 0, got '2GB'"),
+        ({"enable_cuda_graph": "maybe"}, r"cuda option enable_cuda_graph must be true or false, got 'maybe'"),
+        ({"allow_cpu_fallback": 1}, r"cuda option allow_cpu_fallback must be true or false, got 1"),
     ],
 )
-def test_bad_options_are_refused(override, message):
+def test_bad_options_are_refused_before_compiling(override, message):
+    # Declared options are checked whether or not this machine has a GPU.
     with pytest.raises(BackendError, match=message):
-        CudaSettings.from_options({**OnnxRuntimeCudaBackend.option_defaults, **override})
+        OnnxRuntimeCudaBackend().check_options(override)
+
+
+def test_options_that_exclude_each_other_are_refused():
+    options = OnnxRuntimeCudaBackend().resolve_options({"enable_cuda_graph": "yes", "allow_cpu_fallback": True})
+    with pytest.raises(BackendError, match=r"exclude each other"):
+        CudaSettings.from_options(options)
 
 
 # -- placement from ORT's profile --

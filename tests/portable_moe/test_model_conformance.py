@@ -143,13 +143,23 @@ def test_npz_inputs(tiny_bundle, tmp_path):
         ("random:x", r"write random:N with N >= 1"),
         ("missing.npz", r"missing.npz: no such file"),
         ("{wrong_keys}", r"holds arrays \['tokens'\], expected exactly the model inputs \['input_ids'\]"),
-        ("{not_npz}", r"not a readable .npz file"),
+        ("{not_npz}", r"bad.npz: not an .npz file \(an .npz is a zip archive of arrays\); write one with numpy.savez"),
+        ("{npy}", r"one.npz: a single .npy array, not an .npz; write one with numpy.savez\(path, input_ids=array\)"),
+        ("{broken_zip}", r"broken.npz: not a readable .npz file \("),
     ],
 )
 def test_bad_input_specs(tiny_bundle, tmp_path, spec, message):
     np.savez(tmp_path / "wrong.npz", tokens=np.zeros((1, 4), dtype=np.int64))
-    (tmp_path / "bad.npz").write_text("not a zip")
-    spec = spec.format(wrong_keys=tmp_path / "wrong.npz", not_npz=tmp_path / "bad.npz")
+    (tmp_path / "bad.npz").write_text("input_ids\n1 2 3\n")  # a text file with an .npz name
+    with open(tmp_path / "one.npz", "wb") as handle:  # np.save on a file object keeps the name as given
+        np.save(handle, np.zeros((1, 4), dtype=np.int64))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 cut short")
+    spec = spec.format(
+        wrong_keys=tmp_path / "wrong.npz",
+        not_npz=tmp_path / "bad.npz",
+        npy=tmp_path / "one.npz",
+        broken_zip=tmp_path / "broken.npz",
+    )
     with pytest.raises(InputError, match=message):
         input_sets_for(tiny_bundle, spec)
 
