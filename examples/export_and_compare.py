@@ -15,7 +15,8 @@ import portable_moe
 
 
 def main(output_dir: Path) -> int:
-    bundle = portable_moe.export(output_dir / "tiny", preset="tiny", seed=0, overwrite=True)
+    # verbose: each step and its time on stderr (the export takes tens of seconds on a small machine).
+    bundle = portable_moe.export(output_dir / "tiny", preset="tiny", seed=0, overwrite=True, verbose=True)
     print(f"exported {bundle.path} ({bundle.moe_lowering} lowering)")
 
     # Fresh inputs, not the golden ones: a batch of 3 sequences of 10 tokens.
@@ -35,7 +36,7 @@ def main(output_dir: Path) -> int:
         )
         print(f"  {comparison.name}: {'ok' if comparison.passed else 'DIFFERS'} ({figure})")
 
-    results = portable_moe.check_bundle(bundle, ["cpu", "reference"])
+    results = portable_moe.check_bundle(bundle, ["cpu", "reference"], verbose=True)
     for result in results:
         print(f"conformance vs golden data on {result.backend}: {result.status}")
     return 0 if all(c.passed for c in comparisons) and all(r.passed for r in results) else 1

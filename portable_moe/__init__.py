@@ -3,7 +3,7 @@
 The public API::
 
     import portable_moe
-    bundle = portable_moe.export("build/tiny", preset="tiny", seed=0)   # needs the [export] extra
+    bundle = portable_moe.export("build/tiny", preset="tiny", seed=0, overwrite=True, verbose=True)  # [export] extra
     bundle = portable_moe.load_bundle("build/tiny")                     # needs no torch
     compiled = portable_moe.get_backend("cpu").compile(bundle)
     outputs = compiled.run({"input_ids": ids})
@@ -18,7 +18,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.compare import TOLERANCES, OutputComparison, Tolerance, compare_outputs, routing_agreement
 from portable_moe.config import PRESETS, ModelConfig, get_preset
@@ -52,12 +52,31 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 
 def export(
-    output_dir: str | os.PathLike[str], preset: str | ModelConfig = "tiny", seed: int = 0, **options: Any
+    output_dir: str | os.PathLike[str],
+    preset: str | ModelConfig = "tiny",
+    seed: int = 0,
+    *,
+    verbose: bool = False,
+    **options: Any,
 ) -> Bundle:
-    """Export a preset to a bundle (imports torch; see ``exporters.export_bundle`` for the options)."""
-    from exporters import export_bundle
+    """Export a preset to a bundle (imports torch; see ``exporters.export_bundle`` for the options).
 
-    return export_bundle(output_dir, preset, seed, **options)
+    Args:
+        output_dir: the bundle directory to create (``overwrite=True`` replaces an existing one).
+        preset: a preset name or a ModelConfig.
+        seed: weight seed.
+        verbose: print each step with its time on stderr (exporting takes tens of seconds);
+            ``progress=callback`` receives the step messages instead.
+        options: passed to ``exporters.export_bundle``.
+    """
+    from exporters import export_bundle
+    from portable_moe import progress as step_progress
+
+    reporter = step_progress.resolve(options.pop("progress", None), verbose)
+    try:
+        return export_bundle(output_dir, preset, seed, progress=reporter, **options)
+    finally:
+        step_progress.finish(reporter)
 
 
 __all__ = [
@@ -79,6 +98,7 @@ __all__ = [
     "InputError",
     "ModelConfig",
     "ModelInput",
+    "Option",
     "OutputComparison",
     "PortableMoEError",
     "ProbeResult",

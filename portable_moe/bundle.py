@@ -243,6 +243,20 @@ def _remove_tree(path: Path) -> None:
         raise interrupted
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it where the OS tells it)."""
+    try:
+        with open("/proc/self/status") as status:  # Linux: no window where the mask is changed
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Stage a bundle in a temporary directory and move it into place only when complete.
@@ -261,6 +275,8 @@ def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -
         raise BundleError(f"{target} already exists; choose another directory or pass overwrite (--force)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # mkdtemp makes the directory private (0700); a bundle is shared like any directory the user makes.
+    staging.chmod(0o777 & ~current_umask())
     try:
         yield staging
         if not (staging / MANIFEST_NAME).exists():

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from portable_moe import progress as step_progress
 from portable_moe.backend import Backend, ModelInput, as_model_input
 from portable_moe.bisect import ORACLES, BisectResult, bisect_divergence
 from portable_moe.bundle import Bundle
@@ -330,6 +331,7 @@ def check_bundle(
     input_sets: Sequence[InputSet] | None = None,
     bisect: str = "never",
     skip_unaccepted: bool = False,
+    verbose: bool = False,
 ) -> list[BackendResult]:
     """Check a bundle on each named backend (unknown names and bad options raise before anything runs).
 
@@ -342,12 +344,14 @@ def check_bundle(
         bisect: "never", "failed" or "always" (see :func:`check_backend`).
         skip_unaccepted: backends that do not take the bundle end as "skipped", not "error"
             (for "every backend that can": the CLI's ``--backend all``).
+        verbose: print each backend's check with its time on stderr (when ``progress`` is None).
     """
     if bisect not in ("never", "failed", "always"):
         raise InputError(f"bisect must be never, failed or always, got {bisect!r}")
     backends = [get_backend(name) for name in backend_names]
     for backend in backends:  # a bad option is the caller's mistake: refuse it before anything compiles
         backend.check_options((options or {}).get(backend.name))
+    progress = step_progress.resolve(progress, verbose)
     model = as_model_input(bundle)
     sets = list(input_sets) if input_sets is not None else bundle.golden_sets()
     margins = _margins(bundle, model, sets, progress)
@@ -367,6 +371,7 @@ def check_bundle(
                 skip_unaccepted=skip_unaccepted,
             )
         )
+    step_progress.finish(progress)
     return results
 
 

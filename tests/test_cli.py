@@ -216,3 +216,55 @@ def test_capacity_options_only_apply_to_the_capacity_lowering(tmp_path):
     result = portable_moe("export", "-o", str(tmp_path / "x"), "--moe-lowering", "capacity", "--capacity-factor", "-1")
     assert result.returncode == 2 and "expected a positive number or auto" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def relabelled_sparse(exported, tmp_path_factory) -> Path:
+    """The dense bundle with its manifest saying "sparse": backends decide on the label, not the graph."""
+    target = tmp_path_factory.mktemp("relabelled") / "sparse"
+    shutil.copytree(exported, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["moe_lowering"] = "sparse"
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_check_all_skips_backends_that_do_not_take_the_bundle_in_80_columns(relabelled_sparse, tmp_path):
+    junit = tmp_path / "report.xml"
+    result = portable_moe(
+        "check", str(relabelled_sparse), "--backend", "all", "--junit", str(junit), env={"COLUMNS": "80"}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert re.search(r"│ npu-sim\s+│ skipped\s+│ -", result.stdout)
+    assert re.search(r"│ cpu\s+│ passed", result.stdout)
+    assert "…" not in result.stdout  # nothing cut: long reasons are numbered notes below the table, whole
+    notes = " ".join(" ".join(line for line in lines if not line.startswith(("┃", "│", "┏", "┡", "└"))).split())
+    assert "npu-sim: backend 'npu-sim' does not accept the 'sparse' MoE lowering; it takes capacity, dense." in notes
+    # CI reads skips as skips: the backends that were not checked are <skipped> with the reason, never passes.
+    import xml.etree.ElementTree as ElementTree
+
+    suites = {suite.get("name").rsplit(" ", 1)[1]: suite for suite in ElementTree.parse(junit).getroot()}
+    skipped = suites["npu-sim"].find("testcase/skipped")
+    assert skipped is not None and "does not accept the 'sparse' MoE lowering" in skipped.get("message")
+    assert suites["npu-sim"].get("skipped") == "1" and suites["cpu"].get("skipped") == "0"
+    for suite in suites.values():  # every backend either ran its comparisons or was skipped (cuda without a GPU)
+        case = suite.find("testcase")
+        assert case.get("name") != "compile and run" or case.find("skipped") is not None
+
+
+def test_naming_a_backend_that_does_not_take_the_bundle_is_an_error(relabelled_sparse):
+    result = portable_moe("check", str(relabelled_sparse), "--backend", "npu-sim")
+    assert result.returncode == 1
+    assert "it takes capacity, dense. Re-export with --moe-lowering capacity" in result.stdout
+    assert "not conforming: npu-sim (error)" in result.stderr
+
+
+def test_backends_fit_80_columns_and_list_their_options():
+    result = portable_moe("backends", "--options", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert max(map(len, result.stdout.splitlines())) <= 80 and "…" not in result.stdout
+    assert re.search(r"^  threads=0\s+an integer >= 0; intra-op threads", result.stdout, re.MULTILINE)
+    assert re.search(r"^  precision=f32\s+one of f32, f16, bf16;", result.stdout, re.MULTILINE)
+    assert re.search(r"^  nan_policy=reject\s+one of reject, pass;", result.stdout, re.MULTILINE)

@@ -265,3 +265,14 @@ def test_reduced_precision_hint_is_reported_as_what_took_effect(tiny_bundle):
     golden = expected["logits"].ravel().astype(np.float64)
     # bf16 keeps 8 mantissa bits: close in direction (measured 0.9998 on this preset), not to 1e-4.
     assert logits.ravel() @ golden / (np.linalg.norm(logits) * np.linalg.norm(golden)) > 0.999
+
+
+def test_the_guide_states_the_tolerance_rows_the_code_has():
+    from pathlib import Path
+
+    from portable_moe.compare import TOLERANCES
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "backends-cuda-openvino.md").read_text()
+    for mode in ("openvino-bf16", "openvino-f16"):
+        tolerance = TOLERANCES[(mode, "float32")]
+        assert f"`{mode}` (atol {tolerance.atol:g}, rtol {tolerance.rtol:g})" in guide

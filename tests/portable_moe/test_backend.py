@@ -4,6 +4,7 @@ import numpy as np
 import onnx.parser
 import pytest
 
+from backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
 from portable_moe import BackendError, InputError, get_backend
 from portable_moe.backend import ModelInput, as_model_input
 from portable_moe.tensors import specs_from_onnx
@@ -125,3 +126,39 @@ def test_model_sources(tmp_path, tiny_bundle):
     assert as_model_input(path).path == path
     assert as_model_input(str(tiny_bundle.path)).moe_lowering == tiny_bundle.moe_lowering
     assert as_model_input(tiny_bundle).bundle is tiny_bundle
+
+
+def test_declared_options_turn_words_into_their_type_and_refuse_the_rest():
+    from portable_moe import Option
+
+    flag, count, ratio = Option(False, bool), Option(0, int, minimum=0, maximum=8), Option(1.0, float, minimum=0)
+    assert [flag.check("x", "strict", word) for word in ("true", "False", "yes", "0", True)] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert count.check("x", "threads", 8) == 8 and ratio.check("x", "ratio", 2) == 2.0
+    with pytest.raises(BackendError, match=r"^x option threads must be an integer >= 0 <= 8, got 9$"):
+        count.check("x", "threads", 9)
+    with pytest.raises(BackendError, match=r"^x option threads must be an integer >= 0 <= 8, got 2.5$"):
+        count.check("x", "threads", 2.5)
+    with pytest.raises(BackendError, match=r"^x option strict must be true or false, got 'maybe'$"):
+        flag.check("x", "strict", "maybe")
+    with pytest.raises(BackendError, match=r"^x option ratio must be a number >= 0, got True$"):
+        ratio.check("x", "ratio", True)
+
+
+def test_options_are_checked_before_the_backend_compiles():
+    compiled_models = []
+
+    class Recording(OnnxRuntimeCpuBackend):
+        def _compile(self, model, options):
+            compiled_models.append(model)
+            return super()._compile(model, options)
+
+    with pytest.raises(BackendError, match=r"cpu option threads must be an integer >= 0, got 'abc'"):
+        Recording().compile(TWO_INPUTS, {"threads": "abc"})
+    assert compiled_models == []
+    assert Recording.option_defaults == {"threads": 0, "optimization": "all"}  # derived from the declarations

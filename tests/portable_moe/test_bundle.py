@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import sys
 
 import numpy as np
@@ -137,3 +138,19 @@ def test_golden_outputs_match_the_reference(tiny_bundle):
     with torch.no_grad():
         logits, _ = model(torch.tensor(inputs["input_ids"]))
     np.testing.assert_array_equal(logits.numpy(), outputs["logits"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_bundle_directory_permissions_follow_the_umask(tmp_path, tiny_bundle, umask):
+    from portable_moe.bundle import current_umask
+
+    target = tmp_path / "bundle"
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with bundle_writer(target) as staging:
+            (staging / "manifest.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(tiny_bundle.path.stat().st_mode) == 0o777 & ~previous  # the exporter's bundle too

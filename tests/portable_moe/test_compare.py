@@ -85,3 +85,15 @@ def test_unknown_precision_mode_names_the_known_ones():
 
     with pytest.raises(ConformanceError, match="no tolerance for precision mode 'int4'; known modes: .*exact"):
         tolerance_for("float32", "int4")
+
+
+def test_relative_error_to_the_output_scale_stays_meaningful_near_zero():
+    expected = np.array([4.0, -2.0, 1e-6], dtype=np.float32)
+    actual = expected + np.float32(1e-3)
+    [result] = compare_outputs({"y": expected}, {"y": actual}, precision="force_fp16")
+    assert result.passed
+    assert result.max_rel_error > 100  # elementwise: 1e-3 / 1e-6 at the near-zero element
+    assert result.max_scaled_error == pytest.approx(1e-3 / 4.0, rel=1e-3)  # against the largest |value|
+    assert result.to_dict()["max_scaled_error"] == result.max_scaled_error
+    [zeros] = compare_outputs({"y": np.zeros(3, np.float32)}, {"y": np.zeros(3, np.float32)})
+    assert zeros.max_scaled_error == 0.0

@@ -23,6 +23,7 @@ PUBLIC = {
     "InputError",
     "ModelConfig",
     "ModelInput",
+    "Option",
     "OutputComparison",
     "PortableMoEError",
     "ProbeResult",
