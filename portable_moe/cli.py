@@ -287,6 +287,8 @@ def command_bench(args: argparse.Namespace) -> int:
 
     from portable_moe.bench import bench_compiled, token_feeds
 
+    if args.preset is not None or args.bundle is None:
+        return _estimate_preset(args)
     bundle = load_bundle(args.bundle)
     backend, skipped = registry.select_backend(args.backend)
     for name, reason in skipped:
@@ -323,29 +325,60 @@ def command_bench(args: argparse.Namespace) -> int:
         from portable_moe.costmodel import estimate_bundle
 
         estimates = estimate_bundle(bundle, shape[0], shape[1])
-        table = Table(
-            title=f"Roofline estimate for input {shape} (an estimate, not a measurement)",
-            caption="chip figures and their sources: portable_moe/data/chips.json",
-        )
-        for column in ("chip", "estimated ms", "GFLOP", "MB moved"):
-            table.add_column(column)
-        for estimate in estimates:
-            table.add_row(
-                escape(estimate.chip.name),
-                f"{estimate.seconds * 1000:.4f}",
-                f"{estimate.flops / 1e9:.3f}",
-                f"{estimate.bytes / 1e6:.1f}",
-            )
-        _print(table)
+        _print_estimates(estimates, f"Roofline estimate for input {shape} (an estimate, not a measurement)")
     if args.json:
         report = {"bundle": str(bundle.path), "backend": backend.name, "input_shape": shape, **result.to_dict()}
         if estimates:
-            report["estimates"] = [
-                {"chip": e.chip.key, "seconds": e.seconds, "flops": e.flops, "bytes": e.bytes} for e in estimates
-            ]
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        stderr.print(f"report written to {escape(args.json)}")
+            report["estimates"] = _estimates_json(estimates)
+        _write_json(args.json, report)
     return EXIT_OK
+
+
+def _estimate_preset(args: argparse.Namespace) -> int:
+    """``bench --estimate --preset NAME``: price a preset from its config, building nothing (deepseek-v3 too)."""
+    from portable_moe.config import get_preset
+    from portable_moe.costmodel import estimate_config
+
+    if args.bundle is not None or args.preset is None or not args.estimate:
+        raise InputError(
+            "give a bundle directory to time, or --estimate --preset NAME (e.g. deepseek-v3) to price a preset "
+            "without building it"
+        )
+    batch, seq = args.batch or 1, args.seq or 1
+    config = get_preset(args.preset)
+    estimates = estimate_config(config, batch, seq)
+    _print_estimates(
+        estimates,
+        f"Roofline estimate of {config.name} for input [{batch}, {seq}], sparse MoE lowering, counted from the "
+        "config (an estimate, not a measurement; nothing was built)",
+    )
+    if args.json:
+        report = {"preset": config.name, "input_shape": [batch, seq], "moe_lowering": "sparse"}
+        _write_json(args.json, {**report, "estimates": _estimates_json(estimates)})
+    return EXIT_OK
+
+
+def _print_estimates(estimates: list[Any], title: str) -> None:
+    table = Table(title=title, caption="chip figures and their sources: portable_moe/data/chips.json")
+    for column in ("chip", "estimated ms", "GFLOP", "MB moved"):
+        table.add_column(column)
+    for estimate in estimates:
+        table.add_row(
+            escape(estimate.chip.name),
+            f"{estimate.seconds * 1000:.4f}",
+            f"{estimate.flops / 1e9:.3f}",
+            f"{estimate.bytes / 1e6:.1f}",
+        )
+    _print(table)
+
+
+def _estimates_json(estimates: list[Any]) -> list[dict[str, Any]]:
+    return [{"chip": e.chip.key, "seconds": e.seconds, "flops": e.flops, "bytes": e.bytes} for e in estimates]
+
+
+def _write_json(path: str, report: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(report, indent=2))
+    stderr.print(f"report written to {escape(path)}")
 
 
 def _checks_all(spec: str) -> bool:
@@ -574,8 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flag(check)
     check.set_defaults(handler=command_check)
 
-    bench = commands.add_parser("bench", help="latency and throughput of a bundle on a backend")
-    bench.add_argument("bundle", help="bundle directory")
+    bench = commands.add_parser(
+        "bench", help="latency and throughput of a bundle on a backend; or --estimate --preset NAME to price a preset"
+    )
+    bench.add_argument("bundle", nargs="?", help="bundle directory (leave out with --estimate --preset NAME)")
+    bench.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="with --estimate and no bundle: estimate this preset from its config, building nothing "
+        "(deepseek-v3 included; --batch/--seq default to 1)",
+    )
     bench.add_argument("--backend", default="cpu", help="backend name or fallback list (default: cpu)")
     bench.add_argument("--batch", type=int, help="random token input of this batch size (with --seq)")
     bench.add_argument("--seq", type=int, help="random token input of this sequence length (with --batch)")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from portable_moe.config import ModelConfig
 from portable_moe.errors import ConfigError
 
 CPU_CHIP_KEY = "cpu"
@@ -406,6 +407,103 @@ def estimate_bundle(
     return [estimate_from_work(work, chip, unsized) for chip in resolved]
 
 
+def config_work(config: ModelConfig, batch: int, seq: int, moe_lowering: str = "sparse") -> list[NodeWork]:
+    """Count a model's work from its config alone, without building or exporting it.
+
+    For presets too large to build (``deepseek-v3``). The layers are those of the reference model
+    (:mod:`portable_moe.model`): per layer RMSNorms, q/k/v/o projections, causal attention
+    scores, and a dense SwiGLU MLP or an MoE block (router, shared experts, routed experts). Each
+    matrix product is counted as the exported graph counts it (2 FLOPs per multiply-add; its
+    inputs, weights and output moved once); element-wise work (norms, activations, softmax) is
+    counted per element, as the graph-based count does for single nodes, but not node by node.
+
+    Args:
+        config: the model's sizes.
+        batch / seq: the input size.
+        moe_lowering: "sparse" (each token runs its top-k experts; the weights read are those of
+            the experts at least one token picks, expected under uniform routing) or "dense"
+            (every expert on every token, as the dense lowering computes).
+
+    Raises:
+        ConfigError: for a size below 1 or another lowering.
+    """
+    if batch < 1 or seq < 1:
+        raise ConfigError(f"batch and seq must be at least 1, got batch={batch} seq={seq}")
+    if moe_lowering not in ("sparse", "dense"):
+        raise ConfigError(f"the config-based count knows the sparse and dense lowerings, not {moe_lowering!r}")
+    tokens, hidden = batch * seq, config.hidden_size
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    work: list[NodeWork] = [NodeWork("embedding", "Gather", 0.0, 2.0 * tokens * hidden, 8.0 * tokens)]
+
+    def matmul(name: str, rows: float, inner: float, columns: float, weights: float | None = None) -> NodeWork:
+        weight_elements = inner * columns if weights is None else weights
+        return NodeWork(
+            name, "MatMul", 2.0 * rows * inner * columns, rows * inner + weight_elements + rows * columns, 0
+        )
+
+    def elementwise(name: str, op_type: str, elements: float, flops_per_element: float = 1.0) -> NodeWork:
+        return NodeWork(name, op_type, flops_per_element * elements, 2.0 * elements, 0.0)
+
+    def swiglu(name: str, rows: float, width: float, experts: float = 1.0, weight_experts: float | None = None) -> list:
+        stored = experts if weight_experts is None else weight_experts
+        return [
+            matmul(f"{name}.gate", rows, hidden, width * experts, stored * hidden * width),
+            matmul(f"{name}.up", rows, hidden, width * experts, stored * hidden * width),
+            elementwise(f"{name}.silu_mul", "Mul", rows * width * experts, 5.0),
+            matmul(f"{name}.down", rows * experts, width, hidden, stored * width * hidden),
+        ]
+
+    for layer in range(config.num_hidden_layers):
+        prefix = f"layer{layer}"
+        work += [elementwise(f"{prefix}.input_norm", "RMSNorm", tokens * hidden, 4.0)]
+        work += [matmul(f"{prefix}.{name}_proj", tokens, hidden, hidden) for name in ("q", "k", "v")]
+        work += [
+            elementwise(f"{prefix}.rotary", "Mul", 2.0 * tokens * hidden, 3.0),
+            matmul(f"{prefix}.scores", batch * heads * seq, head_dim, seq, batch * heads * seq * head_dim),
+            elementwise(f"{prefix}.softmax", "Softmax", batch * heads * seq * seq, 5.0),
+            matmul(f"{prefix}.attend", batch * heads * seq, seq, head_dim, batch * heads * seq * head_dim),
+            matmul(f"{prefix}.o_proj", tokens, hidden, hidden),
+            elementwise(f"{prefix}.post_attention_norm", "RMSNorm", tokens * hidden, 4.0),
+        ]
+        if layer not in config.moe_layer_indices:
+            work += swiglu(f"{prefix}.mlp", tokens, config.intermediate_size)
+            continue
+        experts, top_k, width = config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size
+        work += [
+            matmul(f"{prefix}.router", tokens, hidden, experts),
+            elementwise(f"{prefix}.router_scores", "Sigmoid", tokens * experts, 4.0),
+            NodeWork(f"{prefix}.router_topk", "TopK", float(tokens * experts), tokens * experts, 16.0 * tokens * top_k),
+        ]
+        if config.n_shared_experts:
+            work += swiglu(f"{prefix}.shared", tokens, width * config.n_shared_experts)
+        if moe_lowering == "dense":
+            # Every expert on every token: [T, H] x [E, H, I] per projection, then the gate zeroes most.
+            work += swiglu(f"{prefix}.experts", tokens, width, experts, experts)
+        else:
+            touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)  # experts some token picks
+            work += swiglu(f"{prefix}.experts", tokens * top_k, width, 1.0, touched)
+        work += [elementwise(f"{prefix}.combine", "Mul", tokens * top_k * hidden, 2.0)]
+    work += [
+        elementwise("final_norm", "RMSNorm", tokens * hidden, 4.0),
+        matmul("lm_head", tokens, hidden, config.vocab_size),
+    ]
+    return work
+
+
+def estimate_config(
+    config: ModelConfig, batch: int, seq: int, chips: Iterable[str] | None = None, moe_lowering: str = "sparse"
+) -> list[Estimate]:
+    """Estimate a preset at input ``[batch, seq]`` on several chips from its config (see :func:`config_work`).
+
+    Raises:
+        ConfigError: for an unknown chip, a size below 1 or an unknown lowering.
+    """
+    keys = list(chips) if chips is not None else chip_keys()
+    resolved = [get_chip(key) for key in keys]
+    work = config_work(config, batch, seq, moe_lowering)
+    return [estimate_from_work(work, chip) for chip in resolved]
+
+
 __all__ = [
     "CPU_CHIP_KEY",
     "Chip",
@@ -413,7 +511,9 @@ __all__ = [
     "NodeCost",
     "NodeWork",
     "chip_keys",
+    "config_work",
     "estimate_bundle",
+    "estimate_config",
     "estimate_from_work",
     "estimate_model",
     "get_chip",

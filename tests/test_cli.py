@@ -202,6 +202,7 @@ def test_bench_prints_latency_and_throughput(exported, tmp_path):
         (["--batch", "2"], "give both --batch and --seq"),
         (["--runs", "0"], "runs must be >= 1"),
         (["--batch", "0", "--seq", "1"], "batch and sequence must be >= 1"),
+        (["--estimate", "--preset", "tiny"], "give a bundle directory to time, or --estimate --preset NAME"),
     ],
 )
 def test_bench_bad_arguments(exported, args, message):
@@ -268,3 +269,14 @@ def test_backends_fit_80_columns_and_list_their_options():
     assert re.search(r"^  threads=0\s+an integer >= 0; intra-op threads", result.stdout, re.MULTILINE)
     assert re.search(r"^  precision=f32\s+one of f32, f16, bf16;", result.stdout, re.MULTILINE)
     assert re.search(r"^  nan_policy=reject\s+one of reject, pass;", result.stdout, re.MULTILINE)
+
+
+def test_bench_prices_deepseek_v3_without_building_it(tmp_path):
+    report = tmp_path / "estimate.json"
+    result = portable_moe("bench", "--estimate", "--preset", "deepseek-v3", "--seq", "8", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "nothing was built" in result.stdout and "an estimate, not a measurement" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["preset"] == "deepseek-v3" and data["input_shape"] == [1, 8]
+    assert {estimate["chip"] for estimate in data["estimates"]} >= {"ascend-910b", "h100-sxm"}
+    assert len({estimate["flops"] for estimate in data["estimates"]}) == 1

@@ -120,3 +120,37 @@ def test_estimate_bundle_on_every_chip(tiny_bundle):
         estimate_bundle(tiny_bundle, batch=0, seq=4)
     with pytest.raises(ConfigError, match="unknown chip"):
         estimate_bundle(tiny_bundle, batch=1, seq=4, chips=["h100-sxm", "tpu"])
+
+
+@pytest.mark.parametrize(("batch", "seq"), [(1, 1), (2, 16)])
+def test_config_count_agrees_with_the_exported_graph(tiny_bundle, batch, seq):
+    # Two independent counts of the same model: from the dense bundle's graph and from its config alone.
+    from portable_moe.costmodel import config_work
+
+    graph, _ = node_work(tiny_bundle.load_onnx(), {"input_ids": (batch, seq)})
+    config = config_work(tiny_bundle.config, batch, seq, moe_lowering="dense")
+
+    def matmul_flops(work):
+        return sum(item.flops for item in work if item.op_type in ("MatMul", "Gemm", "Einsum"))
+
+    assert matmul_flops(config) == pytest.approx(matmul_flops(graph), rel=0.01)
+    assert sum(item.flops for item in config) == pytest.approx(sum(item.flops for item in graph), rel=0.05)
+
+
+def test_deepseek_v3_is_priced_from_its_config_without_building_it():
+    from portable_moe.config import get_preset
+    from portable_moe.costmodel import config_work, estimate_config
+
+    config = get_preset("deepseek-v3")
+    flops = sum(item.flops for item in config_work(config, 1, 1))
+    # One token multiplies by every weight it touches once: 2 FLOPs per active parameter, the input
+    # embedding (a lookup) aside; attention over one position adds next to nothing.
+    active = config.parameter_count()["active_per_token"] - config.vocab_size * config.hidden_size
+    assert flops == pytest.approx(2 * active, rel=0.005)
+    h100, h200 = estimate_config(config, 1, 1, ["h100-sxm", "h200-sxm"])
+    assert h100.flops == h200.flops and h200.seconds < h100.seconds  # decode is bandwidth-bound
+    assert h100.bytes >= 2 * active  # float16 weights are read at least once
+    with pytest.raises(ConfigError, match="the config-based count knows the sparse and dense lowerings, not 'fused'"):
+        config_work(config, 1, 1, "fused")
+    with pytest.raises(ConfigError, match="batch and seq must be at least 1"):
+        estimate_config(config, 0, 1, ["h100-sxm"])
