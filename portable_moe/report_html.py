@@ -21,7 +21,7 @@ _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
 td, th { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
-.passed { color: #2a7d3f; } .failed, .error { color: #b3261e; } .unavailable { color: #9a6b00; }
+.passed { color: #2a7d3f; } .failed, .error { color: #b3261e; } .unavailable, .skipped { color: #9a6b00; }
 figure { display: inline-block; margin: 0 1.5em 1.5em 0; vertical-align: top; }
 figcaption { font-size: 0.9em; margin-bottom: 0.3em; }
 svg.plot { background: #fafafa; border: 1px solid #ddd; }
