@@ -52,9 +52,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 
 def export(
-    output_dir: str | os.PathLike[str], preset: str | ModelConfig = "tiny", seed: int = 0, **options: Any
+    output_dir: str | os.PathLike[str], preset: str | ModelConfig | None = None, seed: int = 0, **options: Any
 ) -> Bundle:
-    """Export a preset to a bundle (imports torch; see ``exporters.export_bundle`` for the options)."""
+    """Export a preset (default "tiny"), or a local Hugging Face checkpoint with ``hf=DIR``, to a bundle.
+
+    Imports torch (and transformers for ``hf``); see ``exporters.export_bundle`` for the options.
+    """
     from exporters import export_bundle
 
     return export_bundle(output_dir, preset, seed, **options)
