@@ -268,6 +268,10 @@ def export_bundle(
     config = None
     if hf is None:
         config = preset if isinstance(preset, ModelConfig) else get_preset(preset or "tiny")
+    else:
+        from exporters.hf.checkpoint import checkpoint_directory
+
+        checkpoint_directory(hf)  # a missing directory or a hub id fails before anything else
     lowering = get_lowering(moe_lowering)
     torch = _import_torch()
 
