@@ -10,6 +10,7 @@ writes nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import io
 import logging
@@ -109,6 +110,10 @@ def _check_parity(
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # The graph exactly as exported, and one copy of the weights: constant folding and pre-packing
+    # would hold two or three more copies of big models for a check that runs two small inputs.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -284,7 +289,7 @@ def export_bundle(
         source = hf_source(hf, seed, golden_batch, golden_seq, say)
     else:
         source = _preset_source(config, seed, golden_batch, golden_seq, say)
-    model, config = source.model, source.config
+    model, config, source_manifest = source.model, source.config, source.manifest
     golden_ids, second_ids, golden_out = source.golden_ids, source.second_ids, dict(source.golden_out)
     names, routing = output_names(config)
 
@@ -332,6 +337,9 @@ def export_bundle(
             ) from error
         if external:
             say("weights written as ONNX external data beside model.onnx")
+        # The torch model is no longer needed: free its weights before ONNX Runtime loads its own copy.
+        source = model = None
+        gc.collect()
 
         say("validating: ONNX checker (full check with shape inference)")
         import onnx
@@ -354,7 +362,7 @@ def export_bundle(
         proto = onnx.load(str(model_path), load_external_data=False)
         inputs, outputs = specs_from_onnx(proto)
         extra: dict[str, Any] = {
-            **source.manifest,
+            **source_manifest,
             "seed": seed,
             "opset": opset,
             "ir_version": proto.ir_version,
