@@ -4,8 +4,9 @@ A checkpoint is a local directory as ``save_pretrained`` writes it: ``config.jso
 ``model.safetensors`` or shards listed by ``model.safetensors.index.json``. Nothing is downloaded:
 a path that is not a directory is refused, with a hint when it looks like a hub id.
 
-Tensors are read one at a time when asked for (``safetensors.safe_open``), so loading never holds
-a second copy of the whole model. Block-wise FP8 weights (DeepSeek-V3's published format:
+Tensors are read one at a time when asked for, straight from the file into the tensor's memory
+(the safetensors header gives each tensor's dtype, shape and byte range). Nothing is memory-mapped,
+so loading holds one copy of the weights, not the weights plus the mapped files. Block-wise FP8 weights (DeepSeek-V3's published format:
 ``float8_e4m3fn`` weights with a ``<name>_scale_inv`` float32 tensor of one scale per
 ``weight_block_size`` block) are dequantized as they are read.
 """
@@ -16,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,22 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MAX_HEADER_BYTES = 100 << 20
+# safetensors dtype names -> torch dtype attribute names.
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def checkpoint_directory(path: str | Any) -> Path:
@@ -89,7 +107,7 @@ class CheckpointReader:
     block_size: tuple[int, int] | None = None
     files_read: dict[str, str] = field(default_factory=dict)
     _where: dict[str, str] = field(default_factory=dict, repr=False)
-    _open: dict[str, Any] = field(default_factory=dict, repr=False)
+    _headers: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, directory: Path, config: dict[str, Any]) -> CheckpointReader:
@@ -114,7 +132,7 @@ class CheckpointReader:
                 )
             reader._where = dict(weight_map)
         elif single_path.is_file():
-            reader._where = dict.fromkeys(reader._handle(SINGLE_FILE).keys(), SINGLE_FILE)
+            reader._where = dict.fromkeys(reader._header(SINGLE_FILE)[0], SINGLE_FILE)
         else:
             raise ExportError(
                 f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported "
@@ -128,30 +146,36 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def _handle(self, file_name: str) -> Any:
-        if file_name not in self._open:
-            from safetensors import safe_open
-
+    def _header(self, file_name: str) -> tuple[dict[str, Any], int]:
+        """(tensor name -> {dtype, shape, data_offsets}, where the data starts), read once per file."""
+        if file_name not in self._headers:
             path = self.directory / file_name
-            try:
-                self._open[file_name] = safe_open(str(path), framework="pt")
-            except Exception as error:  # safetensors raises its own SafetensorError for corrupt headers
-                raise ExportError(
-                    f"{path}: not a readable safetensors file ({error}); the checkpoint is corrupt or truncated"
-                ) from None
+            self._headers[file_name] = read_safetensors_header(path)
             self.files_read[file_name] = sha256_of(path)
-        return self._open[file_name]
+        return self._headers[file_name]
 
     def _raw(self, name: str) -> Any:
+        import torch
+
         file_name = self._where[name]
-        try:
-            return self._handle(file_name).get_tensor(name)
-        except ExportError:
-            raise
-        except Exception as error:
+        header, data_start = self._header(file_name)
+        if name not in header:
             raise ExportError(
-                f"{self.directory / file_name}: cannot read tensor {name!r} ({error}); the checkpoint is corrupt"
-            ) from None
+                f"{self.directory / file_name}: has no tensor {name!r}, which {INDEX_FILE} places there; the "
+                "checkpoint is incomplete"
+            )
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        dtype = getattr(torch, _DTYPES[entry["dtype"]])
+        # Read into a torch allocation (aligned as any tensor is, so kernels take their usual paths).
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with (self.directory / file_name).open("rb") as stream:
+            stream.seek(data_start + begin)
+            if stream.readinto(raw.numpy()) != end - begin:
+                raise ExportError(
+                    f"{self.directory / file_name}: truncated while reading {name!r}; the checkpoint is corrupt"
+                )
+        return raw.view(dtype).reshape(entry["shape"])
 
     def tensor(self, name: str, dtype: Any) -> Any:
         """Read one tensor as ``dtype``, dequantizing block-wise FP8 weights.
@@ -174,8 +198,55 @@ class CheckpointReader:
             return dequantize_fp8_blocks(value, self._raw(scale_name), self.block_size).to(dtype)
         return value.to(dtype)
 
-    def close(self) -> None:
-        self._open.clear()
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors file's header without reading any tensor.
+
+    Returns:
+        (tensor name -> {"dtype", "shape", "data_offsets"}, the byte offset where tensor data starts).
+
+    Raises:
+        ExportError: the file is not a safetensors file, or names a dtype, shape or byte range that
+            does not fit it.
+    """
+    problem = f"{path}: not a readable safetensors file"
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        prefix = stream.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
+            raise ExportError(
+                f"{problem} (header length {length} for a file of {size} bytes); the checkpoint is corrupt or truncated"
+            )
+        try:
+            header = json.loads(stream.read(length))
+        except ValueError as error:
+            raise ExportError(
+                f"{problem} (header is not JSON: {error}); the checkpoint is corrupt or truncated"
+            ) from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{problem} (header is not a JSON object); the checkpoint is corrupt or truncated")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            count = math.prod(entry["shape"])
+            width = _width(entry["dtype"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ExportError(f"{problem} (entry {name!r}: {error}); the checkpoint is corrupt or truncated") from None
+        if not (0 <= begin <= end <= data_size and end - begin == count * width):
+            raise ExportError(
+                f"{problem} (tensor {name!r} claims bytes {begin}..{end} of {data_size}); the checkpoint is corrupt or "
+                "truncated"
+            )
+    return header, 8 + length
+
+
+def _width(dtype: str) -> int:
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
 
 
 def _fp8_block_size(config: dict[str, Any]) -> tuple[int, int] | None:

@@ -196,10 +196,7 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     moe_layers = moe_layer_indices(hf_model)
     _check_supported(hf_config, moe_layers, str(directory))
     tie = bool(getattr(hf_config, "tie_word_embeddings", False))
-    try:
-        _fill_weights(hf_model, _WeightResolver(reader, architecture, tie))
-    finally:
-        reader.close()
+    _fill_weights(hf_model, _WeightResolver(reader, architecture, tie))
     hf_model.eval()
     name = str(source_config.get("model_type") or architecture.name)
     config = architecture.summary_config(hf_config, moe_layers, f"hf-{name}")

@@ -81,9 +81,12 @@ def test_lazy_loading_matches_from_pretrained(hf_checkpoint, architecture):
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         directory, attn_implementation="eager", experts_implementation="eager"
     ).eval()
+    ours, theirs = loaded.hf_model.state_dict(), reference.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
     input_ids = torch.randint(0, loaded.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(loaded.hf_model(input_ids).logits, reference(input_ids).logits)
+    with torch.no_grad():  # equal weights; kernels may still round differently with other memory alignment
+        torch.testing.assert_close(loaded.hf_model(input_ids).logits, reference(input_ids).logits, rtol=1e-6, atol=1e-6)
     assert loaded.config.n_routed_experts == 8 and loaded.config.num_experts_per_tok == 2
     assert list(loaded.weight_files) == ["model.safetensors"]
 
