@@ -48,4 +48,25 @@ class OnnxReferenceBackend(Backend):
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
         from onnx.reference import ReferenceEvaluator
 
-        return ReferenceCompiledModel(self, model, ReferenceEvaluator(model.proto))
+        return ReferenceCompiledModel(self, model, ReferenceEvaluator(model.proto, new_ops=[gather_elements_op()]))
+
+
+def gather_elements_op() -> type:
+    """GatherElements as the ONNX specification defines it, with numpy's ``take_along_axis``.
+
+    onnx's own implementation (1.23) gathers with ``np.choose``, which takes at most 32 (numpy 1)
+    or 64 (numpy 2) choices; past that its fallback reshapes wrongly whenever more than one index is
+    gathered per row, so any router with many experts and top-k > 1 (``scores.gather(1, ids)``
+    exports to GatherElements over the expert axis) fails there with "cannot reshape array".
+    """
+    from onnx.reference.ops.op_gather_elements import GatherElements
+
+    class SpecGatherElements(GatherElements):
+        def _run(self, data: np.ndarray, indices: np.ndarray, axis: int | None = None) -> tuple[np.ndarray]:
+            axis = 0 if axis is None else int(axis)
+            indices = indices.astype(np.int64)
+            indices = np.where(indices < 0, indices + data.shape[axis], indices)
+            return (np.take_along_axis(data, indices, axis=axis),)
+
+    SpecGatherElements.__name__ = "GatherElements"
+    return SpecGatherElements

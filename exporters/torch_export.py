@@ -10,12 +10,14 @@ writes nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import io
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from exporters.lowerings import Lowering, get_lowering
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import compare_outputs
 from portable_moe.config import ModelConfig, get_preset
-from portable_moe.errors import BundleError, ExportError
+from portable_moe.errors import BundleError, ExportError, ExportParityError
 from portable_moe.tensors import specs_from_onnx
 
 DEFAULT_OPSET = 20
@@ -99,12 +101,19 @@ def calibrate_capacity_factor(config: ModelConfig, routing: list[np.ndarray], he
 
 
 def _check_parity(
-    model_path: Path, cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], routing: dict[str, int]
+    model_path: Path,
+    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    routing: dict[str, int],
+    reference: str = "torch",
 ) -> None:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # The graph exactly as exported, and one copy of the weights: constant folding and pre-packing
+    # would hold two or three more copies of big models for a check that runs two small inputs.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -114,9 +123,22 @@ def _check_parity(
         failures = [c.message for c in compare_outputs(expected, actual, routing) if not c.passed]
         if failures:
             shape = list(next(iter(feeds.values())).shape)
-            raise ExportError(
-                f"exported graph disagrees with torch on input shape {shape}: {failures[0]}; no bundle was written"
+            raise ExportParityError(
+                f"exported graph disagrees with {reference} on input shape {shape}: {failures[0]}; no bundle was written"
             )
+
+
+DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30  # well under protobuf's 2 GiB message limit
+
+
+def _initializer_bytes(program: Any) -> int:
+    """Bytes of the exported graph's initializers (what would otherwise go inside model.onnx)."""
+    total = 0
+    for value in program.model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
 
 
 def _save_onnx(
@@ -128,10 +150,23 @@ def _save_onnx(
     opset: int,
     lowering: Lowering,
     path: Path,
-) -> None:
-    """torch.onnx.export (dynamo) with the lowering's translation table and rewrite, saved to ``path``."""
+    external_data_threshold_bytes: int | None = None,
+) -> bool:
+    """torch.onnx.export (dynamo) with the lowering's translation table and rewrite, saved to ``path``.
+
+    Initializers go to external data beside ``path`` when they total more than
+    ``external_data_threshold_bytes`` (default: :data:`DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES`).
+
+    Returns:
+        True when the weights were written as external data.
+    """
     import torch
 
+    threshold = (
+        DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
+        if external_data_threshold_bytes is None
+        else external_data_threshold_bytes
+    )
     implementation = lowering.load()
     with _quiet_exporter():
         program = torch.onnx.export(
@@ -148,14 +183,52 @@ def _save_onnx(
         )
         if hasattr(implementation, "after_export"):
             implementation.after_export(program)
-        program.save(str(path))
+        external = _initializer_bytes(program) > threshold
+        program.save(str(path), external_data=external)
+    return external
+
+
+@dataclass
+class ExportSource:
+    """What a bundle is exported from: a model and its golden data.
+
+    Attributes:
+        model: a :class:`~exporters.layered.LayeredModel` with ``set_routed_experts`` (the
+            reference model, or the Hugging Face wrapper).
+        config: its :class:`ModelConfig` (recorded in the manifest).
+        golden_ids / second_ids: the golden inputs and the second shape validation runs on.
+        golden_out: expected outputs on ``golden_ids`` (logits and expert ids).
+        second_out: expected outputs on ``second_ids``, or None to take them from the lowered model.
+        manifest: extra manifest entries describing the source.
+    """
+
+    model: Any
+    config: ModelConfig
+    golden_ids: Any
+    second_ids: Any
+    golden_out: dict[str, np.ndarray]
+    second_out: dict[str, np.ndarray] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def _preset_source(config: ModelConfig, seed: int, golden_batch: int, golden_seq: int, say: Progress) -> ExportSource:
+    from portable_moe.model import build_model, golden_inputs
+
+    say(f"building the {config.name} reference model (seed {seed})")
+    model = build_model(config, seed)
+    names, _ = output_names(config)
+    golden_ids = golden_inputs(config, seed, golden_batch, golden_seq)["input_ids"]
+    second_ids = golden_inputs(config, seed + 100, 1, max(1, golden_seq // 2 + 1))["input_ids"]
+    golden_out = _torch_outputs(model, golden_ids, names)  # the reference routed experts (dense)
+    return ExportSource(model, config, golden_ids, second_ids, golden_out, manifest={"preset": config.name})
 
 
 def export_bundle(
     output_dir: str | os.PathLike[str],
-    preset: str | ModelConfig = "tiny",
+    preset: str | ModelConfig | None = None,
     seed: int = 0,
     *,
+    hf: str | os.PathLike[str] | None = None,
     moe_lowering: str = "dense",
     lowering_options: Mapping[str, Any] | None = None,
     opset: int = DEFAULT_OPSET,
@@ -163,44 +236,62 @@ def export_bundle(
     golden_seq: int = 16,
     overwrite: bool = False,
     progress: Progress | None = None,
+    external_data_threshold_bytes: int | None = None,
 ) -> Bundle:
-    """Export a preset (or config) to a bundle directory.
+    """Export a preset (or config), or a local Hugging Face checkpoint, to a bundle directory.
 
     Args:
         output_dir: where the bundle goes; must not exist unless ``overwrite``.
-        preset: a preset name ("tiny", "small", ...) or a ModelConfig.
-        seed: weight seed; the same preset and seed give the same weights and golden data.
+        preset: a preset name ("tiny", "small", ...) or a ModelConfig; default "tiny" (exclusive
+            with ``hf``).
+        seed: weight seed (presets) and golden-input seed; the same preset and seed give the same
+            weights and golden data.
+        hf: a local checkpoint directory as transformers' ``save_pretrained`` writes it; its golden
+            data comes from transformers itself (see docs/hugging-face.md). Nothing is downloaded.
         moe_lowering: how the routed experts become ONNX (see ``exporters.LOWERINGS``).
         lowering_options: options of the lowering (e.g. ``capacity_factor`` for capacity).
         opset: the ai.onnx opset to export to.
         golden_batch / golden_seq: the shape of the golden inputs.
         overwrite: replace an existing bundle (atomically).
         progress: called with a short message at each step.
+        external_data_threshold_bytes: initializers totalling more than this go to external data
+            files beside model.onnx (default 1 GiB; protobuf cannot hold more than 2 GiB).
 
     Returns:
         The written, verified bundle.
 
     Raises:
         ConfigError: unknown preset, or a preset that is for cost estimates only.
-        ExportError: torch missing, an unknown lowering or option, the export failed, the graph
-            disagrees with torch, or a capacity-limited lowering drops tokens on the golden inputs.
+        ExportError: torch missing, both ``preset`` and ``hf`` given, an unknown lowering or option,
+            an unusable checkpoint, the export failed, the graph disagrees with torch (or
+            transformers), or a capacity-limited lowering drops tokens on the golden inputs.
         BundleError: ``output_dir`` exists and ``overwrite`` is false.
     """
     say = progress or (lambda message: None)
-    config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
+    if hf is not None and preset is not None:
+        raise ExportError("pass either a preset or an hf checkpoint directory, not both")
+    config = None
+    if hf is None:
+        config = preset if isinstance(preset, ModelConfig) else get_preset(preset or "tiny")
+    else:
+        from exporters.hf.checkpoint import checkpoint_directory
+
+        checkpoint_directory(hf)  # a missing directory or a hub id fails before anything else
     lowering = get_lowering(moe_lowering)
     torch = _import_torch()
-    from portable_moe.model import build_model, golden_inputs
 
     if Path(output_dir).exists() and not overwrite:  # fail before the slow part
         raise BundleError(f"{output_dir} already exists; choose another directory or pass overwrite (--force)")
 
-    say(f"building the {config.name} reference model (seed {seed})")
-    model = build_model(config, seed)
+    if hf is not None:
+        from exporters.hf.source import hf_source
+
+        source = hf_source(hf, seed, golden_batch, golden_seq, say)
+    else:
+        source = _preset_source(config, seed, golden_batch, golden_seq, say)
+    model, config, source_manifest = source.model, source.config, source.manifest
+    golden_ids, second_ids, golden_out = source.golden_ids, source.second_ids, dict(source.golden_out)
     names, routing = output_names(config)
-    golden_ids = golden_inputs(config, seed, golden_batch, golden_seq)["input_ids"]
-    second_ids = golden_inputs(config, seed + 100, 1, max(1, golden_seq // 2 + 1))["input_ids"]
-    golden_out = _torch_outputs(model, golden_ids, names)  # the reference routed experts (dense)
 
     options = {**lowering.option_defaults(), **(lowering_options or {})}
     if options.get("capacity_factor") == "auto":
@@ -220,6 +311,8 @@ def export_bundle(
             )
         golden_out.update({name: np.array(0, dtype=np.int64) for name in dropped})
     second_out = _torch_outputs(model, second_ids, names)
+    if source.second_out is not None:  # expected values from the source; drop counts from the lowered model
+        second_out = {**second_out, **source.second_out}
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=65536)
@@ -227,11 +320,26 @@ def export_bundle(
         say(f"exporting to ONNX opset {opset} with the {lowering.name} MoE lowering")
         model_path = staging / MODEL_NAME
         try:
-            _save_onnx(model, golden_ids, "input_ids", names, {0: batch, 1: seq}, opset, lowering, model_path)
+            external = _save_onnx(
+                model,
+                golden_ids,
+                "input_ids",
+                names,
+                {0: batch, 1: seq},
+                opset,
+                lowering,
+                model_path,
+                external_data_threshold_bytes,
+            )
         except Exception as error:
             raise ExportError(
                 f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}"
             ) from error
+        if external:
+            say("weights written as ONNX external data beside model.onnx")
+        # The torch model is no longer needed: free its weights before ONNX Runtime loads its own copy.
+        source = model = None
+        gc.collect()
 
         say("validating: ONNX checker (full check with shape inference)")
         import onnx
@@ -241,16 +349,20 @@ def export_bundle(
         except onnx.checker.ValidationError as error:
             raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
 
-        say("validating: ONNX Runtime against torch on the golden inputs and a second shape")
+        reference = "transformers" if hf is not None else "torch"
+        say(f"validating: ONNX Runtime against {reference} on the golden inputs and a second shape")
         golden_feeds = {"input_ids": golden_ids.numpy()}
         _check_parity(
-            model_path, [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)], routing
+            model_path,
+            [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)],
+            routing,
+            reference,
         )
 
         proto = onnx.load(str(model_path), load_external_data=False)
         inputs, outputs = specs_from_onnx(proto)
         extra: dict[str, Any] = {
-            "preset": config.name,
+            **source_manifest,
             "seed": seed,
             "opset": opset,
             "ir_version": proto.ir_version,
@@ -262,7 +374,7 @@ def export_bundle(
             extra["dropless_on_golden"] = True
         extra["versions"] = {
             package: _version(package)
-            for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy")
+            for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "transformers")
         }
         write_manifest(
             staging, inputs=inputs, outputs=outputs, golden=[(golden_feeds, golden_out)], config=config, extra=extra

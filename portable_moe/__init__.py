@@ -53,13 +53,15 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 def export(
     output_dir: str | os.PathLike[str],
-    preset: str | ModelConfig = "tiny",
+    preset: str | ModelConfig | None = None,
     seed: int = 0,
     *,
     verbose: bool = False,
     **options: Any,
 ) -> Bundle:
-    """Export a preset to a bundle (imports torch; see ``exporters.export_bundle`` for the options).
+    """Export a preset (default "tiny"), or a local Hugging Face checkpoint with ``hf=DIR``, to a bundle.
+
+    Imports torch (and transformers for ``hf``); see ``exporters.export_bundle`` for the options.
 
     Args:
         output_dir: the bundle directory to create (``overwrite=True`` replaces an existing one).

@@ -223,10 +223,13 @@ def command_export(args: argparse.Namespace) -> int:
         lowering_options["min_capacity"] = args.min_capacity
     if lowering_options and lowering != "capacity":
         raise InputError(f"--capacity-factor and --min-capacity apply to the capacity lowering, not {lowering!r}")
+    if args.hf is not None and args.preset is not None:
+        raise InputError("--hf and --preset are exclusive: export either a checkpoint or a preset")
     bundle = export_bundle(
         args.output,
-        args.preset,
+        None if args.hf is not None else (args.preset or "tiny"),
         args.seed,
+        hf=args.hf,
         moe_lowering=lowering,
         lowering_options=lowering_options,
         opset=args.opset,
@@ -492,10 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_preset_options(command: argparse.ArgumentParser) -> None:
+    def add_preset_options(command: argparse.ArgumentParser, preset_default: str | None = "tiny") -> None:
         command.add_argument(
             "--preset",
-            default="tiny",
+            default=preset_default,
             choices=[n for n, c in PRESETS.items() if not c.cost_estimate_only],
             help="model preset (default: tiny)",
         )
@@ -521,8 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="FILE", help="also write the conformance report as JSON")
     demo.set_defaults(handler=command_demo)
 
-    export = commands.add_parser("export", help="export a preset to a bundle directory")
-    add_preset_options(export)
+    export = commands.add_parser("export", help="export a preset or a Hugging Face checkpoint to a bundle directory")
+    add_preset_options(export, preset_default=None)
+    export.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="export a local Hugging Face checkpoint directory (config.json + safetensors) instead of a preset; "
+        "nothing is downloaded",
+    )
     export.add_argument("-o", "--output", required=True, help="bundle directory to create")
     from exporters.lowerings import LOWERINGS
 

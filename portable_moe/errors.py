@@ -25,6 +25,12 @@ class ExportError(PortableMoEError):
     """Exporting a model to ONNX failed, or the exported graph does not match torch."""
 
 
+class ExportParityError(ExportError):
+    """The exported graph computes something other than its source (torch or transformers)."""
+
+    exit_code = 1
+
+
 class BackendError(PortableMoEError):
     """A backend is unknown, unavailable, or failed to compile or run a model."""
 

@@ -288,10 +288,21 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+# Sections below this line in the markdown are measured by other commands (each says which) and
+# are carried over when the report is rewritten.
+SEPARATELY_MEASURED = "<!-- measured separately: scripts/benchmark.py keeps what follows -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write the rendered report, keeping the separately measured sections of the existing file."""
+    kept = path.read_text().partition(SEPARATELY_MEASURED)[2] if path.exists() else ""
+    path.write_text(text + (f"\n{SEPARATELY_MEASURED}{kept}" if kept else ""))
+
+
 def rerender(json_path: Path) -> None:
     """Rewrite the markdown from a saved JSON report (after a change to the text, not the figures)."""
     report = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render(report))
+    write_report(json_path.with_suffix(".md"), render(report))
 
 
 def main() -> int:
@@ -355,7 +366,7 @@ def main() -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(report))
+    write_report(output, render(report))
     output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {output} and {output.with_suffix('.json')}")
     return 0
