@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from exporters.lowerings import Lowering, get_lowering
+from exporters.weight_formats import apply_weight_plan, plan_weights
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
-from portable_moe.compare import compare_outputs
+from portable_moe.compare import compare_outputs, with_weights
 from portable_moe.config import ModelConfig, get_preset
 from portable_moe.errors import BundleError, ExportError
 from portable_moe.tensors import specs_from_onnx
@@ -98,8 +99,35 @@ def calibrate_capacity_factor(config: ModelConfig, routing: list[np.ndarray], he
     return float(np.ceil(worst * headroom * 4) / 4)
 
 
+def validate_graph(
+    model_path: Path,
+    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    routing: dict[str, int],
+    precision: str = "exact",
+    say: Progress | None = None,
+) -> None:
+    """The checks every written graph passes: the ONNX checker's full check with shape inference,
+    then ONNX Runtime (CPU) against the expected outputs of ``cases`` under ``precision``'s tolerances.
+
+    Raises:
+        ExportError: naming the check that failed; the caller writes no bundle.
+    """
+    import onnx
+
+    (say or (lambda message: None))("validating: ONNX checker (full check with shape inference)")
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
+    (say or (lambda message: None))("validating: ONNX Runtime against torch on the golden inputs and a second shape")
+    _check_parity(model_path, cases, routing, precision)
+
+
 def _check_parity(
-    model_path: Path, cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], routing: dict[str, int]
+    model_path: Path,
+    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    routing: dict[str, int],
+    precision: str = "exact",
 ) -> None:
     import onnxruntime
 
@@ -111,7 +139,7 @@ def _check_parity(
         raise ExportError(f"ONNX Runtime cannot load the exported graph: {error}") from None
     for feeds, expected in cases:
         actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        failures = [c.message for c in compare_outputs(expected, actual, routing) if not c.passed]
+        failures = [c.message for c in compare_outputs(expected, actual, routing, precision) if not c.passed]
         if failures:
             shape = list(next(iter(feeds.values())).shape)
             raise ExportError(
@@ -163,6 +191,9 @@ def export_bundle(
     golden_seq: int = 16,
     overwrite: bool = False,
     progress: Progress | None = None,
+    weights: str = "float32",
+    block_size: int | None = None,
+    weight_kernel: str = "dequantize",
 ) -> Bundle:
     """Export a preset (or config) to a bundle directory.
 
@@ -176,6 +207,11 @@ def export_bundle(
         golden_batch / golden_seq: the shape of the golden inputs.
         overwrite: replace an existing bundle (atomically).
         progress: called with a short message at each step.
+        weights: the weight format (see ``exporters.weight_formats``): float32, float16,
+            bfloat16, int8 or int4; applied as a pass over the exported graph before validation.
+            The golden data stay the float32 torch outputs.
+        block_size: int8/int4 inputs per scale (0: per output channel); None: the format's default.
+        weight_kernel: "dequantize" (standard ONNX) or "matmulnbits" (ONNX Runtime's fused node).
 
     Returns:
         The written, verified bundle.
@@ -189,6 +225,7 @@ def export_bundle(
     say = progress or (lambda message: None)
     config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
     lowering = get_lowering(moe_lowering)
+    weight_plan = plan_weights(weights, block_size, weight_kernel)  # refuse bad formats before the slow part
     torch = _import_torch()
     from portable_moe.model import build_model, golden_inputs
 
@@ -233,18 +270,16 @@ def export_bundle(
                 f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}"
             ) from error
 
-        say("validating: ONNX checker (full check with shape inference)")
         import onnx
 
-        try:
-            onnx.checker.check_model(str(model_path), full_check=True)
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
-
-        say("validating: ONNX Runtime against torch on the golden inputs and a second shape")
+        weights_record = apply_weight_plan(model_path, weight_plan, list(routing), say)
         golden_feeds = {"input_ids": golden_ids.numpy()}
-        _check_parity(
-            model_path, [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)], routing
+        validate_graph(
+            model_path,
+            [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)],
+            routing,
+            with_weights("exact", weights_record["key"]),
+            say,
         )
 
         proto = onnx.load(str(model_path), load_external_data=False)
@@ -257,6 +292,7 @@ def export_bundle(
             "moe_lowering": lowering.name,
             "moe_lowering_options": options,
             "routing_outputs": routing,
+            "weights": weights_record,
         }
         if reports_drops:
             extra["dropless_on_golden"] = True
