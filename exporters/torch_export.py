@@ -119,7 +119,7 @@ def validate_graph(
         onnx.checker.check_model(str(model_path), full_check=True)
     except onnx.checker.ValidationError as error:
         raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
-    (say or (lambda message: None))("validating: ONNX Runtime against torch on the golden inputs and a second shape")
+    (say or (lambda message: None))(f"validating: ONNX Runtime against torch on {len(cases)} input set(s)")
     _check_parity(model_path, cases, routing, precision)
 
 

@@ -368,13 +368,15 @@ def _compare_unaffected(
     name: str, expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance, unaffected: np.ndarray | None
 ) -> OutputComparison:
     """:func:`compare_values` over the tokens ``unaffected`` marks (all tokens when it does not apply)."""
+    everything = compare_values(name, expected, actual, tolerance)
     if unaffected is None or expected.shape[: unaffected.ndim] != unaffected.shape or unaffected.all():
-        return compare_values(name, expected, actual, tolerance)
-    compared = compare_values(name, expected[unaffected], actual[unaffected], tolerance)
-    note = f"{int(unaffected.sum())} of {unaffected.size} tokens compared (the rest follow a routing flip)"
-    compared.message = f"{compared.message}; {note}" if compared.message else ""
-    compared.worst_index = None  # an index into the selected tokens would mislead
-    return compared
+        return everything
+    # The errors and cosine describe every token; the verdict only those before a flip.
+    verdict = compare_values(name, expected[unaffected], actual[unaffected], tolerance)
+    everything.passed = verdict.passed
+    note = f"{int(unaffected.sum())} of {unaffected.size} tokens judged (the rest follow a routing flip)"
+    everything.message = f"{verdict.message}; {note}" if verdict.message else ""
+    return everything
 
 
 def compare_outputs(
