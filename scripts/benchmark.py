@@ -288,10 +288,23 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+# Sections other scripts write into the same file (scripts/benchmark_weights.py), kept on a rewrite.
+KEPT_SECTIONS = (("<!-- weight-formats:start -->", "<!-- weight-formats:end -->"),)
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write the report, keeping the sections other scripts maintain in the same file."""
+    existing = path.read_text() if path.exists() else ""
+    for start, end in KEPT_SECTIONS:
+        if start in existing and end in existing:
+            text = text.rstrip("\n") + "\n\n" + start + existing.split(start, 1)[1].split(end, 1)[0] + end + "\n"
+    path.write_text(text)
+
+
 def rerender(json_path: Path) -> None:
     """Rewrite the markdown from a saved JSON report (after a change to the text, not the figures)."""
     report = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render(report))
+    write_markdown(json_path.with_suffix(".md"), render(report))
 
 
 def main() -> int:
@@ -355,7 +368,7 @@ def main() -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(report))
+    write_markdown(output, render(report))
     output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {output} and {output.with_suffix('.json')}")
     return 0
