@@ -287,7 +287,8 @@ def export_bundle(
         extra: dict[str, Any] = {
             "preset": config.name,
             "seed": seed,
-            "opset": opset,
+            # A weight format may raise it (block-wise and int4 DequantizeLinear need opset 21).
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             "ir_version": proto.ir_version,
             "moe_lowering": lowering.name,
             "moe_lowering_options": options,
