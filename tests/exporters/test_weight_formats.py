@@ -447,3 +447,40 @@ def test_export_applies_the_format_before_validation(tmp_path):
     with pytest.raises(ExportError, match="int4 weights need blocks"):
         export_bundle(tmp_path / "never", "tiny", 0, weights="int4", block_size=0)
     assert not (tmp_path / "never").exists()
+
+
+def test_weights_prepared_from_initializers_are_folded_then_converted():
+    """The sparse lowering's pattern: expert weights concatenated and split before each Gemm."""
+    from onnx.reference import ReferenceEvaluator
+
+    from exporters.weight_formats import convert_weights
+
+    generator = np.random.default_rng(0)
+    gate, up = (generator.standard_normal((2, 4, 32)).astype(np.float32) for _ in range(2))
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("Concat", ["gate", "up"], ["both"], axis=1),
+                onnx.helper.make_node("Split", ["both"], ["expert0", "expert1"], axis=0, num_outputs=2),
+                onnx.helper.make_node("Squeeze", ["expert1", "axes"], ["weight"]),
+                onnx.helper.make_node("Gemm", ["x", "weight"], ["y"], transB=1),
+            ],
+            "sparse-like",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 32])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8])],
+            [
+                numpy_helper.from_array(gate, "gate"),
+                numpy_helper.from_array(up, "up"),
+                numpy_helper.from_array(np.array([0], np.int64), "axes"),
+            ],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 20)],
+    )
+    converted, record = convert_weights(model, "int8", 16)
+    assert [node.op_type for node in converted.graph.node] == ["DequantizeLinear", "Gemm"]
+    assert record["converted"] == 1 and not {"gate", "up"} & {t.name for t in converted.graph.initializer}
+    weight = np.concatenate([gate, up], axis=1)[1]  # [8, 32]: Gemm's transB layout, reduction axis 1
+    codes, scales = quantize(weight, 8, 16, axis=1)
+    x = generator.standard_normal((3, 32)).astype(np.float32)
+    expected = x @ dequantize(codes, scales, 16, axis=1).T
+    np.testing.assert_allclose(ReferenceEvaluator(converted).run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-6)
