@@ -4,7 +4,7 @@ DeepSeek-V3 stores each linear weight ``[out, in]`` as FP8 e4m3 codes with one f
 ``weight_scale_inv`` per 128x128 tile: the real weight is ``e4m3 * scale_inv`` tile by tile. ONNX
 runtimes and Ascend chips have no FP8 matrix kernels, so such a checkpoint is either dequantized to
 a float format or requantized into int8/int4 blocks; :func:`requantize_fp8_blocks` does the latter
-keeping each block's FP8 scale.
+keeping each block's FP8 scale, :func:`dequantize_fp8_blocks` the former.
 """
 
 from __future__ import annotations
@@ -32,6 +32,39 @@ def decode_float8_e4m3(codes: np.ndarray) -> np.ndarray:
     values = sign * np.where(exponent == 0, subnormal, normal)
     values = np.where((codes & 0x7F) == 0x7F, np.nan, values)
     return values.astype(np.float32)
+
+
+def _checked_fp8(
+    fp8_weight: np.ndarray, scale_inv: np.ndarray, fp8_block: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded e4m3 values and each element's tile scale, after checking shapes and codes."""
+    rows, columns = fp8_weight.shape
+    tile_rows, tile_columns = fp8_block
+    expected = (math.ceil(rows / tile_rows), math.ceil(columns / tile_columns))
+    if scale_inv.shape != expected:
+        raise ExportError(
+            f"FP8 scale_inv has shape {list(scale_inv.shape)}, expected {list(expected)} for a {[rows, columns]} "
+            f"weight in {tile_rows}x{tile_columns} tiles"
+        )
+    values = decode_float8_e4m3(fp8_weight)
+    if np.isnan(values).any():
+        raise ExportError("the FP8 weight holds NaN codes (0x7f/0xff); the checkpoint is damaged")
+    tile_scales = np.repeat(np.repeat(scale_inv.astype(np.float32), tile_rows, 0)[:rows], tile_columns, 1)
+    return values, tile_scales[:, :columns]
+
+
+def dequantize_fp8_blocks(
+    fp8_weight: np.ndarray, scale_inv: np.ndarray, fp8_block: tuple[int, int] = (128, 128)
+) -> np.ndarray:
+    """The real float32 weight of a block-wise FP8 weight: ``e4m3 * scale_inv`` tile by tile.
+
+    For float formats: the result goes through the weight-format pass like any float32 weight.
+
+    Raises:
+        ExportError: for a ``scale_inv`` that does not fit the tiles, or NaN codes.
+    """
+    values, tile_scales = _checked_fp8(fp8_weight, scale_inv, fp8_block)
+    return (values * tile_scales).astype(np.float32)
 
 
 def requantize_fp8_blocks(
@@ -66,26 +99,15 @@ def requantize_fp8_blocks(
     """
     weight_format = get_weight_format(weights)
     if not weight_format.quantized:
-        raise ExportError(f"FP8 blocks requantize to int8 or int4, not {weights}; dequantize for float formats")
-    rows, columns = fp8_weight.shape
-    tile_rows, tile_columns = fp8_block
-    expected = (math.ceil(rows / tile_rows), math.ceil(columns / tile_columns))
-    if scale_inv.shape != expected:
+        raise ExportError(f"FP8 blocks requantize to int8 or int4, not {weights}; use dequantize_fp8_blocks")
+    values, tile_scales = _checked_fp8(fp8_weight, scale_inv, fp8_block)
+    columns = values.shape[1]
+    if block_size == 0:
+        return quantize(values * tile_scales, weight_format.bits, 0, axis=1)
+    if fp8_block[1] % block_size or columns % block_size:
         raise ExportError(
-            f"FP8 scale_inv has shape {list(scale_inv.shape)}, expected {list(expected)} for a {[rows, columns]} "
-            f"weight in {tile_rows}x{tile_columns} tiles"
+            f"block size {block_size} must divide the FP8 tile width {fp8_block[1]} and the input size "
+            f"{columns} so that each block keeps one FP8 scale"
         )
-    values = decode_float8_e4m3(fp8_weight)
-    if np.isnan(values).any():
-        raise ExportError("the FP8 weight holds NaN codes (0x7f/0xff); the checkpoint is damaged")
-    tile_scales = np.repeat(np.repeat(scale_inv.astype(np.float32), tile_rows, 0)[:rows], tile_columns, 1)
-    if block_size == 0 or tile_columns % block_size or columns % block_size:
-        if block_size:
-            raise ExportError(
-                f"block size {block_size} must divide the FP8 tile width {tile_columns} and the input size "
-                f"{columns} so that each block keeps one FP8 scale"
-            )
-        return quantize(values * tile_scales[:, :columns], weight_format.bits, 0, axis=1)
     codes, relative = quantize(values, weight_format.bits, block_size, axis=1)
-    block_tile_scales = tile_scales[:, :columns:block_size]
-    return codes, (relative * block_tile_scales).astype(np.float32)
+    return codes, (relative * tile_scales[:, ::block_size]).astype(np.float32)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from exporters.fp8_sources import decode_float8_e4m3, requantize_fp8_blocks
+from exporters.fp8_sources import decode_float8_e4m3, dequantize_fp8_blocks, requantize_fp8_blocks
 from exporters.weight_formats import (
     apply_weight_plan,
     convert_bundle,
@@ -334,6 +334,7 @@ def _synthetic_fp8(rows: int = 256, columns: int = 384) -> tuple[np.ndarray, np.
     codes[(codes & 0x7F) == 0x7F] = 0x3C  # no NaN codes
     scale_inv = generator.uniform(1e-3, 1e-2, size=(rows // 128, columns // 128)).astype(np.float32)
     real = decode_float8_e4m3(codes) * np.repeat(np.repeat(scale_inv, 128, 0), 128, 1)
+    np.testing.assert_array_equal(dequantize_fp8_blocks(codes, scale_inv), real)
     return codes, scale_inv, real
 
 
@@ -371,7 +372,9 @@ def test_fp8_requantize_refuses_what_it_cannot_keep():
         requantize_fp8_blocks(codes, scale_inv[:1], "int8", 32)
     with pytest.raises(ExportError, match="block size 256 must divide the FP8 tile width 128"):
         requantize_fp8_blocks(codes, scale_inv, "int8", 256)
-    with pytest.raises(ExportError, match="FP8 blocks requantize to int8 or int4, not bfloat16"):
+    with pytest.raises(
+        ExportError, match="FP8 blocks requantize to int8 or int4, not bfloat16; use dequantize_fp8_blocks"
+    ):
         requantize_fp8_blocks(codes, scale_inv, "bfloat16", 0)
     codes[0, 0] = 0x7F
     with pytest.raises(ExportError, match="holds NaN codes"):
