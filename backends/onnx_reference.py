@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.backend import WEIGHT_FORMAT_KEYS, Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
 
 
 class ReferenceCompiledModel(CompiledModel):
@@ -43,6 +43,7 @@ class OnnxReferenceBackend(Backend):
             dtypes=frozenset({"float64", "float32", "float16", "int64", "int32", "bool"}),
             dynamic_shapes=True,
             moe_lowerings=("dense", "sparse", "capacity"),
+            weight_formats=WEIGHT_FORMAT_KEYS,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

@@ -6,7 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
+from portable_moe.backend import (
+    WEIGHT_FORMAT_KEYS,
+    Backend,
+    Capabilities,
+    CompiledModel,
+    ModelInput,
+    Option,
+    ProbeResult,
+)
 
 # ORT's optimisation levels by the names users type.
 _OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -96,6 +104,7 @@ class OnnxRuntimeCpuBackend(Backend):
             dynamic_shapes=True,
             moe_lowerings=("fused", "sparse", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
+            weight_formats=WEIGHT_FORMAT_KEYS,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

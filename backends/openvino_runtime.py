@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
+from portable_moe.backend import (
+    WEIGHT_FORMAT_KEYS,
+    Backend,
+    Capabilities,
+    CompiledModel,
+    ModelInput,
+    Option,
+    ProbeResult,
+)
 from portable_moe.errors import BackendError
 
 INSTALL_HINT = 'pip install "portable-moe[openvino]"'
@@ -221,6 +229,9 @@ class OpenVinoBackend(Backend):
             dynamic_shapes=True,
             moe_lowerings=("dense", "sparse", "capacity"),
             domains=frozenset(),
+            # Checked on the tiny preset with every format (scripts/benchmark_weights.py): it imports
+            # Cast from float16/bfloat16 and DequantizeLinear with int4 codes and block_size.
+            weight_formats=WEIGHT_FORMAT_KEYS,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

@@ -5,5 +5,15 @@ Importing this package does not import torch; :func:`export_bundle` does, when c
 
 from exporters.lowerings import LOWERINGS, Lowering, get_lowering
 from exporters.torch_export import export_bundle
+from exporters.weight_formats import WEIGHT_FORMATS, WeightFormat, convert_bundle, get_weight_format
 
-__all__ = ["LOWERINGS", "Lowering", "export_bundle", "get_lowering"]
+__all__ = [
+    "LOWERINGS",
+    "WEIGHT_FORMATS",
+    "Lowering",
+    "WeightFormat",
+    "convert_bundle",
+    "export_bundle",
+    "get_lowering",
+    "get_weight_format",
+]

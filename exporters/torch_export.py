@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from exporters.lowerings import Lowering, get_lowering
+from exporters.weight_formats import apply_weight_plan, plan_weights
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
-from portable_moe.compare import compare_outputs
+from portable_moe.compare import compare_outputs, with_weights
 from portable_moe.config import ModelConfig, get_preset
 from portable_moe.errors import BundleError, ExportError, ExportParityError
 from portable_moe.tensors import specs_from_onnx
@@ -100,10 +101,36 @@ def calibrate_capacity_factor(config: ModelConfig, routing: list[np.ndarray], he
     return float(np.ceil(worst * headroom * 4) / 4)
 
 
+def validate_graph(
+    model_path: Path,
+    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    routing: dict[str, int],
+    precision: str = "exact",
+    say: Progress | None = None,
+    reference: str = "torch",
+) -> None:
+    """The checks every written graph passes: the ONNX checker's full check with shape inference,
+    then ONNX Runtime (CPU) against the expected outputs of ``cases`` under ``precision``'s tolerances.
+
+    Raises:
+        ExportError: naming the check that failed; the caller writes no bundle.
+    """
+    import onnx
+
+    (say or (lambda message: None))("validating: ONNX checker (full check with shape inference)")
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
+    (say or (lambda message: None))(f"validating: ONNX Runtime against {reference} on {len(cases)} input set(s)")
+    _check_parity(model_path, cases, routing, precision, reference)
+
+
 def _check_parity(
     model_path: Path,
     cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
     routing: dict[str, int],
+    precision: str = "exact",
     reference: str = "torch",
 ) -> None:
     import onnxruntime
@@ -120,7 +147,7 @@ def _check_parity(
         raise ExportError(f"ONNX Runtime cannot load the exported graph: {error}") from None
     for feeds, expected in cases:
         actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        failures = [c.message for c in compare_outputs(expected, actual, routing) if not c.passed]
+        failures = [c.message for c in compare_outputs(expected, actual, routing, precision) if not c.passed]
         if failures:
             shape = list(next(iter(feeds.values())).shape)
             raise ExportParityError(
@@ -237,6 +264,9 @@ def export_bundle(
     overwrite: bool = False,
     progress: Progress | None = None,
     external_data_threshold_bytes: int | None = None,
+    weights: str = "float32",
+    block_size: int | None = None,
+    weight_kernel: str = "dequantize",
 ) -> Bundle:
     """Export a preset (or config), or a local Hugging Face checkpoint, to a bundle directory.
 
@@ -256,6 +286,11 @@ def export_bundle(
         progress: called with a short message at each step.
         external_data_threshold_bytes: initializers totalling more than this go to external data
             files beside model.onnx (default 1 GiB; protobuf cannot hold more than 2 GiB).
+        weights: the weight format (see ``exporters.weight_formats``): float32, float16,
+            bfloat16, int8 or int4; applied as a pass over the exported graph before validation.
+            The golden data stay the float32 torch outputs.
+        block_size: int8/int4 inputs per scale (0: per output channel); None: the format's default.
+        weight_kernel: "dequantize" (standard ONNX) or "matmulnbits" (ONNX Runtime's fused node).
 
     Returns:
         The written, verified bundle.
@@ -278,6 +313,7 @@ def export_bundle(
 
         checkpoint_directory(hf)  # a missing directory or a hub id fails before anything else
     lowering = get_lowering(moe_lowering)
+    weight_plan = plan_weights(weights, block_size, weight_kernel)  # refuse bad formats before the slow part
     torch = _import_torch()
 
     if Path(output_dir).exists() and not overwrite:  # fail before the slow part
@@ -341,22 +377,17 @@ def export_bundle(
         source = model = None
         gc.collect()
 
-        say("validating: ONNX checker (full check with shape inference)")
         import onnx
 
-        try:
-            onnx.checker.check_model(str(model_path), full_check=True)
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
-
-        reference = "transformers" if hf is not None else "torch"
-        say(f"validating: ONNX Runtime against {reference} on the golden inputs and a second shape")
+        weights_record = apply_weight_plan(model_path, weight_plan, list(routing), say)
         golden_feeds = {"input_ids": golden_ids.numpy()}
-        _check_parity(
+        validate_graph(
             model_path,
             [(golden_feeds, golden_out), ({"input_ids": second_ids.numpy()}, second_out)],
             routing,
-            reference,
+            with_weights("exact", weights_record["key"]),
+            say,
+            "transformers" if hf is not None else "torch",
         )
 
         proto = onnx.load(str(model_path), load_external_data=False)
@@ -364,11 +395,13 @@ def export_bundle(
         extra: dict[str, Any] = {
             **source_manifest,
             "seed": seed,
-            "opset": opset,
+            # A weight format may raise it (block-wise and int4 DequantizeLinear need opset 21).
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             "ir_version": proto.ir_version,
             "moe_lowering": lowering.name,
             "moe_lowering_options": options,
             "routing_outputs": routing,
+            "weights": weights_record,
         }
         if reports_drops:
             extra["dropless_on_golden"] = True

@@ -112,6 +112,9 @@ BASE_OPTIONS: Mapping[str, Option] = {
     "nan_policy": Option("reject", str, "NaN/Inf in float inputs: refuse them or pass them on", choices=NAN_POLICIES),
 }
 BASE_OPTION_DEFAULTS: Mapping[str, Any] = {name: option.default for name, option in BASE_OPTIONS.items()}
+# Every weight format key a bundle can have (exporters.weight_formats.format_key); a backend that runs
+# standard ONNX's Cast and DequantizeLinear (opset 21, int4 and block_size) takes them all.
+WEIGHT_FORMAT_KEYS = frozenset({"float32", "float16", "bfloat16", "int8/channel", "int8/block", "int4/block"})
 # Inputs that carry token ids, checked against the bundle config's vocab_size.
 TOKEN_ID_INPUTS = ("input_ids",)
 
@@ -126,6 +129,10 @@ class Capabilities:
         dynamic_shapes: whether one compiled model takes inputs of any size.
         moe_lowerings: the MoE lowerings it accepts, most preferred first.
         domains: operator domains beyond ai.onnx it runs (e.g. "com.microsoft").
+        weight_formats: the bundle weight formats it takes, by format key ("float32", "float16",
+            "bfloat16", "int8/channel", "int8/block", "int4/channel", "int4/block"), each with why
+            it is refused where it is not. Float32 weights are always taken.
+        weight_format_refusals: format key -> why this backend does not take it (shown to users).
     """
 
     min_opset: int = 7
@@ -134,6 +141,8 @@ class Capabilities:
     dynamic_shapes: bool = True
     moe_lowerings: tuple[str, ...] = ("dense",)
     domains: frozenset[str] = frozenset()
+    weight_formats: frozenset[str] = frozenset({"float32"})
+    weight_format_refusals: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def preferred_lowering(self) -> str:
@@ -380,7 +389,7 @@ class Backend(abc.ABC):
         self.resolve_options(adapter_options)
 
     def check_supported(self, model: ModelInput) -> None:
-        """Refuse a model whose lowering, opset or operator domains this backend does not take."""
+        """Refuse a model whose lowering, weight format, opset or operator domains this backend does not take."""
         capabilities = self.capabilities
         lowering = model.moe_lowering
         if lowering is not None and lowering not in capabilities.moe_lowerings:
@@ -388,6 +397,14 @@ class Backend(abc.ABC):
                 f"backend {self.name!r} does not accept the {lowering!r} MoE lowering; it takes "
                 f"{', '.join(capabilities.moe_lowerings)}. Re-export with --moe-lowering "
                 f"{capabilities.preferred_lowering} (or --moe-lowering auto --for-backend {self.name})"
+            )
+        weights = model.bundle.weight_format if model.bundle is not None else "float32"
+        if weights != "float32" and weights not in capabilities.weight_formats:
+            reason = capabilities.weight_format_refusals.get(weights, "it does not declare that format")
+            taken = ", ".join(sorted(capabilities.weight_formats | {"float32"}))
+            raise BackendError(
+                f"backend {self.name!r} does not take {weights} weights: {reason}. It takes {taken}; "
+                "re-export with one of those (--weights, --block-size)"
             )
         for opset in model.proto.opset_import:
             if opset.domain in ("", "ai.onnx"):

@@ -7,10 +7,11 @@ by side in one process.
 
 from __future__ import annotations
 
+import itertools
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -115,12 +116,36 @@ def token_feeds(bundle: Bundle, batch: int, seq: int, seed: int = 0) -> dict[str
 
 def bench_compiled(
     compiled: object,
-    feeds: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
     warmup: int = 3,
     runs: int = 20,
     progress: Callable[[int, int], None] | None = None,
 ) -> BenchResult:
-    """Time ``compiled.run(feeds)`` (a :class:`~portable_moe.backend.CompiledModel`)."""
-    first = next(iter(feeds.values()))
+    """Time ``compiled.run`` (a :class:`~portable_moe.backend.CompiledModel`).
+
+    Args:
+        compiled: the compiled model.
+        feeds: one input set, run every call (which measures warm caches), or a sequence of
+            input sets of one shape, taken in turn so that every call sees new inputs.
+        warmup / runs / progress: see :func:`time_callable`.
+    """
+    sets = [feeds] if isinstance(feeds, Mapping) else list(feeds)
+    first = next(iter(sets[0].values()))
     tokens = int(first.shape[0] * first.shape[1]) if first.ndim >= 2 else int(first.size)
-    return time_callable(lambda: compiled.run(feeds), tokens, warmup, runs, progress=progress)
+    calls = itertools.cycle(sets)
+    return time_callable(lambda: compiled.run(next(calls)), tokens, warmup, runs, progress=progress)
+
+
+def changing_token_feeds(bundle: Bundle, batch: int, seq: int, count: int) -> list[dict[str, np.ndarray]]:
+    """``count`` seeded random token inputs (seeds 0..count-1), one per timed call."""
+    return [token_feeds(bundle, batch, seq, seed=seed) for seed in range(count)]
+
+
+def model_bytes(bundle: Bundle) -> int:
+    """Bytes of the bundle's model: every listed file outside its golden-data directories."""
+    golden = {str(entry.get("dir")) for entry in bundle.manifest.get("golden", [])}
+    return sum(
+        (bundle.path / name).stat().st_size
+        for name in bundle.manifest.get("files", {})
+        if name.split("/", 1)[0] not in golden
+    )

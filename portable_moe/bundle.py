@@ -143,6 +143,13 @@ class Bundle:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def weight_format(self) -> str:
+        """The weights' format key ("float32", "float16", "int8/channel", "int4/block", ...), from the manifest."""
+        weights = self.manifest.get("weights")
+        key = weights.get("key") if isinstance(weights, dict) else None
+        return key if isinstance(key, str) else "float32"
+
     def load_onnx(self, load_external_data: bool = True) -> onnx.ModelProto:
         """Read the ONNX graph (with its external data unless told otherwise), checking it first.
 

@@ -225,6 +225,7 @@ def command_export(args: argparse.Namespace) -> int:
         raise InputError(f"--capacity-factor and --min-capacity apply to the capacity lowering, not {lowering!r}")
     if args.hf is not None and args.preset is not None:
         raise InputError("--hf and --preset are exclusive: export either a checkpoint or a preset")
+    kernel = _weight_kernel(args)
     bundle = export_bundle(
         args.output,
         None if args.hf is not None else (args.preset or "tiny"),
@@ -235,11 +236,73 @@ def command_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         overwrite=args.force,
         progress=_progress,
+        weights=args.weights,
+        block_size=args.block_size,
+        weight_kernel=kernel,
     )
     _print(
-        f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {len(bundle.manifest['files'])} files)"
+        f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {bundle.weight_format} "
+        f"weights, {len(bundle.manifest['files'])} files)"
     )
     return EXIT_OK
+
+
+def _weight_kernel(args: argparse.Namespace) -> str:
+    """--weight-kernel, with auto resolved for --for-backend: MatMulNBits where the backend runs
+    com.microsoft operators and the format is block-wise int8/int4, else the standard form."""
+    from exporters.weight_formats import get_weight_format, resolve_block_size
+
+    if args.weight_kernel != "auto":
+        return args.weight_kernel
+    if not get_weight_format(args.weights).quantized or not resolve_block_size(args.weights, args.block_size):
+        return "dequantize"
+    domains = registry.get_backend(args.for_backend).capabilities.domains
+    kernel = "matmulnbits" if "com.microsoft" in domains else "dequantize"
+    _progress(f"auto weight kernel for backend {args.for_backend!r}: {kernel}")
+    return kernel
+
+
+def command_convert(args: argparse.Namespace) -> int:
+    from exporters.weight_formats import convert_bundle
+
+    bundle = convert_bundle(
+        args.bundle,
+        args.output,
+        args.weights,
+        args.block_size,
+        _weight_kernel(args),
+        overwrite=args.force,
+        progress=_progress,
+    )
+    stdout.print(
+        f"bundle written to {escape(str(bundle.path))} ({bundle.weight_format} weights, "
+        f"{bundle.manifest['weights']['converted']} tensors converted, router float32)"
+    )
+    return EXIT_OK
+
+
+def _add_weight_options(parser: argparse.ArgumentParser) -> None:
+    from exporters.weight_formats import KERNELS, WEIGHT_FORMATS
+
+    parser.add_argument(
+        "--weights",
+        default="float32",
+        choices=list(WEIGHT_FORMATS),
+        help="how weights are stored; the router stays float32 and the golden data full precision (default: float32)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        help="int8/int4: inputs per scale, a power of two >= 16, or 0 for one scale per output channel "
+        "(default: 32 for int4, 0 for int8)",
+    )
+    parser.add_argument(
+        "--weight-kernel",
+        default="dequantize",
+        choices=[*KERNELS, "auto"],
+        help="int8/int4 with blocks: standard DequantizeLinear (any backend), ONNX Runtime's MatMulNBits, or auto "
+        "(--for-backend's choice) (default: dequantize)",
+    )
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -285,43 +348,74 @@ def command_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def command_bench(args: argparse.Namespace) -> int:
+def _time_bundle(bundle: Bundle, backend: Any, feeds: Any, args: argparse.Namespace) -> Any:
+    """Compile ``bundle`` for ``backend`` and time it on ``feeds`` with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from portable_moe.bench import bench_compiled, token_feeds
+    from portable_moe.bench import bench_compiled
 
-    if args.preset is not None or args.bundle is None:
-        return _estimate_preset(args)
-    bundle = load_bundle(args.bundle)
-    backend, skipped = registry.select_backend(args.backend)
-    for name, reason in skipped:
-        stderr.print(f"[yellow]skipped {name}[/yellow]: {escape(reason)}")
-    if (args.batch is None) != (args.seq is None):
-        raise InputError("give both --batch and --seq, or neither (to use the golden inputs)")
-    feeds = _load_feeds(bundle, None) if args.batch is None else token_feeds(bundle, args.batch, args.seq)
     _progress(f"compiling {bundle.name} for {backend.name}")
     compiled = backend.compile(bundle, _parse_options(args.option))
     step_progress.finish(_steps)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=stderr, transient=True
     ) as progress:
-        task = progress.add_task(f"timing {backend.name}", total=args.runs)
-        result = bench_compiled(
+        task = progress.add_task(f"timing {bundle.name} on {backend.name}", total=args.runs)
+        return bench_compiled(
             compiled, feeds, args.warmup, args.runs, lambda done, total: progress.update(task, completed=done)
         )
-    shape = list(next(iter(feeds.values())).shape)
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from portable_moe.bench import changing_token_feeds, model_bytes
+
+    if args.preset is not None or args.bundle is None:
+        return _estimate_preset(args)
+    bundle = load_bundle(args.bundle)
+    others = [load_bundle(path) for path in args.compare or []]
+    for other in others:
+        if [spec.name for spec in other.inputs] != [spec.name for spec in bundle.inputs]:
+            raise InputError(
+                f"--compare {other.path}: its inputs {[s.name for s in other.inputs]} differ from "
+                f"{[s.name for s in bundle.inputs]}; compare bundles of one model"
+            )
+    backend, skipped = registry.select_backend(args.backend)
+    for name, reason in skipped:
+        stderr.print(f"[yellow]skipped {name}[/yellow]: {escape(reason)}")
+    if (args.batch is None) != (args.seq is None):
+        raise InputError("give both --batch and --seq, or neither (to use the golden inputs)")
+    if args.batch is None:
+        feeds: Any = _load_feeds(bundle, None)
+        inputs_note = "the golden input, repeated"
+    else:
+        feeds = changing_token_feeds(bundle, args.batch, args.seq, args.warmup + args.runs)
+        inputs_note = "new random tokens every call"
+    first_feed = feeds if isinstance(feeds, dict) else feeds[0]
+    shape = list(next(iter(first_feed.values())).shape)
+    rows = [(candidate, _time_bundle(candidate, backend, feeds, args)) for candidate in [bundle, *others]]
+    result = rows[0][1]
     table = Table(
-        title=f"{bundle.name} on {backend.name}, input {shape} ({result.runs} runs after {result.warmup} warm-up)"
+        title=f"{bundle.name} on {backend.name}, input {shape}, {inputs_note} "
+        f"({result.runs} runs after {result.warmup} warm-up)"
     )
-    for column in ("p50 ms", "p90 ms", "min ms", "tokens/s", "peak RSS MiB"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        f"{result.p50_ms:.3f}",
-        f"{result.p90_ms:.3f}",
-        f"{result.min_ms:.3f}",
-        f"{result.tokens_per_second:,.0f}",
-        f"{result.peak_rss_mib:,.0f}",
-    )
+    columns = ["bundle", "weights", "model MiB", "p50 ms", "p90 ms", "min ms", "tokens/s", "peak RSS MiB"]
+    columns += ["speed vs first"] if others else []
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("bundle", "weights") else "right")
+    for candidate, timing in rows:
+        cells = [
+            escape(candidate.name),
+            candidate.weight_format,
+            f"{model_bytes(candidate) / 2**20:,.1f}",
+            f"{timing.p50_ms:.3f}",
+            f"{timing.p90_ms:.3f}",
+            f"{timing.min_ms:.3f}",
+            f"{timing.tokens_per_second:,.0f}",
+            f"{timing.peak_rss_mib:,.0f}",
+        ]
+        if others:
+            cells.append(f"{result.p50_ms / timing.p50_ms:.2f}x")
+        table.add_row(*cells)
     _print(table)
     estimates = []
     if args.estimate:
@@ -331,6 +425,12 @@ def command_bench(args: argparse.Namespace) -> int:
         _print_estimates(estimates, f"Roofline estimate for input {shape} (an estimate, not a measurement)")
     if args.json:
         report = {"bundle": str(bundle.path), "backend": backend.name, "input_shape": shape, **result.to_dict()}
+        report["inputs"] = inputs_note
+        if others:
+            report["compare"] = [
+                {"bundle": str(candidate.path), "weight_format": candidate.weight_format, **timing.to_dict()}
+                for candidate, timing in rows
+            ]
         if estimates:
             report["estimates"] = _estimates_json(estimates)
         _write_json(args.json, report)
@@ -554,7 +654,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity lowering: fewest slots per expert (default: 8, decode stays dropless)",
     )
     export.add_argument("--opset", type=int, default=20, help="ai.onnx opset to export to (default: 20)")
+    _add_weight_options(export)
     export.set_defaults(handler=command_export)
+
+    convert = commands.add_parser(
+        "convert", help="copy a float32 bundle with its weights in another format (no torch needed)"
+    )
+    convert.add_argument("bundle", help="the float32 bundle directory")
+    convert.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    convert.add_argument("--force", action="store_true", help="replace --output if it exists")
+    convert.add_argument("--for-backend", default="cpu", help="backend whose choice --weight-kernel auto follows")
+    _add_weight_options(convert)
+    convert.set_defaults(handler=command_convert)
 
     backends = commands.add_parser("backends", help="list every registered backend, available or not, and why")
     backends.add_argument(
@@ -632,6 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
     bench.add_argument("--runs", type=int, default=20, help="timed runs (default: 20)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.add_argument(
+        "--compare",
+        action="append",
+        metavar="OTHER_BUNDLE",
+        help="also time this bundle (of the same model, e.g. another weight format) on the same inputs, side by "
+        "side; repeatable",
+    )
     bench.add_argument(
         "--estimate",
         action="store_true",

@@ -117,13 +117,116 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 }
 
 
+# What a bundle's weight format adds to a backend's own error, keyed by the format key
+# (exporters.weight_formats.format_key). The golden data stay float32 torch outputs, so these rows
+# measure the format against full precision. WEIGHT_TOLERANCES_MEASURED names how they were measured.
+#
+# Measured with scripts/measure_weight_formats.py (ORT CPU, x86-64): the float32 bundle's outputs vs the
+# converted bundle's on the golden inputs and seeded random token batches of the golden shape (2 x 16):
+# tiny dense lowering, golden + 32 sets; small sparse lowering, golden + 8 sets. "atol" is what logits need
+# at rtol 1e-2 over the tokens before the first routing flip of their sequence (values after a flip are
+# the routing comparison's to judge, see tokens_before_first_flip); "agreement" is the lowest per-set
+# share of tokens whose expert set is unchanged, over every MoE layer. The presets' weights are random
+# (no outliers, no trained structure), which makes their routers more sensitive than a trained model's.
+WEIGHT_TOLERANCES: dict[str, Tolerance] = {
+    "float16": Tolerance(
+        atol=1e-2,
+        rtol=1e-2,
+        min_routing_agreement=0.9,
+        reason=(
+            "float16 weights (10-bit mantissa, ~5e-4 relative rounding): logits need atol 7.0e-3 (tiny) and 2.9e-3 "
+            "(small); routing agreement per set >= 0.938 (tiny: a flip at a top-k margin of 4e-4) and 1.0 (small)"
+        ),
+    ),
+    "bfloat16": Tolerance(
+        atol=0.15,
+        rtol=1e-2,
+        min_routing_agreement=0.9,
+        reason=(
+            "bfloat16 weights (8-bit mantissa, ~4e-3 relative rounding): logits need atol 0.076 (tiny) and 0.032 "
+            "(small); routing agreement per set >= 0.938 (tiny) and 0.969 (small)"
+        ),
+    ),
+    "int8/channel": Tolerance(
+        atol=1.0,
+        rtol=1e-2,
+        min_routing_agreement=0.7,
+        reason=(
+            "int8 codes with one scale per output channel (ORT CPU's optimizer also quantizes the activations of "
+            "DequantizeLinear+MatMul to 8 bits): logits need atol 0.47 (tiny) and 0.18 (small); routing agreement "
+            "per set >= 0.844 (tiny) and 0.781 (small)"
+        ),
+    ),
+    "int8/block": Tolerance(
+        atol=0.75,
+        rtol=1e-2,
+        min_routing_agreement=0.7,
+        reason=(
+            "int8 codes, one scale per block of inputs: logits need atol 0.37 (tiny) and 0.15 (small); routing "
+            "agreement per set >= 0.875 (tiny) and 0.812 (small)"
+        ),
+    ),
+    "int4/block": Tolerance(
+        atol=4.0,
+        rtol=1e-2,
+        min_routing_agreement=0.1,
+        reason=(
+            "int4 codes, one scale per block of 32 inputs (~9% relative weight error on these random weights): "
+            "logits need atol 2.0 (tiny) and 1.7 (small), the size of the logits themselves, so values say little "
+            "here; routing agreement per set >= 0.406 (tiny) and 0.156 (small: top-6 of 64, where changing any one "
+            "of 6 experts counts as a flip). Only a routing change worse than that fails"
+        ),
+    ),
+}
+WEIGHTS_SEPARATOR = "+weights:"
+
+
+def with_weights(precision: str, weights: str | None) -> str:
+    """The precision key for a backend mode running a bundle of weight format ``weights``.
+
+    ``("exact", "int4/block")`` -> ``"exact+weights:int4/block"``; float32 weights leave the mode as it is.
+    """
+    if not weights or weights == "float32":
+        return precision
+    return f"{precision}{WEIGHTS_SEPARATOR}{weights}"
+
+
+def split_weights(precision: str) -> tuple[str, str]:
+    """The inverse of :func:`with_weights`: ``(backend precision mode, weight format key)``."""
+    mode, _, weights = precision.partition(WEIGHTS_SEPARATOR)
+    return mode, weights or "float32"
+
+
+def _weight_tolerance(weights: str, mode_row: Tolerance, mode: str) -> Tolerance:
+    row = WEIGHT_TOLERANCES.get(weights)
+    if row is None:
+        known = ", ".join(sorted(WEIGHT_TOLERANCES))
+        raise ConformanceError(
+            f"no tolerance for weight format {weights!r}; known formats: {known}. Add a measured row for it to "
+            "portable_moe.compare.WEIGHT_TOLERANCES"
+        )
+    if mode == "exact":
+        return row
+    # Two independent error sources: their absolute errors add up at worst; the looser of the rest applies.
+    return Tolerance(
+        atol=row.atol + mode_row.atol,
+        rtol=max(row.rtol, mode_row.rtol),
+        min_routing_agreement=min(row.min_routing_agreement, mode_row.min_routing_agreement),
+        reason=f"{weights} weights ({row.reason}) on precision mode {mode} ({mode_row.reason}); atol is the sum",
+    )
+
+
 def tolerance_for(dtype: str, precision: str = "exact") -> Tolerance:
     """Look up the tolerance for outputs of ``dtype`` under ``precision``, falling back to float32's.
 
+    ``precision`` may carry a weight format (see :func:`with_weights`): the format's row of
+    :data:`WEIGHT_TOLERANCES` then applies, combined with the mode's row for a reduced-precision mode.
+
     Raises:
-        ConformanceError: for a precision mode with no row in the table (an adapter that reports a
-            new mode must add its measured rows, with reasons, to ``TOLERANCES``).
+        ConformanceError: for a precision mode or weight format with no row in the tables (an
+            adapter that reports a new mode must add its measured rows, with reasons, to ``TOLERANCES``).
     """
+    precision, weights = split_weights(precision)
     found = TOLERANCES.get((precision, dtype)) or TOLERANCES.get((precision, "float32"))
     if found is None:
         modes = ", ".join(sorted({mode for mode, _ in TOLERANCES}))
@@ -131,6 +234,8 @@ def tolerance_for(dtype: str, precision: str = "exact") -> Tolerance:
             f"no tolerance for precision mode {precision!r}; known modes: {modes}. Add measured rows for it to "
             "portable_moe.compare.TOLERANCES"
         )
+    if weights != "float32":
+        return _weight_tolerance(weights, found, precision)
     return found
 
 
@@ -247,6 +352,44 @@ def compare_values(name: str, expected: np.ndarray, actual: np.ndarray, toleranc
     return comparison
 
 
+def tokens_before_first_flip(
+    expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], routing_outputs: Mapping[str, int]
+) -> np.ndarray | None:
+    """``[batch, seq]`` mask of the tokens before the first routing flip of their sequence (any layer).
+
+    A flipped token's values differ by however much its other experts differ, and causal attention
+    carries that to every later position of the sequence. Where a tolerance row allows flips (its
+    routing agreement is below 1), values are compared on these tokens only; the routing comparison
+    judges the flips. None when there are no comparable routing outputs.
+    """
+    agree = None
+    for name in routing_outputs:
+        if name not in expected or name not in actual or np.shape(actual[name]) != np.shape(expected[name]):
+            continue
+        if np.ndim(expected[name]) < 3:
+            continue
+        same = np.all(np.sort(expected[name], axis=-1) == np.sort(np.asarray(actual[name]), axis=-1), axis=-1)
+        agree = same if agree is None else agree & same
+    if agree is None:
+        return None
+    return np.cumsum(~agree, axis=-1) == 0
+
+
+def _compare_unaffected(
+    name: str, expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance, unaffected: np.ndarray | None
+) -> OutputComparison:
+    """:func:`compare_values` over the tokens ``unaffected`` marks (all tokens when it does not apply)."""
+    everything = compare_values(name, expected, actual, tolerance)
+    if unaffected is None or expected.shape[: unaffected.ndim] != unaffected.shape or unaffected.all():
+        return everything
+    # The errors and cosine describe every token; the verdict only those before a flip.
+    verdict = compare_values(name, expected[unaffected], actual[unaffected], tolerance)
+    everything.passed = verdict.passed
+    note = f"{int(unaffected.sum())} of {unaffected.size} tokens judged (the rest follow a routing flip)"
+    everything.message = f"{verdict.message}; {note}" if verdict.message else ""
+    return everything
+
+
 def compare_outputs(
     expected: Mapping[str, np.ndarray],
     actual: Mapping[str, np.ndarray],
@@ -266,6 +409,7 @@ def compare_outputs(
     """
     routing_outputs = routing_outputs or {}
     results: list[OutputComparison] = []
+    unaffected = tokens_before_first_flip(expected, actual, routing_outputs)
     for name, expected_value in expected.items():
         kind = "routing" if name in routing_outputs else "values"
         if name not in actual:
@@ -308,7 +452,8 @@ def compare_outputs(
                 )
             )
         elif np.issubdtype(expected_value.dtype, np.floating):
-            results.append(compare_values(name, expected_value, actual_value, tolerance))
+            scope = unaffected if tolerance.min_routing_agreement < 1 else None
+            results.append(_compare_unaffected(name, expected_value, actual_value, tolerance, scope))
         else:
             equal = np.array_equal(expected_value, actual_value)
             results.append(

@@ -25,7 +25,7 @@ from portable_moe import progress as step_progress
 from portable_moe.backend import Backend, ModelInput, as_model_input
 from portable_moe.bisect import ORACLES, BisectResult, bisect_divergence
 from portable_moe.bundle import Bundle
-from portable_moe.compare import OutputComparison, compare_outputs
+from portable_moe.compare import OutputComparison, compare_outputs, with_weights
 from portable_moe.errors import BundleError, InputError, PortableMoEError
 from portable_moe.registry import get_backend
 from portable_moe.routing import LayerRouting, layer_routing, mark_cascades, routing_margins
@@ -172,18 +172,17 @@ def check_backend(
     histograms: dict[str, list[int]] = {}
     first_failing_set = None
     num_experts = bundle.config.n_routed_experts if bundle.config else None
+    precision = with_weights(compiled.precision, bundle.weight_format)
     started = time.perf_counter()
     try:
         for index, (feeds, expected) in enumerate(golden):
             actual = compiled.run(feeds)
-            compared = compare_outputs(expected, actual, bundle.routing_outputs, compiled.precision)
+            compared = compare_outputs(expected, actual, bundle.routing_outputs, precision)
             if first_failing_set is None and not all(c.passed for c in compared):
                 first_failing_set = index
             comparisons += compared
             set_margins = margins[index] if margins is not None and index < len(margins) else None
-            layer_routing(
-                expected, actual, bundle.routing_outputs, set_margins, compiled.precision, num_experts, routing, index
-            )
+            layer_routing(expected, actual, bundle.routing_outputs, set_margins, precision, num_experts, routing, index)
             _add_histograms(histograms, expected, actual)
     except PortableMoEError as error:
         return BackendResult(backend.name, ERROR, str(error), compile_seconds=compile_seconds)
@@ -200,7 +199,7 @@ def check_backend(
         compiled.placement(),
         sorted(routing.values(), key=lambda layer: layer.layer),
         histograms,
-        precision=compiled.precision,
+        precision=precision,
     )
     if bisect == "always" or (bisect == "failed" and failures):
         feeds = golden[first_failing_set or 0][0]
@@ -317,6 +316,7 @@ def report_dict(bundle: Bundle, results: Sequence[BackendResult], expected_from:
         "bundle_name": bundle.name,
         "preset": bundle.manifest.get("preset"),
         "moe_lowering": bundle.moe_lowering,
+        "weight_format": bundle.weight_format,
         "expected_from": expected_from,
         "results": [result.to_dict() for result in results],
     }

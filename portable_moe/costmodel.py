@@ -264,6 +264,8 @@ def _node_flops(
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "MatMul" and inputs[0] is not None:
         return 2.0 * out_elements * inputs[0][-1]
+    if node.op_type == "MatMulNBits":
+        return 2.0 * out_elements * int(attributes["K"])
     if node.op_type == "Gemm" and inputs[0] is not None:
         inner = inputs[0][0] if attributes.get("transA", 0) else inputs[0][-1]
         return 2.0 * out_elements * inner + (out_elements if len(node.input) > 2 and node.input[2] else 0)
@@ -316,21 +318,28 @@ def node_work(
     """
     inferred = _static_inferred(model, input_shapes)
     shapes = _shapes(inferred)
+    stored = _stored_weight_bytes(inferred)
     work = []
     unsized = 0
     for index, node in enumerate(inferred.graph.node):
         name = node.name or f"{node.op_type}_{index}"
         outputs = [output for output in node.output if output]
+        if outputs and all(output in stored for output in outputs):
+            work.append(NodeWork(name, node.op_type, 0.0, 0.0, 0.0))  # weight preparation: once, at load
+            continue
         if node.op_type in _FREE_OPS or not all(output in shapes for output in outputs):
             unsized += node.op_type not in _FREE_OPS
             work.append(NodeWork(name, node.op_type, 0.0, 0.0, 0.0))
             continue
         touched = [(output, math.prod(shapes[output][1])) for output in outputs]
+        other_bytes = 0.0
         for position, input_name in enumerate(node.input):
-            if input_name in shapes:
+            if input_name in stored:  # a stored weight, read in its stored format by a weight-only kernel
+                other_bytes += stored[input_name]
+            elif input_name in shapes:
                 gathered = position == 0 and node.op_type in _GATHER_OPS  # reads only the gathered rows
                 touched.append((input_name, math.prod(shapes[outputs[0]][1] if gathered else shapes[input_name][1])))
-        float_elements = other_bytes = 0.0
+        float_elements = 0.0
         for tensor, elements in touched:
             dtype = shapes[tensor][0]
             if np.issubdtype(dtype, np.floating):
@@ -341,6 +350,40 @@ def node_work(
         flops = _node_flops(node, inputs, [shapes[output][1] for output in outputs])
         work.append(NodeWork(name, node.op_type, flops, float_elements, other_bytes))
     return work, unsized
+
+
+# Nodes that only turn stored weights into the float weights an op multiplies by.
+_WEIGHT_PREPARATION_OPS = {"DequantizeLinear", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+def _stored_weight_bytes(model: onnx.ModelProto) -> dict[str, float]:
+    """Values computed from initializers by weight preparation alone (dequantize, cast, relayout),
+    with the bytes of the stored tensors behind them (int4 at half a byte per element).
+
+    Weight-only kernels (and runtimes that fuse ``DequantizeLinear`` into the matrix product) read
+    the stored codes and scales, not a float copy: that is what a weight format saves on a
+    memory-bound decode, and what the estimate counts.
+    """
+    sizes: dict[str, float] = {}
+    for tensor in model.graph.initializer:
+        elements = math.prod(tensor.dims)
+        bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else None
+        if bits is None:
+            bits = 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        sizes[tensor.name] = elements * bits / 8
+    stored: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHT_PREPARATION_OPS or not node.input:
+            continue
+        sources = [name for name in node.input if name]
+        if not all(name in sizes or name in stored for name in sources) or node.input[0] not in {**sizes, **stored}:
+            continue
+        if node.input[0] in sizes and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+            continue  # relayout of a plain initializer: not a stored format, leave it to the normal count
+        total = sum(stored.get(name, sizes.get(name, 0.0)) for name in sources)
+        for output in node.output:
+            stored[output] = total
+    return stored
 
 
 def estimate_from_work(work: Sequence[NodeWork], chip: Chip, unsized: int = 0) -> Estimate:

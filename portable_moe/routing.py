@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from portable_moe.compare import routing_agreement
+from portable_moe.compare import routing_agreement, split_weights
 
 # A flip whose reference margin is at most this is a near-tie, keyed by the backend's precision mode.
 # float32 backends ("exact", "must_keep_origin_dtype") perturb router scores (~1, sigmoid outputs plus a
@@ -37,9 +37,31 @@ _PASS_THROUGH = {"Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Flatten
 _MAX_WALK = 16
 
 
+# The same for a bundle's weight format: it perturbs the hidden state the router reads, so router scores
+# move more than the format's own rounding. About twice the largest perturbation of the first MoE layer's
+# router scores (no earlier flip can reach it) measured on the tiny preset, golden + 16 random sets
+# (scripts/measure_weight_formats.py): float16 5.8e-4, bfloat16 5.2e-3, int8 2.1e-2 (per channel) and
+# 2.7e-2 (blocks), int4 0.27.
+WEIGHT_NEAR_TIE_MARGINS: dict[str, float] = {
+    "float16": 1e-3,
+    "bfloat16": 1e-2,
+    "int8/channel": 5e-2,
+    "int8/block": 5e-2,
+    "int4/block": 0.5,
+}
+
+
 def near_tie_margin(precision: str) -> float:
-    """The margin at or below which a routing flip counts as a near-tie for ``precision``."""
-    return NEAR_TIE_MARGINS.get(precision, REDUCED_PRECISION_NEAR_TIE)
+    """The margin at or below which a routing flip counts as a near-tie for ``precision``.
+
+    A precision carrying a weight format (``compare.with_weights``) takes the larger of the mode's
+    and the format's margins.
+    """
+    mode, weights = split_weights(precision)
+    margin = NEAR_TIE_MARGINS.get(mode, REDUCED_PRECISION_NEAR_TIE)
+    if weights != "float32":
+        margin = max(margin, WEIGHT_NEAR_TIE_MARGINS.get(weights, REDUCED_PRECISION_NEAR_TIE))
+    return margin
 
 
 def router_score_values(proto: onnx.ModelProto, routing_outputs: Sequence[str]) -> dict[str, tuple[str, int | None]]:
@@ -129,6 +151,33 @@ class LayerRouting:
         return self.agreeing / self.tokens if self.tokens else 1.0
 
     @property
+    def flip_rate(self) -> float:
+        """The share of tokens whose expert set differs from the expected one."""
+        return 1.0 - self.agreement
+
+    @property
+    def near_tie_share(self) -> float | None:
+        """The share of flipped tokens whose reference margin is a near-tie (None: no flips or no margins)."""
+        margins = [margin for _, _, margin in self.disagreements if margin is not None]
+        if not margins:
+            return None
+        return sum(margin <= self.near_tie_margin for margin in margins) / len(margins)
+
+    @property
+    def load_drift(self) -> float:
+        """Expert-load drift: half the L1 distance between the actual and expected load shares.
+
+        0 when every expert got the same share of selections, 1 when the loads share nothing; a
+        flip that moves one selection between experts moves it by ``1 / selections``.
+        """
+        total, expected_total = sum(self.load), sum(self.expected_load)
+        if not total or not expected_total:
+            return 0.0
+        shares = np.asarray(self.load) / total
+        expected_shares = np.asarray(self.expected_load) / expected_total
+        return float(np.abs(shares - expected_shares).sum() / 2)
+
+    @property
     def worst_margin(self) -> float | None:
         """The largest margin among disagreeing tokens (the least excusable flip), None if unknown or none."""
         margins = [
@@ -174,7 +223,12 @@ class LayerRouting:
             where = CASCADED
         else:
             where = "margin unknown" if worst is None else f"flip at margin {worst:.2g}: {self.verdict}"
-        return f"layer {self.layer}: {len(self.disagreements)} token(s) flipped, {where}"
+        share = self.near_tie_share
+        ties = "" if share is None else f", {share:.0%} near-ties"
+        return (
+            f"layer {self.layer}: {len(self.disagreements)} token(s) flipped ({self.flip_rate:.1%}{ties}, "
+            f"load drift {self.load_drift:.3f}), {where}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         worst = self.worst_margin
@@ -183,6 +237,9 @@ class LayerRouting:
             "layer": self.layer,
             "tokens": self.tokens,
             "agreement": self.agreement,
+            "flip_rate": self.flip_rate,
+            "near_tie_share": self.near_tie_share,
+            "load_drift": self.load_drift,
             "near_tie_margin": self.near_tie_margin,
             "worst_margin": _json_float(worst),
             "verdict": self.verdict,

@@ -363,6 +363,15 @@ class NpuSimBackend(Backend):
             moe_lowerings=("capacity", "dense"),
             # Other domains are accepted only to run them on the host CPU (ONNX Runtime's contrib ops).
             domains=frozenset({"com.microsoft"}),
+            # Ascend-style weight-only int8 (W8A16 under the float16 precision modes): int8 codes with one
+            # scale per output channel. No int4 and no FP8 matrix kernels.
+            weight_formats=frozenset({"float16", "bfloat16", "int8/channel"}),
+            weight_format_refusals={
+                "int4/block": "the simulated Ascend matrix unit takes int8 weights (W8A16), not int4, and its op "
+                "table stops at opset 20, before ONNX's int4 type",
+                "int8/block": "Ascend-style W8A16 takes one int8 scale per output channel, not per block (and "
+                "block-wise DequantizeLinear needs opset 21, past this op table); re-export with --block-size 0",
+            },
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

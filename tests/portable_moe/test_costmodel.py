@@ -46,6 +46,26 @@ def test_matmul_flops_bytes_and_roofline_by_hand():
     assert estimate_model(model, starved).nodes[0].bound == "memory"
 
 
+def test_stored_weights_are_read_in_their_stored_format():
+    # The MATMUL product with b stored as int4 blocks (64 codes = 32 bytes, 2 scales) or float16 (128 bytes).
+    int4 = onnx.parser.parse_model(
+        """
+        <ir_version: 10, opset_import: ["" : 21]>
+        quantized (float[4, 8] a) => (float[4, 16] y)
+        <int4[8, 16] codes = {0}, float[1, 16] scale = {1.0}> {
+            b = DequantizeLinear <axis = 0, block_size = 8> (codes, scale)
+            y = MatMul(a, b)
+        }
+        """.replace("{0}", "{" + ", ".join(["1"] * 128) + "}").replace("{1.0}", "{" + ", ".join(["1.0"] * 16) + "}")
+    )
+    work, unsized = node_work(int4)
+    assert unsized == 0
+    assert work[0] == NodeWork(work[0].name, "DequantizeLinear", 0.0, 0.0, 0.0)  # once, at load
+    # a and y as floats (32 + 64 elements); the weight as stored: 64 bytes of int4 codes + 16 float32 scales.
+    assert work[1] == NodeWork(work[1].name, "MatMul", 1024.0, 96.0, 64.0 + 64.0)
+    assert work[1].bytes(2) < node_work(onnx.parser.parse_model(MATMUL))[0][0].bytes(2)
+
+
 def test_dynamic_inputs_are_sized_by_the_shapes_given():
     model = onnx.parser.parse_model(
         """

@@ -51,6 +51,26 @@ def test_expert_load_counts_every_selection():
 def test_near_tie_threshold_follows_precision():
     assert near_tie_margin("exact") == 1e-5
     assert near_tie_margin("force_fp16") == 1e-2
+    # A weight format widens it to what that format does to router scores; the larger of the two applies.
+    assert near_tie_margin("exact+weights:int4/block") == 0.5
+    assert near_tie_margin("force_fp16+weights:float16") == 1e-2
+
+
+def test_flip_rate_near_tie_share_and_load_drift():
+    expected = np.array([[[0, 1], [2, 3], [0, 2], [1, 3]]])
+    actual = np.array([[[1, 0], [2, 4], [0, 1], [1, 3]]])  # tokens 1 and 2 flip, one selection each
+    layer = LayerRouting("expert_ids_layer1", 1, near_tie_margin=1e-2)
+    layer.add(expected, actual, np.array([0.5, 3e-3, 0.2, 0.4]), 0, 5)
+    assert layer.flip_rate == pytest.approx(0.5)
+    assert layer.near_tie_share == pytest.approx(0.5)  # one flip at a near-tie, one not
+    # Two of eight selections moved (3 -> 4 and 2 -> 1): half the L1 distance of the load shares is 2/8.
+    assert layer.load_drift == pytest.approx(2 / 8)
+    assert "2 token(s) flipped (50.0%, 50% near-ties, load drift 0.250)" in layer.summary()
+    record = layer.to_dict()
+    assert record["flip_rate"] == pytest.approx(0.5) and record["load_drift"] == pytest.approx(0.25)
+    quiet = LayerRouting("expert_ids_layer1", 1)
+    quiet.add(expected, expected, None, 0, 5)
+    assert quiet.flip_rate == 0 and quiet.near_tie_share is None and quiet.load_drift == 0
 
 
 def test_layer_verdicts_tell_near_ties_from_real_disagreements():

@@ -1,0 +1,316 @@
+"""Measure every weight format side by side in one process; write its section of docs/benchmarks.md.
+
+    python scripts/benchmark_weights.py            # tiny and small presets (~15-25 minutes on 2 busy cores)
+    python scripts/benchmark_weights.py --quick    # tiny preset only, fewer input sets, no speed figures
+
+Each preset is exported once in float32; every format is a pass over a copy (exporters.convert_bundle).
+What it measures:
+- tolerance evidence (what the rows of portable_moe.compare.WEIGHT_TOLERANCES come from): on ONNX
+  Runtime CPU, the float32 bundle's outputs against the converted bundle's, on the golden inputs and
+  seeded random token batches of the golden shape: the atol logits need at rtol 1e-2 over the tokens
+  before the first routing flip of their sequence, the lowest per-set routing agreement, and the
+  largest perturbation of the first MoE layer's router scores (the near-tie margins);
+- error and routing flip rate per format on each backend that takes it (check_backend on the same
+  input sets: golden from torch, the random sets' expected outputs from the float32 bundle on cpu);
+- bundle bytes and ms per token at batch 1, sequence 1, with new random tokens every call, on cpu
+  (small preset, sparse lowering);
+- the roofline estimate (portable_moe/costmodel.py) per format on Ascend 910B/910C, H100 and H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+
+from exporters import convert_bundle, export_bundle
+from portable_moe import get_backend
+from portable_moe.bench import bench_compiled, changing_token_feeds, model_bytes, token_feeds
+from portable_moe.bisect import run_exposed
+from portable_moe.bundle import Bundle
+from portable_moe.conformance import check_backend
+from portable_moe.costmodel import estimate_bundle
+from portable_moe.routing import router_score_values
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- weight-formats:start -->", "<!-- weight-formats:end -->"
+# (weights, block size, kernel): the formats measured, float32 first.
+FORMATS = [
+    ("float32", None, "dequantize"),
+    ("float16", None, "dequantize"),
+    ("bfloat16", None, "dequantize"),
+    ("int8", 0, "dequantize"),
+    ("int8", 32, "dequantize"),
+    ("int8", 32, "matmulnbits"),
+    ("int4", 32, "dequantize"),
+    ("int4", 32, "matmulnbits"),
+]
+CHIPS = ["ascend-910b", "ascend-910c", "h100-sxm", "h200-sxm"]
+NOTES = [
+    "Reading these figures:",
+    "",
+    '- "max abs err" covers every token, including those after a routing flip (a flipped token\'s logits move '
+    "by the size of the logits); the tolerance rows judge values only before the first flip of each sequence "
+    "and leave the flips to the routing agreement.",
+    "- ONNX Runtime's CPU optimizer (level extended and above) rewrites `DequantizeLinear` + `MatMul`: int8 "
+    "weights become a dynamically quantized matrix product (activations rounded to 8 bits too) and int4 "
+    "blocks become `MatMulNBits` at its default accuracy level for that rewrite (int8 activations). So "
+    "`cpu` with the standard form is slightly less exact than `reference` and `openvino` on the same bundle; "
+    "the explicit `matmulnbits` kernel keeps float activations.",
+    "- Routing margins of a converted bundle come from the converted graph on `cpu` (the bundle holds no "
+    "float32 graph), so a verdict says how decisively the converted model chose, not the float32 one.",
+    "- npu-sim folds `DequantizeLinear` of constant weights at compile time and runs the matrix products in "
+    "float16 under its default precision mode: numerically weight-only int8 with float16 activations "
+    "(W8A16); its memory report counts the folded weights, not int8 codes. W8A8 (int8 activations) is not "
+    "simulated. On random inputs its float16 mode flips some near-ties even for float32 weights, which its "
+    "tolerance row (routing agreement 1.0) does not allow.",
+    "- The roofline counts `MatMulNBits` nodes as free (ONNX shape inference cannot size contrib ops), so it "
+    "is given for the standard form only; both hold the same bytes.",
+    "",
+]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def label(weights: str, block_size: int | None, kernel: str) -> str:
+    if weights in ("int8", "int4"):
+        return f"{weights} {'per channel' if not block_size else f'blocks of {block_size}'}, {kernel}"
+    return weights
+
+
+def input_sets(bundle: Bundle, count: int) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Golden (torch) plus ``count`` random sets whose expected outputs are the float32 bundle's on cpu."""
+    golden = bundle.golden_sets()
+    batch, seq = golden[0][0]["input_ids"].shape
+    compiled = get_backend("cpu").compile(bundle)
+    feeds = [token_feeds(bundle, batch, seq, seed=seed) for seed in range(count)]
+    return golden + [(feed, compiled.run(feed)) for feed in feeds]
+
+
+def _session(bundle: Bundle) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+
+
+def tolerance_evidence(base: Bundle, bundle: Bundle, sets: list) -> dict[str, Any]:
+    """atol needed before the first flip, lowest per-set agreement, first-layer router perturbation (cpu)."""
+    session = _session(bundle)
+    names = [output.name for output in session.get_outputs()]
+    routing = list(bundle.routing_outputs)
+    atols, agreements, perturbations = [], [], []
+    scores = router_score_values(base.load_onnx(), routing[:1])
+    first_scores = next(iter(scores.values()))[0] if scores else None
+    cpu = get_backend("cpu")
+    for feeds, expected in sets:
+        actual = dict(zip(names, session.run(None, feeds)))
+        agree = np.ones(expected["logits"].shape[:-1], bool)
+        per_layer = []
+        for name in routing:
+            same = np.all(np.sort(actual[name], -1) == np.sort(expected[name], -1), -1)
+            per_layer.append(float(same.mean()))
+            agree &= same
+        agreements.append(min(per_layer))
+        before_flip = np.cumsum(~agree, axis=-1) == 0
+        excess = np.abs(actual["logits"].astype(np.float64) - expected["logits"]) - 1e-2 * np.abs(expected["logits"])
+        if before_flip.any():
+            atols.append(float(excess[before_flip].max()))
+        if first_scores is not None:
+            ours = run_exposed(cpu, bundle.load_onnx(), feeds, [first_scores])[0][first_scores]
+            theirs = run_exposed(cpu, base.load_onnx(), feeds, [first_scores])[0][first_scores]
+            finite = np.isfinite(ours) & np.isfinite(theirs)
+            perturbations.append(float(np.abs(np.where(finite, ours - np.where(finite, theirs, 0), 0)).max()))
+    return {
+        "atol_needed": max(atols) if atols else None,
+        "min_set_agreement": min(agreements),
+        "mean_set_agreement": float(np.mean(agreements)),
+        "router_score_perturbation": max(perturbations) if perturbations else None,
+        "sets": len(sets),
+    }
+
+
+def per_backend(bundle: Bundle, sets: list, backends: list[str]) -> dict[str, Any]:
+    rows = {}
+    for name in backends:
+        result = check_backend(bundle, get_backend(name), input_sets=sets)
+        layers = [layer for layer in result.routing]
+        rows[name] = {
+            "status": result.status,
+            "reason": result.reason[:160],
+            "max_abs_error": result.worst("max_abs_error"),
+            "min_cosine": min((c.cosine for c in result.comparisons if c.kind == "values"), default=float("nan")),
+            "flip_rate": max((layer.flip_rate for layer in layers), default=float("nan")),
+            "near_tie_share": [layer.near_tie_share for layer in layers],
+            "load_drift": max((layer.load_drift for layer in layers), default=float("nan")),
+        }
+    return rows
+
+
+def speed(bundle: Bundle, runs: int) -> dict[str, Any]:
+    compiled = get_backend("cpu").compile(bundle, {"threads": 2})
+    feeds = changing_token_feeds(bundle, 1, 1, runs + 5)
+    result = bench_compiled(compiled, feeds, warmup=5, runs=runs)
+    return {"p50_ms": result.p50_ms, "p90_ms": result.p90_ms, "min_ms": result.min_ms}
+
+
+def measure_preset(
+    preset: str, lowering: str, workdir: Path, sets_count: int, backends: list[str], timed_runs: int
+) -> dict:
+    log(f"exporting {preset} ({lowering} lowering), float32")
+    base = export_bundle(workdir / f"{preset}-float32", preset, 0, moe_lowering=lowering)
+    sets = input_sets(base, sets_count)
+    rows = []
+    for weights, block_size, kernel in FORMATS:
+        name = label(weights, block_size, kernel)
+        log(f"{preset}: {name}")
+        if weights == "float32":
+            bundle = base
+        else:
+            target = workdir / f"{preset}-{weights}-{block_size}-{kernel}"
+            bundle = convert_bundle(base, target, weights, block_size, kernel)
+        row: dict[str, Any] = {"format": name, "key": bundle.weight_format, "model_bytes": model_bytes(bundle)}
+        if weights != "float32":
+            row["evidence"] = tolerance_evidence(base, bundle, sets)
+        row["backends"] = per_backend(bundle, sets, backends)
+        if timed_runs:
+            row["cpu_decode"] = speed(bundle, timed_runs)
+        if kernel == "dequantize":  # MatMulNBits is a contrib op shape inference cannot size
+            row["roofline_us"] = {e.chip.key: e.seconds * 1e6 for e in estimate_bundle(bundle, 1, 1, CHIPS)}
+        rows.append(row)
+    return {"preset": preset, "lowering": lowering, "input_sets": len(sets), "rows": rows}
+
+
+def _float(value: Any, digits: str = ".3g") -> str:
+    return "-" if value is None or value != value else format(value, digits)
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        START,
+        "## Weight formats",
+        "",
+        f"Measured by `python scripts/benchmark_weights.py` on {report['date']}, on a shared 2-core machine "
+        "(other work ran at the same time; figures from one run compare with each other, not with other runs). "
+        "Golden data stay the float32 torch outputs: every figure is against full precision. The presets' weights "
+        "are random, so their routers are more sensitive than a trained model's.",
+        "",
+    ]
+    for preset in report["presets"]:
+        lines += [
+            f"### {preset['preset']} preset ({preset['lowering']} lowering), {preset['input_sets']} input sets of the "
+            "golden shape",
+            "",
+            "Tolerance evidence on `cpu` (atol logits need at rtol 1e-2 before the first flip of each sequence; "
+            "lowest per-set routing agreement over MoE layers; largest first-layer router score perturbation):",
+            "",
+            "| format | bundle MiB | atol needed | lowest agreement | mean agreement | router score perturbation |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in preset["rows"]:
+            evidence = row.get("evidence", {})
+            lines.append(
+                f"| {row['format']} | {row['model_bytes'] / 2**20:.1f} | {_float(evidence.get('atol_needed'))} | "
+                f"{_float(evidence.get('min_set_agreement'), '.3f')} | {_float(evidence.get('mean_set_agreement'), '.3f')} | "
+                f"{_float(evidence.get('router_score_perturbation'))} |"
+            )
+        backends = list(preset["rows"][0]["backends"])
+        lines += [
+            "",
+            "Per backend (check against the float32 expected outputs; flip rate and load drift: the worst MoE layer):",
+            "",
+            "| format | "
+            + " | ".join(f"{name}: result, max abs err, flip rate, load drift" for name in backends)
+            + " |",
+            "|---|" + "---|" * len(backends),
+        ]
+        for row in preset["rows"]:
+            cells = []
+            for name in backends:
+                entry = row["backends"][name]
+                if entry["status"] in ("passed", "failed"):
+                    cells.append(
+                        f"{entry['status']}, {_float(entry['max_abs_error'])}, {entry['flip_rate']:.1%}, "
+                        f"{entry['load_drift']:.3f}"
+                    )
+                else:
+                    cells.append(f"{entry['status']}: {entry['reason'].split(':', 1)[-1].strip()[:70]}")
+            lines.append(f"| {row['format']} | " + " | ".join(cells) + " |")
+        timed = [row for row in preset["rows"] if "cpu_decode" in row]
+        if timed:
+            base = timed[0]["cpu_decode"]["p50_ms"]
+            lines += [
+                "",
+                "Decode on `cpu` (2 threads), batch 1, sequence 1, new random tokens every call:",
+                "",
+                "| format | bundle MiB | p50 ms/token | p90 ms | speed vs float32 |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for row in timed:
+                decode = row["cpu_decode"]
+                lines.append(
+                    f"| {row['format']} | {row['model_bytes'] / 2**20:.1f} | {decode['p50_ms']:.3f} | "
+                    f"{decode['p90_ms']:.3f} | {base / decode['p50_ms']:.2f}x |"
+                )
+        roof = [row for row in preset["rows"] if "roofline_us" in row]
+        lines += [
+            "",
+            "Roofline estimate per decoded token (batch 1, an estimate, not a measurement; weights read in their "
+            "stored format, float activations at the chip's float16 size):",
+            "",
+            "| format | " + " | ".join(f"{chip} µs" for chip in CHIPS) + " |",
+            "|---|" + "---:|" * len(CHIPS),
+        ]
+        for row in roof:
+            lines.append(f"| {row['format']} | " + " | ".join(f"{row['roofline_us'][c]:.2f}" for c in CHIPS) + " |")
+        lines.append("")
+    lines += NOTES
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put ``text`` between the markers in ``path``, replacing an earlier version, or append it."""
+    existing = path.read_text() if path.exists() else ""
+    if START in existing and END in existing:
+        before, rest = existing.split(START, 1)
+        after = rest.split(END, 1)[1].lstrip("\n")
+        existing = before + text + after
+    else:
+        existing = existing.rstrip("\n") + "\n\n" + text
+    path.write_text(existing)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny preset only, 4 input sets, no timing")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--rerender", action="store_true", help="rewrite the section from the saved JSON only")
+    args = parser.parse_args()
+    output = Path(args.output)
+    saved = output.with_name("benchmarks-weights.json")
+    if args.rerender:
+        write_section(output, render(json.loads(saved.read_text())))
+        return 0
+    plans = [("tiny", "dense", 4 if args.quick else 32, ["cpu", "reference", "openvino", "npu-sim"], 0)]
+    if not args.quick:
+        plans.append(("small", "sparse", 8, ["cpu", "openvino"], 200))
+    with tempfile.TemporaryDirectory(prefix="weights-") as workdir:
+        presets = [measure_preset(*plan[:2], Path(workdir), *plan[2:]) for plan in plans]
+    report = {"date": time.strftime("%Y-%m-%d"), "onnxruntime": onnxruntime.__version__, "presets": presets}
+    write_section(output, render(report))
+    saved.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    log(f"wrote the weight-format section of {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
