@@ -406,3 +406,37 @@ def test_a_dead_node_costs_a_retry_elsewhere_or_an_infrastructure_error(ray_clus
     assert result.status == "error" and run.infrastructure[0] and run.stamps[0] is None
     assert result.reason.startswith("infrastructure error: node ")
     assert f"node {survivor[:8]}" in result.reason and "no other node offers backend 'pausing-cpu'" in result.reason
+
+
+def test_worker_joins_with_its_backends_and_leaves_when_stopped(ray_cluster, tiny_bundle):
+    """``portable-moe worker --join`` (a real ``ray start``): its node advertises this machine's
+    backends and versions, takes the tasks of a backend only it offers, and leaves on SIGTERM."""
+    import signal
+    import subprocess
+
+    from portable_moe.cluster.jobs import check_on_cluster
+    from portable_moe.cluster.nodes import cluster_nodes
+
+    cluster, _, _ = ray_cluster
+    before = {node.node_id for node in cluster_nodes()}
+    command = [sys.executable, "-m", "portable_moe.cli", "worker", "--join", cluster.address, "--num-cpus", "1"]
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        joined = []
+        while not joined and time.monotonic() < deadline:
+            joined = [node for node in cluster_nodes() if node.alive and node.node_id not in before]
+            time.sleep(0.5)
+        assert joined, "the worker did not join within 120 s"
+        (node,) = joined
+        assert set(advertisement().backends) <= set(node.backends) and "npu-sim" in node.backends
+        assert node.versions["onnxruntime"] == label_value(runtime_versions()["onnxruntime"])
+        run = check_on_cluster(tiny_bundle, ["npu-sim"])  # only the new node offers it
+        assert run.stamps[0]["node_id"] == node.node_id and run.results[0].status != "error"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(90) != 0  # interrupted, after ray took the node down
+    deadline = time.monotonic() + 30
+    while any(n.alive for n in cluster_nodes() if n.node_id == node.node_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(n.alive for n in cluster_nodes() if n.node_id == node.node_id)
