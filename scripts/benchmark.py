@@ -288,10 +288,18 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def _kept_sections(markdown: Path) -> str:
+    """Sections other scripts write into the same file (scripts/cluster_benchmark.py), kept as they are."""
+    text = markdown.read_text() if markdown.exists() else ""
+    start = text.find("<!-- cluster-benchmark:start -->")
+    return "\n" + text[start:] if start >= 0 else ""
+
+
 def rerender(json_path: Path) -> None:
     """Rewrite the markdown from a saved JSON report (after a change to the text, not the figures)."""
     report = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render(report))
+    markdown = json_path.with_suffix(".md")
+    markdown.write_text(render(report) + _kept_sections(markdown))
 
 
 def main() -> int:
@@ -355,7 +363,7 @@ def main() -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(report))
+    output.write_text(render(report) + _kept_sections(output))
     output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {output} and {output.with_suffix('.json')}")
     return 0
