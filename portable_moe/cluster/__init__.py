@@ -18,3 +18,18 @@ reach the same verdicts.
 """
 
 from __future__ import annotations
+
+from portable_moe.cluster.gather import connected
+from portable_moe.cluster.jobs import ClusterRun, bench_on_cluster, check_on_cluster, ops_on_cluster
+from portable_moe.cluster.nodes import ClusterNode, cluster_nodes, resolve_cluster_backends
+
+__all__ = [
+    "ClusterNode",
+    "ClusterRun",
+    "bench_on_cluster",
+    "check_on_cluster",
+    "cluster_nodes",
+    "connected",
+    "ops_on_cluster",
+    "resolve_cluster_backends",
+]

@@ -161,13 +161,39 @@ def test_worker_dry_run_prints_the_offer_and_command(capsys):
     assert "offering" in out and "cpu" in out and "--address=10.0.0.1:6379" in out and "portable-moe/cpu" in out
 
 
+def test_ray_is_imported_only_when_a_cluster_is_used():
+    import subprocess
+
+    code = "import sys, portable_moe.cli, portable_moe.cluster; assert 'ray' not in sys.modules, 'ray was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_junit_and_html_carry_the_node_of_each_result(tmp_path):
+    from portable_moe.cluster.report import write_junit_with_nodes
+    from portable_moe.opsuite import CaseResult
+    from portable_moe.report_html import render_html
+
+    # Case-major, as a run orders them; JUnit groups them by backend.
+    results = [CaseResult(f"test_{n}", "Add", backend, "passed") for n in range(3) for backend in ("cpu", "reference")]
+    path = tmp_path / "ops.xml"
+    write_junit_with_nodes(results, lambda r: f"{r.backend}-node-{r.case[-1]}", path, "portable-moe ops")
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        backend = case.get("classname").split(".")[0]
+        assert case.find("properties/property").get("value") == f"{backend}-node-{case.get('name')[-1]}"
+    skew = {"cpu": {"onnxruntime": {"1.32.0": ["a"], "1.31.0": ["b"]}}}
+    page = render_html(
+        {"results": [{"backend": "cpu", "status": "passed", "node": "a"}], "cluster": {"version_skew": skew}}
+    )
+    assert "<th>node</th>" in page and "Version skew between nodes" in page and "1.31.0 on b" in page
+
+
 # ---------------------------------------------------------------------------------------------
 # On a real cluster
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory, write_vendor_package):
-    """A head without CPUs and two one-CPU nodes offering cpu and reference; the fault tests add more."""
+    """A head without CPUs and two one-CPU nodes offering cpu and reference (and ghost); the fault tests add more."""
     pytest.importorskip("ray", reason="cluster runs need Ray (pip install 'portable-moe[cluster]')")
     import ray
     from ray.cluster_utils import Cluster
@@ -193,8 +219,11 @@ def ray_cluster(tmp_path_factory, write_vendor_package):
     )
     offer = advertisement()
     nodes = [
+        # "ghost" is advertised but registered nowhere: what a node with a broken install looks like.
         cluster.add_node(
-            num_cpus=1, resources={backend_resource(n): 1000 for n in ("cpu", "reference")}, labels=offer.labels
+            num_cpus=1,
+            resources={backend_resource(n): 1000 for n in ("cpu", "ghost", "reference")},
+            labels=offer.labels,
         )
         for _ in range(2)
     ]
@@ -222,7 +251,7 @@ def test_nodes_advertise_their_backends_and_versions(ray_cluster):
     offering = [node for node in cluster_nodes() if node.alive and node.backends]
     assert len(offering) == 2
     for node in offering:
-        assert node.backends == ("cpu", "reference")
+        assert node.backends == ("cpu", "ghost", "reference")
         assert node.versions["onnx"] == label_value(runtime_versions()["onnx"])
 
 
@@ -258,6 +287,14 @@ def test_check_on_the_cluster_gives_the_local_verdicts(ray_cluster, tiny_bundle)
         assert there.worst("max_abs_error") == here.worst("max_abs_error")
         assert there.routing_agreement() == here.routing_agreement()
     assert all(stamp is not None for stamp in run.stamps) and not any(run.infrastructure)
+
+
+def test_a_task_that_raises_on_its_node_is_an_error_not_an_infrastructure_error(ray_cluster, tiny_bundle):
+    from portable_moe.cluster.jobs import check_on_cluster
+
+    run = check_on_cluster(tiny_bundle, ["ghost"])
+    assert run.results[0].status == "error" and not run.infrastructure[0]
+    assert run.results[0].reason.startswith("BackendError: unknown backend 'ghost'")
 
 
 def test_check_cli_on_the_cluster_reports_the_node_of_each_result(cluster_address, tiny_bundle, tmp_path, capsys):
