@@ -1,6 +1,6 @@
 """Measure what running the op-suite matrix on a Ray cluster costs against running it locally.
 
-    python scripts/cluster_benchmark.py                   # cpu,reference over every case (~4 minutes on 2 cores)
+    python scripts/cluster_benchmark.py                   # cpu,reference over every case (~6 minutes on 2 cores)
     python scripts/cluster_benchmark.py --backends cpu    # a smaller matrix
 
 Starts a two-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head with no CPUs,
@@ -8,8 +8,9 @@ two nodes with one CPU each offering the backends), then in one run:
 
 - the matrix locally: ``run_tasks`` with 2 worker processes (one per core), as
   ``portable-moe conformance ops --jobs 2`` runs it;
-- the same matrix on the cluster (``ops_on_cluster``, a worker process per shard), twice: the
-  first run includes starting Ray's worker processes, the second finds them warm;
+- the same matrix on the cluster (``ops_on_cluster``, a worker process per shard): a first run
+  that also starts Ray's worker processes, then ``--rounds`` rounds alternating a local and a
+  cluster run (the overhead is the median over the rounds);
 - scheduler throughput for small cases: one Ray task per op case (run in the Ray worker), and
   empty Ray tasks for the scheduler alone.
 
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ def timed(function: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - started
 
 
-def measure(backends: list[str], small_cases: int) -> dict[str, Any]:
+def measure(backends: list[str], small_cases: int, rounds_count: int) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -51,6 +53,7 @@ def measure(backends: list[str], small_cases: int) -> dict[str, Any]:
     from portable_moe.cluster.nodes import backend_resource
     from portable_moe.opsuite import collect_cases, op_tasks, run_tasks, select_cases
 
+    load_before = os.getloadavg()[0]
     cases = select_cases(collect_cases())
     log(f"{len(cases)} cases x {backends}: local run, 2 worker processes")
     local, local_seconds = timed(lambda: run_tasks(op_tasks(cases, backends), cases, jobs=2))
@@ -62,13 +65,18 @@ def measure(backends: list[str], small_cases: int) -> dict[str, Any]:
     _, nodes_seconds = timed(lambda: [cluster.add_node(num_cpus=1, resources=resources) for _ in range(2)])
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        runs = []
-        for attempt in ("first", "second"):
-            run, seconds = timed(lambda: ops_on_cluster(cases, backends, jobs=1))
-            log(f"cluster ({attempt} run): {seconds:.1f} s")
-            runs.append((run, seconds))
+        cold, cold_seconds = timed(lambda: ops_on_cluster(cases, backends, jobs=1))
+        log(f"cluster, first run: {cold_seconds:.1f} s")
+        rounds, runs = [], [cold]
+        for number in range(rounds_count):
+            # Alternate, so load from elsewhere on a shared machine falls on both sides alike.
+            _, here = timed(lambda: run_tasks(op_tasks(cases, backends), cases, jobs=2))
+            run, there = timed(lambda: ops_on_cluster(cases, backends, jobs=1))
+            log(f"round {number + 1}: local {here:.1f} s, cluster {there:.1f} s")
+            rounds.append({"local_seconds": here, "cluster_seconds": there, "overhead": there / here - 1})
+            runs.append(run)
         verdicts_local = {(r.case, r.backend): r.status for r in local}
-        same = all({(r.case, r.backend): r.status for r in run.results} == verdicts_local for run, _ in runs)
+        same = all({(r.case, r.backend): r.status for r in run.results} == verdicts_local for run in runs)
         small = cases[:small_cases]
         # As many shards as cases: one Ray task per case.
         _, small_seconds = timed(lambda: ops_on_cluster(small, backends[:1], jobs=0, shards_per_cpu=len(small)))
@@ -89,12 +97,14 @@ def measure(backends: list[str], small_cases: int) -> dict[str, Any]:
             "ray": ray.__version__,
             "date": time.strftime("%Y-%m-%d"),
         },
+        "load_average": [load_before, os.getloadavg()[0]],
         "backends": backends,
         "cases": len(cases),
-        "local_seconds": local_seconds,
+        "local_seconds_before_cluster": local_seconds,
         "cluster_start_seconds": start_seconds + nodes_seconds,
-        "cluster_seconds": [seconds for _, seconds in runs],
-        "overhead": [seconds / local_seconds - 1 for _, seconds in runs],
+        "cluster_first_run_seconds": cold_seconds,
+        "rounds": rounds,
+        "median_overhead": statistics.median(r["overhead"] for r in rounds),
         "same_verdicts": same,
         "small_tasks": tasks,
         "small_tasks_per_second": tasks / small_seconds,
@@ -104,24 +114,24 @@ def measure(backends: list[str], small_cases: int) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     machine = report["machine"]
-    first, second = report["cluster_seconds"]
-    over_first, over_second = report["overhead"]
+    rows = "\n".join(
+        f"| {n} | {r['local_seconds']:.1f} s | {r['cluster_seconds']:.1f} s | {r['overhead']:+.0%} |"
+        for n, r in enumerate(report["rounds"], 1)
+    )
     return f"""{START}
 ## The op-suite matrix on a Ray cluster
 
-Generated by `python scripts/cluster_benchmark.py --backends {",".join(report["backends"])}` on {machine["date"]} ({machine["logical_cores"]} logical cores, Ray {machine["ray"]}, Python {machine["python"]}). The machine is shared with other work, so figures move between runs; the ratios come from one run.
+Generated by `python scripts/cluster_benchmark.py --backends {",".join(report["backends"])}` on {machine["date"]} ({machine["logical_cores"]} logical cores, Ray {machine["ray"]}, Python {machine["python"]}). The machine is shared with other engineers' work (1-minute load average {report["load_average"][0]:.1f} at the start and {report["load_average"][1]:.1f} at the end, on 2 cores), so single timings move by tens of percent; local and cluster runs alternate so that load falls on both sides alike.
 
-Matrix: {report["cases"]} ONNX node test cases x {", ".join(report["backends"])}. Local: `run_tasks` with 2 worker processes (one per core). Cluster: two Ray nodes on this machine with one CPU each (head without CPUs), `ops_on_cluster` with a worker process per shard (2 shards per CPU), so the same two cores do the same work.
+Matrix: {report["cases"]} ONNX node test cases x {", ".join(report["backends"])}. Local: `run_tasks` with 2 worker processes (one per core), as `portable-moe conformance ops --jobs 2`. Cluster: two Ray nodes on this machine with one CPU each (head without CPUs), `ops_on_cluster` with a worker process per shard (2 shards per CPU): the same two cores do the same work.
 
-| run | wall time | against local |
-|---|---|---|
-| local, 2 worker processes | {report["local_seconds"]:.1f} s | |
-| cluster, first run (starts Ray's workers) | {first:.1f} s | {over_first:+.0%} |
-| cluster, second run (warm workers) | {second:.1f} s | {over_second:+.0%} |
+| round | local | cluster | cluster against local |
+|---|---|---|---|
+{rows}
 
-Target: at most +25% at 2 nodes. Starting the cluster itself (head and two nodes) took {report["cluster_start_seconds"]:.1f} s and is not counted above: a cluster outlives many runs. Verdicts identical case by case: {"yes" if report["same_verdicts"] else "NO"}.
+Median overhead of the cluster path: **{report["median_overhead"]:+.0%}** (target: at most +25% at 2 nodes). Not counted above: starting the cluster (head and two nodes, {report["cluster_start_seconds"]:.1f} s; a cluster outlives many runs) and the first run on it, which also starts Ray's worker processes ({report["cluster_first_run_seconds"]:.1f} s, against {report["local_seconds_before_cluster"]:.1f} s for the local run before the cluster started). Verdicts identical case by case in every cluster run: {"yes" if report["same_verdicts"] else "NO"}.
 
-Scheduler throughput for small cases: {report["small_tasks"]} Ray tasks of one op case each (run in the Ray worker, `jobs=0`) at {report["small_tasks_per_second"]:.0f} tasks/s; empty tasks at {report["empty_tasks_per_second"]:.0f} tasks/s. A task costs milliseconds, so shards of tens of cases keep the overhead small.
+Scheduler throughput for small cases: {report["small_tasks"]} Ray tasks of one op case each on `cpu` (run in the Ray worker, `jobs=0`) at {report["small_tasks_per_second"]:.0f} tasks/s; empty tasks at {report["empty_tasks_per_second"]:.0f} tasks/s. Shards of tens to hundreds of cases keep the per-task cost out of the way.
 {END}
 """
 
@@ -130,9 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="cpu,reference", help="the matrix's backends (default: cpu,reference)")
     parser.add_argument("--small-cases", type=int, default=300, help="one-case tasks for the throughput figure")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating local and cluster runs (default: 2)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to update")
     args = parser.parse_args()
-    report = measure(args.backends.split(","), args.small_cases)
+    report = measure(args.backends.split(","), args.small_cases, args.rounds)
     output = Path(args.output)
     text = output.read_text() if output.exists() else "# Benchmarks\n"
     section = render(report)

@@ -23,7 +23,7 @@ from portable_moe.cluster.nodes import ClusterNode, backend_resource, cluster_no
 from portable_moe.cluster.transfer import DEFAULT_CHUNK_BYTES, ShippedBundle, receive_bundle, ship_bundle
 from portable_moe.conformance import ERROR, BackendResult, InputSet, check_bundle
 from portable_moe.errors import InputError
-from portable_moe.opsuite import DEFAULT_TIMEOUT, CaseResult, OpCase, op_tasks, run_tasks
+from portable_moe.opsuite import DEFAULT_TIMEOUT, CaseResult, OpCase, WorkerPool, op_tasks, run_tasks
 
 # Op-suite shards per CPU offering a backend: more than one keeps every CPU busy to the end, and a
 # node that dies loses less work.
@@ -91,10 +91,38 @@ def _check_task(
 
 
 def _ops_shard_task(
-    cases: Sequence[OpCase], backend: str, jobs: int, timeout: float
+    all_cases: list[Any], names: Sequence[str], backend: str, jobs: int, timeout: float
 ) -> tuple[list[CaseResult], dict[str, Any]]:
+    """Run the cases ``names`` on ``backend``; ``all_cases`` holds the reference to every case of the run."""
     stamp = this_node_stamp()
-    return run_tasks(op_tasks(cases, [backend]), cases, jobs, timeout), stamp
+    cases, pool = _cases_and_pool(all_cases[0], jobs, timeout)
+    shard = [cases[name] for name in names]
+    tasks = op_tasks(shard, [backend])
+    return (pool.run(tasks, timeout=timeout) if pool else run_tasks(tasks, shard, 0)), stamp
+
+
+# Per Ray worker process: the run's cases (by name) and, for jobs=1, one worker pool that every
+# shard of the run reuses, so a case process is started once per Ray worker, not once per shard.
+_run_cases: dict[str, tuple[dict[str, OpCase], WorkerPool | None]] = {}
+
+
+def _cases_and_pool(reference: Any, jobs: int, timeout: float) -> tuple[dict[str, OpCase], WorkerPool | None]:
+    import atexit
+
+    import ray
+
+    key = f"{reference.hex()}-{jobs}"
+    if key not in _run_cases:
+        for _, old_pool in _run_cases.values():  # a new run: the last one's pool is done
+            if old_pool is not None:
+                old_pool.close()
+        _run_cases.clear()
+        cases = ray.get(reference)
+        pool = WorkerPool(cases, 1, timeout) if jobs else None
+        if pool is not None:
+            atexit.register(pool.close)
+        _run_cases[key] = ({case.name: case for case in cases}, pool)
+    return _run_cases[key]
 
 
 def _bench_task(
@@ -199,10 +227,11 @@ def ops_on_cluster(
     """Run op cases on each backend, sharded over the CPUs of the nodes offering it.
 
     Args:
-        cases: the cases (put in the object store once, a shard at a time, shared by every backend).
+        cases: the cases (put in the object store once; each node fetches them once).
         backend_names: backends; every one must be offered by an alive node.
-        jobs: worker processes per shard on the node: 1 (each case crash-isolated, with the
-            timeout) or 0 (in the Ray worker itself, faster, without isolation or timeout).
+        jobs: 1: each Ray worker runs its shards' cases in one worker process of its own (each
+            case crash-isolated, with the timeout), started once per run and reused by its
+            shards; 0: in the Ray worker itself, without isolation or timeout.
         timeout: seconds per case (with ``jobs`` 1).
         on_shard: called with (backend, cases in the shard) as each shard ends.
         shards_per_cpu: shards per CPU of the best-provided backend.
@@ -223,15 +252,19 @@ def ops_on_cluster(
     nodes = _offered_nodes(backend_names)
     cpus = max(sum(n.cpus for n in nodes if n.alive and name in n.backends) for name in backend_names)
     shards = _shards(cases, max(1, min(len(cases), int(shards_per_cpu * max(cpus, 1)))))
-    references = [ray.put(shard) for shard in shards]
+    # Every case goes to the object store once; a shard task names its cases. The reference is
+    # wrapped in a list so that Ray hands it over as it is (each node fetches the cases once).
+    all_cases = [ray.put(list(cases))]
     remote = _remote(_ops_shard_task)
     submitted = [
         Submitted(
-            remote.options(**_task_options(name), scheduling_strategy="SPREAD").remote(reference, name, jobs, timeout),
+            remote.options(**_task_options(name), scheduling_strategy="SPREAD").remote(
+                all_cases, [case.name for case in shard], name, jobs, timeout
+            ),
             name,
             shard_index,
         )
-        for shard_index, reference in enumerate(references)
+        for shard_index, shard in enumerate(shards)
         for name in backend_names
     ]
     collected: dict[tuple[str, str], tuple[CaseResult, dict[str, Any] | None, bool]] = {}
