@@ -25,6 +25,7 @@ from portable_moe import progress as step_progress
 from portable_moe import registry
 from portable_moe.backend import BASE_OPTIONS
 from portable_moe.bundle import Bundle, load_bundle
+from portable_moe.cluster.command import add_cluster_flag
 from portable_moe.config import PRESETS
 from portable_moe.conformance import (
     GOLDEN,
@@ -51,7 +52,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
 # subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
-COMMAND_MODULES: list[str] = ["portable_moe.opsuite"]
+COMMAND_MODULES: list[str] = ["portable_moe.opsuite", "portable_moe.cluster.command"]
 
 
 # How long steps show their progress (set by main from the terminal and --verbose): None is silent.
@@ -369,6 +370,10 @@ def _time_bundle(bundle: Bundle, backend: Any, feeds: Any, args: argparse.Namesp
 def command_bench(args: argparse.Namespace) -> int:
     from portable_moe.bench import changing_token_feeds, model_bytes
 
+    if args.cluster:
+        from portable_moe.cluster.command import command_bench_on_cluster
+
+        return command_bench_on_cluster(args)
     if args.preset is not None or args.bundle is None:
         return _estimate_preset(args)
     bundle = load_bundle(args.bundle)
@@ -532,6 +537,10 @@ def _finish_check(
 
 
 def command_check(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from portable_moe.cluster.command import command_check_on_cluster
+
+        return command_check_on_cluster(args)
     bundle = load_bundle(args.bundle)
     from portable_moe.fallback import spread_options
 
@@ -725,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         "only for failing ones (default: never)",
     )
     add_option_flag(check)
+    add_cluster_flag(check)
     check.set_defaults(handler=command_check)
 
     bench = commands.add_parser(
@@ -737,7 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --estimate and no bundle: estimate this preset from its config, building nothing "
         "(deepseek-v3 included; --batch/--seq default to 1)",
     )
-    bench.add_argument("--backend", default="cpu", help="backend name or fallback list (default: cpu)")
+    bench.add_argument(
+        "--backend",
+        default="cpu",
+        help="backend name or fallback list (default: cpu); with --cluster: backends to time, each on its own, or 'all'",
+    )
     bench.add_argument("--batch", type=int, help="random token input of this batch size (with --seq)")
     bench.add_argument("--seq", type=int, help="random token input of this sequence length (with --batch)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
@@ -756,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also estimate the latency on named chips (Ascend 910B/910C, H100, H200, H20, this CPU) with a roofline model",
     )
     add_option_flag(bench)
+    add_cluster_flag(bench)
     bench.set_defaults(handler=command_bench)
 
     for module_name in COMMAND_MODULES:

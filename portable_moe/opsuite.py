@@ -1092,6 +1092,10 @@ def command_ops(args: Any) -> int:
 
     from portable_moe.cli import EXIT_FAILED, EXIT_OK, stderr, stdout
 
+    if args.cluster:
+        from portable_moe.cluster.command import command_ops_on_cluster
+
+        return command_ops_on_cluster(args)
     if args.jobs < 0:
         raise InputError(f"--jobs must be 0 (run in this process) or more, got {args.jobs}")
     names, left_out = resolve_backends(args.backend)
@@ -1169,4 +1173,7 @@ def add_command(commands: Any) -> None:
         action="store_false",
         help="also run the cases left out by default (their expected outputs are random draws)",
     )
+    from portable_moe.cluster.command import add_cluster_flag
+
+    add_cluster_flag(ops)
     ops.set_defaults(handler=command_ops)

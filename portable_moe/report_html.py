@@ -118,7 +118,11 @@ def _load_plots(results: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _summary_table(results: Sequence[Mapping[str, Any]]) -> str:
-    rows = ["<table><tr><th>backend</th><th>result</th><th>routing</th><th>bisection</th><th>note</th></tr>"]
+    on_nodes = any("node" in result for result in results)  # a cluster run: say where each result ran
+    node_header = "<th>node</th>" if on_nodes else ""
+    rows = [
+        f"<table><tr><th>backend</th>{node_header}<th>result</th><th>routing</th><th>bisection</th><th>note</th></tr>"
+    ]
     for result in results:
         routing = "; ".join(
             f"layer {layer['layer']}: {layer['agreement']:.2%}" + (f" ({layer['verdict']})" if layer["verdict"] else "")
@@ -134,12 +138,27 @@ def _summary_table(results: Sequence[Mapping[str, Any]]) -> str:
         )
         status = html.escape(result["status"])
         rows.append(
-            f'<tr><td>{html.escape(result["backend"])}</td><td class="{status}">{status}</td>'
+            f"<tr><td>{html.escape(result['backend'])}</td>"
+            + (f"<td>{html.escape(result.get('node') or 'did not finish')}</td>" if on_nodes else "")
+            + f'<td class="{status}">{status}</td>'
             f"<td>{html.escape(routing)}</td><td>{html.escape(bisect_text)}</td>"
             f"<td>{html.escape(result.get('reason', ''))}</td></tr>"
         )
     rows.append("</table>")
     return "".join(rows)
+
+
+def _skew_section(cluster: Mapping[str, Any]) -> list[str]:
+    """Runtime versions that differ between the nodes of a cluster run that ran the same backend."""
+    skew = cluster.get("version_skew") or {}
+    items = [
+        f"<li>{html.escape(backend)}: {html.escape(package)}: "
+        + html.escape("; ".join(f"{version} on {', '.join(nodes)}" for version, nodes in seen.items()))
+        + "</li>"
+        for backend, packages in skew.items()
+        for package, seen in packages.items()
+    ]
+    return ["<h2>Version skew between nodes</h2>", f"<ul>{''.join(items)}</ul>"] if items else []
 
 
 def render_html(report: Mapping[str, Any]) -> str:
@@ -156,6 +175,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"lowering; expected outputs from {html.escape(str(report.get('expected_from')))}; "
         f"report schema {html.escape(str(report.get('schema_version')))}</p>",
         _summary_table(results),
+        *_skew_section(report.get("cluster") or {}),
     ]
     routing = _routing_plot(results)
     if routing:

@@ -41,7 +41,7 @@ def _write_vendor_package(directory, module_name: str, source: str, backends: di
     return directory
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_vendor_package():
     """A function that writes a fake vendor package (module + entry points) into a directory."""
     return _write_vendor_package
