@@ -30,15 +30,12 @@ class Lowering:
         name: what users pass to ``--moe-lowering``.
         summary: one line for help text.
         module: the module that implements it (imported only when exporting: it imports torch).
-        static_shapes: True when every intermediate shape follows from the input shapes alone,
-            never from routing decisions (what static-shape compilers need).
         domains: operator domains beyond ai.onnx that the exported graph uses.
     """
 
     name: str
     summary: str
     module: str
-    static_shapes: bool = False
     domains: frozenset[str] = frozenset()
 
     def load(self) -> Any:
@@ -71,7 +68,6 @@ LOWERINGS: dict[str, Lowering] = {
             "dense",
             "every expert on every token, weighted by a mostly-zero gate (exact; cost grows with the expert count)",
             "exporters.lowering_dense",
-            static_shapes=True,
         ),
         Lowering(
             "sparse",
@@ -82,7 +78,6 @@ LOWERINGS: dict[str, Lowering] = {
             "capacity",
             "fixed slots per expert (static shapes for NPU compilers); drops what does not fit, never on the golden data",
             "exporters.lowering_capacity",
-            static_shapes=True,
         ),
         Lowering(
             "fused",

@@ -43,8 +43,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import with_weights
+from portable_moe.conformance.routing import router_score_values
 from portable_moe.errors import BundleError, ExportError
-from portable_moe.routing import router_score_values
 from portable_moe.tensors import specs_from_onnx
 
 # The ai.onnx opset that brought DequantizeLinear's block_size and the int4 type.

@@ -22,7 +22,7 @@ from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInpu
 from portable_moe.bundle import Bundle, load_bundle
 from portable_moe.compare import TOLERANCES, OutputComparison, Tolerance, compare_outputs, routing_agreement
 from portable_moe.config import PRESETS, ModelConfig, get_preset
-from portable_moe.conformance import BackendResult, check_backend, check_bundle
+from portable_moe.conformance.model_check import BackendResult, check_backend, check_bundle
 from portable_moe.errors import (
     BackendError,
     BackendUnavailableError,
@@ -33,7 +33,6 @@ from portable_moe.errors import (
     InputError,
     PortableMoEError,
 )
-from portable_moe.fallback import FallbackResult, compile_with_fallback, run_with_fallback
 from portable_moe.registry import (
     BackendStatus,
     backend_names,
@@ -43,6 +42,7 @@ from portable_moe.registry import (
     select_backend,
     unregister_backend,
 )
+from portable_moe.run.fallback import FallbackResult, compile_with_fallback, run_with_fallback
 from portable_moe.tensors import TensorSpec
 
 try:

@@ -24,6 +24,7 @@ import onnx
 
 from portable_moe import safety
 from portable_moe.bundle import Bundle, load_bundle
+from portable_moe.compare import PrecisionMode
 from portable_moe.errors import BackendError, BackendUnavailableError, PortableMoEError
 from portable_moe.tensors import NAN_POLICIES, TensorSpec, check_feeds, check_nan_policy, specs_from_onnx
 
@@ -133,6 +134,9 @@ class Capabilities:
             "bfloat16", "int8/channel", "int8/block", "int4/channel", "int4/block"), each with why
             it is refused where it is not. Float32 weights are always taken.
         weight_format_refusals: format key -> why this backend does not take it (shown to users).
+        precision_modes: the reduced-precision modes its compiled models may report
+            (``CompiledModel.precision``), each with its tolerance rows and near-tie margin. Core
+            knows only "exact" (float32 throughout); conformance reads every other mode from here.
     """
 
     min_opset: int = 7
@@ -143,6 +147,7 @@ class Capabilities:
     domains: frozenset[str] = frozenset()
     weight_formats: frozenset[str] = frozenset({"float32"})
     weight_format_refusals: Mapping[str, str] = field(default_factory=dict)
+    precision_modes: Mapping[str, PrecisionMode] = field(default_factory=dict)
 
     @property
     def preferred_lowering(self) -> str:

@@ -270,7 +270,7 @@ def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -
 
     The staging directory sits beside ``output_dir`` (same file system, so the final rename is
     atomic). If the block raises, or the process is interrupted (Ctrl-C; SIGTERM once
-    :func:`portable_moe.safety.install_termination_handler` is installed), the staging directory is
+    :func:`portable_moe.run.termination.install_termination_handler` is installed), the staging directory is
     removed and ``output_dir`` is left as it was. Several processes writing the same target with
     ``overwrite`` each leave one whole bundle there (the last one to finish wins).
 

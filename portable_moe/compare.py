@@ -26,7 +26,25 @@ class Tolerance:
     reason: str
 
 
-# One table, keyed by (precision mode, dtype). "exact" is float32 computed in float32 throughout.
+@dataclass(frozen=True)
+class PrecisionMode:
+    """A precision mode a backend computes in, declared by that backend (``Capabilities.precision_modes``).
+
+    Attributes:
+        tolerances: output dtype -> the tolerance row for it, each with its reason; the "float32"
+            row serves dtypes without their own.
+        near_tie_margin: a routing flip whose top-k margin on the oracle is at most this counts as a
+            near-tie (the mode's rounding can move router scores that far), not a real disagreement.
+        near_tie_reason: why that margin.
+    """
+
+    tolerances: Mapping[str, Tolerance]
+    near_tie_margin: float
+    near_tie_reason: str = ""
+
+
+# Core's rows: "exact" is float32 computed in float32 throughout, the only mode core knows. Every other
+# mode (float16 compute, a vendor's precision settings) is declared by the backend that has it.
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("exact", "float32"): Tolerance(
         atol=1e-4,
@@ -45,74 +63,6 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
         rtol=1e-2,
         min_routing_agreement=1.0,
         reason="float16 has a 10-bit mantissa (~1e-3 relative per operation); ORT's MoE parity tests use atol 1e-2.",
-    ),
-    # npu-sim's precision modes (Ascend's names). Measured on the tiny bundle's golden inputs (x86-64, ORT 1.32),
-    # identical at every gear the input was padded to and with the capacity lowering; see docs/writing-a-backend.md.
-    ("force_fp16", "float32"): Tolerance(
-        atol=5e-2,
-        rtol=1e-2,
-        min_routing_agreement=1.0,
-        reason=(
-            "npu-sim force_fp16 rounds every device op's inputs and outputs to float16 (router kept float32): "
-            "measured max abs error 1.14e-2 (rms 2.7e-3) on the tiny bundle's logits (|logits| <= 3.9), needing "
-            "atol 7.8e-3 at rtol 1e-2; the float16 modes share atol 5e-2, ~6x headroom here. Routing must agree "
-            "exactly on the golden inputs: their smallest top-k score margin (3.3e-3) exceeds the largest float16 "
-            "perturbation of a router score (1.7e-3). On random inputs float16 flips 0.4-3% of tokens at "
-            "near-ties, and a flipped token's logits move by up to ~4.5: no value tolerance should hide that."
-        ),
-    ),
-    ("allow_mix_precision", "float32"): Tolerance(
-        atol=5e-2,
-        rtol=1e-2,
-        min_routing_agreement=1.0,
-        reason=(
-            "npu-sim allow_mix_precision runs trustlisted (matrix) ops and the graylisted ops downstream of them in "
-            "float16, blocklisted ops (reductions, exp, pow, softmax, TopK) in float32: measured max abs error "
-            "1.40e-2 (rms 2.6e-3) on the tiny bundle's logits, needing atol 1.32e-2 at rtol 1e-2; atol 5e-2 leaves "
-            "~3.8x headroom. Routing must agree exactly: the golden inputs' smallest router margin (3.3e-3) "
-            "exceeds the measured float16 perturbation of router scores (2.4e-3), the thinnest margin of the modes."
-        ),
-    ),
-    ("allow_fp32_to_fp16", "float32"): Tolerance(
-        atol=5e-2,
-        rtol=1e-2,
-        min_routing_agreement=1.0,
-        reason=(
-            "npu-sim allow_fp32_to_fp16 rounds only matrix ops (MatMul, Gemm) to float16: measured max abs error "
-            "1.40e-2 (rms 2.1e-3) on the tiny bundle's logits, needing atol 1.06e-2 at rtol 1e-2; atol 5e-2 leaves "
-            "~4.7x headroom. Routing must agree exactly: the golden inputs' smallest router margin (3.3e-3) "
-            "exceeds the measured float16 perturbation of router scores (1.5e-3)."
-        ),
-    ),
-    # OpenVINO's reduced-precision inference hints (openvino backend, -O precision=bf16|f16).
-    ("openvino-bf16", "float32"): Tolerance(
-        atol=0.25,
-        rtol=1e-2,
-        min_routing_agreement=1.0,
-        reason=(
-            "bfloat16 keeps 8 bits of mantissa (~4e-3 relative per operation): measured max abs error 0.118 on the "
-            "tiny bundle's logits (|logits| <= 3.9), needing atol 0.114 at rtol 1e-2; 0.25 leaves ~2x headroom. "
-            "Routing agreed on every golden token."
-        ),
-    ),
-    ("openvino-f16", "float32"): Tolerance(
-        atol=5e-2,
-        rtol=1e-2,
-        min_routing_agreement=1.0,
-        reason=(
-            "OpenVINO's f16 hint: measured max abs error 1.49e-2 on the tiny bundle's logits, needing atol 1.15e-2 "
-            "at rtol 1e-2; the float16 rows share atol 5e-2 (~4x headroom here). Routing agreed on every golden token."
-        ),
-    ),
-    ("must_keep_origin_dtype", "float32"): Tolerance(
-        atol=1e-4,
-        rtol=1e-3,
-        min_routing_agreement=1.0,
-        reason=(
-            "npu-sim must_keep_origin_dtype computes in float32 throughout, like 'exact' (constants folded at "
-            "compile time by onnx's reference evaluator differ from ORT's kernels by an ulp): measured max abs "
-            "error 5.5e-6 on the tiny bundle's logits, ~18x inside atol 1e-4. Routing must agree exactly."
-        ),
     ),
 }
 
@@ -178,6 +128,14 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
         ),
     ),
 }
+EXACT = PrecisionMode(
+    tolerances={dtype: row for (mode, dtype), row in TOLERANCES.items() if mode == "exact"},
+    near_tie_margin=1e-5,
+    near_tie_reason=(
+        "float32 kernels perturb router scores (~1, sigmoid outputs plus a bias) by ~1e-7..1e-6 through reordered "
+        "sums; 1e-5 keeps ~10x headroom"
+    ),
+)
 WEIGHTS_SEPARATOR = "+weights:"
 
 
@@ -216,26 +174,55 @@ def _weight_tolerance(weights: str, mode_row: Tolerance, mode: str) -> Tolerance
     )
 
 
-def tolerance_for(dtype: str, precision: str = "exact") -> Tolerance:
+def precision_mode(precision: str, declared: Mapping[str, PrecisionMode] | None = None) -> PrecisionMode:
+    """The precision mode named ``precision`` (a weight format suffix is ignored): core's "exact" or a declared one.
+
+    Args:
+        precision: the mode's name, as a compiled model reports it (``CompiledModel.precision``).
+        declared: the modes the backend declares (``Capabilities.precision_modes``).
+
+    Raises:
+        ConformanceError: for a mode that neither core nor the backend declares.
+    """
+    mode, _ = split_weights(precision)
+    if mode == "exact":
+        return EXACT
+    found = (declared or {}).get(mode)
+    if found is None:
+        known = ", ".join(sorted({"exact", *(declared or {})}))
+        raise ConformanceError(
+            f"no tolerance for precision mode {mode!r}; known modes: {known}. The backend that computes in it must "
+            "declare it, with measured rows, in Capabilities.precision_modes"
+        )
+    return found
+
+
+def tolerance_for(
+    dtype: str, precision: str = "exact", declared: Mapping[str, PrecisionMode] | None = None
+) -> Tolerance:
     """Look up the tolerance for outputs of ``dtype`` under ``precision``, falling back to float32's.
 
     ``precision`` may carry a weight format (see :func:`with_weights`): the format's row of
     :data:`WEIGHT_TOLERANCES` then applies, combined with the mode's row for a reduced-precision mode.
 
+    Args:
+        dtype: the output's numpy dtype name.
+        precision: the precision mode (and weight format) the outputs were computed in.
+        declared: the modes the backend declares (``Capabilities.precision_modes``); core knows "exact".
+
     Raises:
-        ConformanceError: for a precision mode or weight format with no row in the tables (an
-            adapter that reports a new mode must add its measured rows, with reasons, to ``TOLERANCES``).
+        ConformanceError: for a precision mode or weight format with no row (a backend that reports a
+            mode must declare it, with measured rows and their reasons, in its capabilities).
     """
-    precision, weights = split_weights(precision)
-    found = TOLERANCES.get((precision, dtype)) or TOLERANCES.get((precision, "float32"))
+    mode_name, weights = split_weights(precision)
+    mode = precision_mode(mode_name, declared)
+    found = mode.tolerances.get(dtype) or mode.tolerances.get("float32")
     if found is None:
-        modes = ", ".join(sorted({mode for mode, _ in TOLERANCES}))
         raise ConformanceError(
-            f"no tolerance for precision mode {precision!r}; known modes: {modes}. Add measured rows for it to "
-            "portable_moe.compare.TOLERANCES"
+            f"precision mode {mode_name!r} declares no float32 tolerance row; declare one in its PrecisionMode"
         )
     if weights != "float32":
-        return _weight_tolerance(weights, found, precision)
+        return _weight_tolerance(weights, found, mode_name)
     return found
 
 
@@ -395,6 +382,7 @@ def compare_outputs(
     actual: Mapping[str, np.ndarray],
     routing_outputs: Mapping[str, int] | None = None,
     precision: str = "exact",
+    declared: Mapping[str, PrecisionMode] | None = None,
 ) -> list[OutputComparison]:
     """Compare every expected output with the actual one.
 
@@ -403,6 +391,7 @@ def compare_outputs(
         actual: a backend's outputs by name.
         routing_outputs: names of outputs that hold selected expert ids (compared as sets per token).
         precision: the backend's precision mode, which picks the tolerance row.
+        declared: the precision modes the backend declares (``Capabilities.precision_modes``).
 
     Returns:
         One :class:`OutputComparison` per expected output, plus one for each unexpected output.
@@ -433,7 +422,7 @@ def compare_outputs(
                 )
             )
             continue
-        tolerance = tolerance_for(expected_value.dtype.name, precision)
+        tolerance = tolerance_for(expected_value.dtype.name, precision, declared)
         if kind == "routing":
             agreement, disagreeing = routing_agreement(expected_value, actual_value)
             passed = agreement >= tolerance.min_routing_agreement

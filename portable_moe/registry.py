@@ -191,6 +191,15 @@ def get_backend(name: str) -> Backend:
     return _registry()[canonical_name(name)]
 
 
+def as_backend(backend: Backend | str) -> Backend:
+    """A Backend as given, or the registered one of that name (for parameters that take either).
+
+    Raises:
+        BackendError: for a name no backend has.
+    """
+    return backend if isinstance(backend, Backend) else get_backend(backend)
+
+
 def list_backends() -> list[BackendStatus]:
     """Every registered backend with its availability and the reason when unavailable."""
     statuses = []

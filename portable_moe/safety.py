@@ -17,17 +17,13 @@ have had traversal bugs, and this code must not depend on which onnx version is 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import signal
 import stat
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from types import FrameType
 
 import numpy as np
 import onnx
@@ -569,47 +565,3 @@ def load_model(
         for tensor, reference in external:
             _read_external(tensor, reference, str(path))
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Termination
-
-
-class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when the process receives SIGTERM (after the termination handler is installed).
-
-    A KeyboardInterrupt, so every ``finally`` and ``except BaseException`` cleanup runs (staged
-    bundles are removed) and the CLI reports "interrupted".
-    """
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(f"terminated by {signal.Signals(signum).name}")
-
-
-def install_termination_handler() -> bool:
-    """Make SIGTERM raise :class:`Terminated` (a KeyboardInterrupt) in the main thread.
-
-    Python's default for SIGTERM is to die at once, skipping ``finally`` blocks, which would leave a
-    half-written bundle's staging directory behind. Call this once at program start.
-
-    Returns:
-        True if installed; False when called outside the main thread (signals cannot be set there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    return True
-
-
-@contextlib.contextmanager
-def termination_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated`; the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -14,7 +14,7 @@ What it measures:
   input sets: golden from torch, the random sets' expected outputs from the float32 bundle on cpu);
 - bundle bytes and ms per token at batch 1, sequence 1, with new random tokens every call, on cpu
   (small preset, sparse lowering);
-- the roofline estimate (portable_moe/costmodel.py) per format on Ascend 910B/910C, H100 and H200.
+- the roofline estimate (portable_moe/perf/costmodel.py) per format on Ascend 910B/910C, H100 and H200.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ import onnxruntime
 
 from exporters import convert_bundle, export_bundle
 from portable_moe import get_backend
-from portable_moe.bench import bench_compiled, changing_token_feeds, model_bytes, token_feeds
-from portable_moe.bisect import run_exposed
 from portable_moe.bundle import Bundle
-from portable_moe.conformance import check_backend
-from portable_moe.costmodel import estimate_bundle
-from portable_moe.routing import router_score_values
+from portable_moe.conformance.bisection import run_exposed
+from portable_moe.conformance.model_check import check_backend
+from portable_moe.conformance.routing import router_score_values
+from portable_moe.perf.bench import bench_compiled, changing_token_feeds, model_bytes, token_feeds
+from portable_moe.perf.costmodel import estimate_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- weight-formats:start -->", "<!-- weight-formats:end -->"

@@ -5,7 +5,7 @@
 
 Model conformance exports each preset that is not for cost estimates only with each backend's
 preferred MoE lowering (needs torch; without it the section says so) and checks it against its
-golden data. Both suites run in worker processes (see portable_moe.opsuite).
+golden data. Both suites run in worker processes (see portable_moe.conformance.opsuite).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from portable_moe import opsuite, registry
+from portable_moe import registry
 from portable_moe.config import PRESETS
-from portable_moe.opsuite import ERROR, FAILED, PASSED, UNSUPPORTED, CaseResult, Task
+from portable_moe.conformance import opsuite
+from portable_moe.conformance.opsuite import ERROR, FAILED, PASSED, UNSUPPORTED, CaseResult, Task
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, highlight=False)

@@ -1,7 +1,7 @@
 """Fuzz the bundle pipeline: damaged bundles must end in success or a PortableMoEError, nothing else.
 
 Each case copies a valid toy bundle (or the bundle given with --bundle), damages it once (see
-``portable_moe.hostile.MUTATIONS``), then loads, compiles and runs it on the backends. The cases
+``portable_moe.testing.hostile.MUTATIONS``), then loads, compiles and runs it on the backends. The cases
 run in a worker process that this script watches, so a crash (segfault, abort) or a hang is
 caught, recorded with the case number, and the worker restarted after it::
 
@@ -46,7 +46,7 @@ def case_rng(seed: int, index: int) -> random.Random:
 
 def run_case(pristine: dict[bool, Path], scratch: Path, seed: int, index: int, backends: list[str]) -> dict[str, Any]:
     """One case; every outcome comes back as a record (a non-PortableMoEError is 'unexpected')."""
-    from portable_moe.hostile import fuzz_case
+    from portable_moe.testing.hostile import fuzz_case
 
     rng = case_rng(seed, index)
     external = rng.random() < EXTERNAL_SHARE and True in pristine
@@ -64,7 +64,7 @@ def run_case(pristine: dict[bool, Path], scratch: Path, seed: int, index: int, b
 
 
 def pristine_bundles(root: Path, bundle: str | None) -> dict[bool, Path]:
-    from portable_moe.hostile import write_toy_bundle
+    from portable_moe.testing.hostile import write_toy_bundle
 
     if bundle:
         return {False: Path(bundle)}
@@ -192,7 +192,7 @@ def supervise(args: argparse.Namespace) -> dict[str, Any]:
 def reproduce(args: argparse.Namespace) -> int:
     """Rerun one case in this process and show the full outcome (with a traceback if unexpected)."""
     from portable_moe.errors import PortableMoEError
-    from portable_moe.hostile import fuzz_case
+    from portable_moe.testing.hostile import fuzz_case
 
     with tempfile.TemporaryDirectory(prefix="fuzz-reproduce-") as scratch:
         pristine = pristine_bundles(Path(scratch), args.bundle)

@@ -228,14 +228,14 @@ SABOTAGES = {
     ),
     "sigterm": Sabotage(
         "SIGTERM unwinds like Ctrl-C, so staging directories are removed",
-        "safety.install_termination_handler installs nothing",
-        _patch("portable_moe.safety", "install_termination_handler", lambda: False),
+        "termination.install_termination_handler installs nothing",
+        _patch("portable_moe.run.termination", "install_termination_handler", lambda: False),
         ("test_hardening_interrupts.py", "-k", "SIGTERM"),
     ),
     "fallback": Sabotage(
         "fallback moves on to the next backend and reports why",
         "fallback._compile_each tries the first backend only, without catching its failure",
-        _patch("portable_moe.fallback", "_compile_each", _first_backend_only),
+        _patch("portable_moe.run.fallback", "_compile_each", _first_backend_only),
         ("test_hardening_devices.py", "-k", "fall_back or falls_back or unavailable or compile_time"),
     ),
 }
@@ -409,15 +409,15 @@ SETTINGS = """## Settings and policies
   refused in the base `CompiledModel.run`, before any backend sees them.
 - **Inputs are copied.** Backends get C-contiguous, writeable, native-byte-order copies: read-only,
   strided and byte-swapped arrays are accepted, and the caller's arrays are never modified.
-- **Fallback.** `portable_moe.fallback.run_with_fallback(model, "npu-sim,cpu", feeds, options)` (and
+- **Fallback.** `portable_moe.run.fallback.run_with_fallback(model, "npu-sim,cpu", feeds, options)` (and
   `compile_with_fallback`) try backends in order; the result's `backend_name` says what ran and
   `attempts` lists `(backend, status, reason)` for every backend tried. Bad input and bad bundles stop
   at once (every backend would refuse them).
-- **Isolation.** `portable_moe.isolated.run_isolated(model, backend, feeds, timeout=...)`, or
+- **Isolation.** `portable_moe.run.isolated.run_isolated(model, backend, feeds, timeout=...)`, or
   `run_with_fallback(..., isolated=True, timeout=...)`, compile and run in a spawned worker process:
   a segfault becomes a `BackendError` naming the signal, a hang is killed after `timeout` seconds.
 - **Interruption.** `bundle_writer` stages a bundle beside its target and renames it into place; Ctrl-C,
-  or SIGTERM once `portable_moe.safety.install_termination_handler()` is installed (the CLI does), removes
+  or SIGTERM once `portable_moe.run.termination.install_termination_handler()` is installed (the CLI does), removes
   the staging directory, and an interrupted overwrite puts the old bundle back. Concurrent writers to one
   target each leave a whole bundle (the last one wins); without overwrite, one wins and the others get
   `BundleError`.

@@ -41,10 +41,10 @@ from backends.npu_sim.partition import (
     device_memory,
     plan_graph,
 )
-from backends.npu_sim.precision import PRECISION_MODES, apply_precision, float16_nodes, float16_tensors
+from backends.npu_sim.precision import PRECISION_MODES, TOLERANCES, apply_precision, float16_nodes, float16_tensors
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
-from portable_moe.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
-from portable_moe.errors import BackendError, InputError
+from portable_moe.errors import BackendError
+from portable_moe.perf.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
 
 GIB = 1 << 30
 # Bump when the artifact or its analysis changes meaning, so old cache entries are not reused.
@@ -230,20 +230,6 @@ class NpuSimCompiledModel(CompiledModel):
             }
         return self._report
 
-    def run(self, feeds: Mapping[str, np.ndarray], *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        """Run the model (see :meth:`CompiledModel.run`).
-
-        Raises:
-            InputError: also when the input is larger than every compiled gear.
-        """
-        try:
-            return super().run(feeds, *args, **kwargs)
-        except BackendError as error:
-            # The base class wraps whatever _run raises; an input no gear holds is the caller's error.
-            if isinstance(error.__cause__, InputError):
-                raise error.__cause__ from None
-            raise
-
     def placement(self) -> dict[str, int]:
         """Nodes of the largest gear on the device, on the host, and folded at compile time."""
         largest = self._entries[self.gears[-1]].meta["analysis"]
@@ -372,6 +358,7 @@ class NpuSimBackend(Backend):
                 "int8/block": "Ascend-style W8A16 takes one int8 scale per output channel, not per block (and "
                 "block-wise DequantizeLinear needs opset 21, past this op table); re-export with --block-size 0",
             },
+            precision_modes=TOLERANCES,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

@@ -21,9 +21,9 @@ from portable_moe.bundle import Bundle
 from portable_moe.cluster.gather import NODE_FAILURE_RETRIES, Submitted, TaskOutcome, gather
 from portable_moe.cluster.nodes import ClusterNode, backend_resource, cluster_nodes, this_node_stamp
 from portable_moe.cluster.transfer import DEFAULT_CHUNK_BYTES, ShippedBundle, receive_bundle, ship_bundle
-from portable_moe.conformance import ERROR, BackendResult, InputSet, check_bundle
+from portable_moe.conformance.model_check import ERROR, BackendResult, InputSet, check_bundle
+from portable_moe.conformance.opsuite import DEFAULT_TIMEOUT, CaseResult, OpCase, WorkerPool, op_tasks, run_tasks
 from portable_moe.errors import InputError
-from portable_moe.opsuite import DEFAULT_TIMEOUT, CaseResult, OpCase, WorkerPool, op_tasks, run_tasks
 
 # Op-suite shards per CPU offering a backend: more than one keeps every CPU busy to the end, and a
 # node that dies loses less work.
@@ -133,7 +133,7 @@ def _bench_task(
     warmup: int,
     runs: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from portable_moe.bench import bench_compiled, token_feeds
+    from portable_moe.perf.bench import bench_compiled, token_feeds
     from portable_moe.registry import get_backend
 
     stamp = this_node_stamp()
@@ -165,7 +165,7 @@ def check_on_cluster(
         bundle: a loaded bundle (shipped to the nodes through the object store).
         backend_names: backends to check; every one must be offered by an alive node.
         options: per-backend compile options, keyed by backend name.
-        input_sets: (feeds, expected) pairs (see :func:`~portable_moe.conformance.input_sets_for`);
+        input_sets: (feeds, expected) pairs (see :func:`~portable_moe.conformance.model_check.input_sets_for`);
             default: the bundle's golden sets, read from the node's verified copy.
         bisect: "never", "failed" or "always".
         chunk_bytes: the largest piece of a file put in the object store at once.
@@ -322,7 +322,7 @@ def bench_on_cluster(
 
     Returns:
         Per backend, a dict with ``backend``, ``input_shape`` and the
-        :class:`~portable_moe.bench.BenchResult` figures, or ``backend`` and ``error``.
+        :class:`~portable_moe.perf.bench.BenchResult` figures, or ``backend`` and ``error``.
 
     Raises:
         BackendUnavailableError: if no alive node offers one of the backends.

@@ -1,7 +1,7 @@
 """Cluster runs in the usual reports: the node of each result, the nodes themselves, version skew.
 
-The JSON report of a cluster run is the local one (:func:`portable_moe.conformance.report_dict`
-or :func:`portable_moe.opsuite.report_dict`) with two additions: each result gains ``node`` (the
+The JSON report of a cluster run is the local one (:func:`portable_moe.conformance.model_check.report_dict`
+or :func:`portable_moe.conformance.opsuite.report_dict`) with two additions: each result gains ``node`` (the
 node it ran on, or null when it never finished) and ``infrastructure_error``, and a top-level
 ``cluster`` object lists the nodes and any version skew. JUnit XML gains a ``node`` property per
 test case.
@@ -102,7 +102,7 @@ def write_junit_with_nodes(
     path: str | os.PathLike[str],
     suite_name: str,
 ) -> None:
-    """Write JUnit XML as :func:`portable_moe.junit.write_junit` does, with a ``node`` property per test case.
+    """Write JUnit XML as :func:`portable_moe.conformance.junit.write_junit` does, with a ``node`` property per test case.
 
     Args:
         cases: what ``write_junit`` takes (op-suite results or check cases).
@@ -110,7 +110,7 @@ def write_junit_with_nodes(
         path: the file to write.
         suite_name: the name of the test suites.
     """
-    from portable_moe.junit import junit_tree
+    from portable_moe.conformance.junit import junit_tree
 
     tree = junit_tree(cases, suite_name)
     grouped: dict[str, list[Any]] = {}

@@ -410,7 +410,7 @@ def _cuda_or_skip():
 
 
 def test_gpu_conformance_with_cpu_fallback_allowed(tiny_bundle):
-    from portable_moe.conformance import check_backend
+    from portable_moe.conformance.model_check import check_backend
 
     result = check_backend(tiny_bundle, _cuda_or_skip(), {"allow_cpu_fallback": True})
     assert result.passed, result.reason

@@ -16,7 +16,7 @@ from backends.npu_sim import PRECISION_MODES, NpuSimBackend
 from backends.npu_sim.cache import default_cache_dir
 from backends.npu_sim.gears import Gear, build_gears, select_gear
 from backends.npu_sim.optable import _validate, load_optable
-from portable_moe.conformance import check_backend
+from portable_moe.conformance.model_check import check_backend
 from portable_moe.errors import BackendError, InputError
 from portable_moe.registry import get_backend
 from portable_moe.tensors import TensorSpec

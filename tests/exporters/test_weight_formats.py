@@ -21,7 +21,7 @@ from exporters.weight_formats import (
 )
 from portable_moe import compare, get_backend
 from portable_moe.compare import compare_outputs, tolerance_for, with_weights
-from portable_moe.conformance import check_backend
+from portable_moe.conformance.model_check import check_backend
 from portable_moe.errors import BackendError, BundleError, ConformanceError, ExportError
 
 # (weights, block size, kernel) -> format key; every format a bundle can have, and the ORT fast path.
@@ -264,8 +264,9 @@ def test_npu_sim_refuses_int4_at_compile_time_with_the_reason(weight_bundle):
 def test_tolerance_rows_combine_with_precision_modes_and_unknown_formats_are_refused():
     row = tolerance_for("float32", with_weights("exact", "int8/block"))
     assert row is compare.WEIGHT_TOLERANCES["int8/block"]
-    mode = tolerance_for("float32", "force_fp16")
-    combined = tolerance_for("float32", with_weights("force_fp16", "int8/channel"))
+    npu_modes = get_backend("npu-sim").capabilities.precision_modes
+    mode = tolerance_for("float32", "force_fp16", npu_modes)
+    combined = tolerance_for("float32", with_weights("force_fp16", "int8/channel"), npu_modes)
     assert combined.atol == pytest.approx(mode.atol + compare.WEIGHT_TOLERANCES["int8/channel"].atol)
     assert combined.min_routing_agreement == compare.WEIGHT_TOLERANCES["int8/channel"].min_routing_agreement
     assert with_weights("exact", "float32") == "exact"

@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 from backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
-from portable_moe.bisect import bisect_divergence, expose_values
-from portable_moe.conformance import check_bundle
+from portable_moe.conformance.bisection import bisect_divergence, expose_values
+from portable_moe.conformance.model_check import check_bundle
 from portable_moe.errors import ConformanceError
 from portable_moe.registry import get_backend, register_backend, unregister_backend
 

@@ -1,4 +1,4 @@
-"""Tests for the roofline cost model (portable_moe/costmodel.py) and its chip table."""
+"""Tests for the roofline cost model (portable_moe/perf/costmodel.py) and its chip table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from importlib import resources
 import onnx.parser
 import pytest
 
-from portable_moe.costmodel import (
+from portable_moe.errors import ConfigError
+from portable_moe.perf.costmodel import (
     Chip,
     NodeWork,
     chip_keys,
@@ -18,7 +19,6 @@ from portable_moe.costmodel import (
     measure_host_cpu,
     node_work,
 )
-from portable_moe.errors import ConfigError
 
 # [4, 8] x [8, 16] -> [4, 16]: 2*4*8*16 = 1024 FLOPs; 32 + 128 + 64 = 224 elements moved.
 MATMUL = """
@@ -103,7 +103,7 @@ def test_gemm_and_einsum_count_every_multiply_add():
 
 
 def test_chip_table_uses_dense_figures_with_sources():
-    data = json.loads(resources.files("portable_moe").joinpath("data", "chips.json").read_text())
+    data = json.loads(resources.files("portable_moe.perf").joinpath("data", "chips.json").read_text())
     assert "no single datasheet" in data["about"]
     by_key = {chip["key"]: chip for chip in data["chips"]}
     assert set(by_key) == {"ascend-910b", "ascend-910c", "h100-sxm", "h200-sxm", "h20"}
@@ -145,7 +145,7 @@ def test_estimate_bundle_on_every_chip(tiny_bundle):
 @pytest.mark.parametrize(("batch", "seq"), [(1, 1), (2, 16)])
 def test_config_count_agrees_with_the_exported_graph(tiny_bundle, batch, seq):
     # Two independent counts of the same model: from the dense bundle's graph and from its config alone.
-    from portable_moe.costmodel import config_work
+    from portable_moe.perf.costmodel import config_work
 
     graph, _ = node_work(tiny_bundle.load_onnx(), {"input_ids": (batch, seq)})
     config = config_work(tiny_bundle.config, batch, seq, moe_lowering="dense")
@@ -159,7 +159,7 @@ def test_config_count_agrees_with_the_exported_graph(tiny_bundle, batch, seq):
 
 def test_deepseek_v3_is_priced_from_its_config_without_building_it():
     from portable_moe.config import get_preset
-    from portable_moe.costmodel import config_work, estimate_config
+    from portable_moe.perf.costmodel import config_work, estimate_config
 
     config = get_preset("deepseek-v3")
     flops = sum(item.flops for item in config_work(config, 1, 1))

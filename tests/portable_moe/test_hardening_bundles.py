@@ -1,6 +1,6 @@
 """Hostile bundles and models: every one is refused with a BundleError naming the file and the problem.
 
-The bundles here are toy bundles (portable_moe.hostile: written in milliseconds, no torch) damaged
+The bundles here are toy bundles (portable_moe.testing.hostile: written in milliseconds, no torch) damaged
 on purpose. Where the damage is inside model.onnx, the manifest is re-hashed so that the sha256
 check does not hide the parser and the model checks behind it.
 """
@@ -22,8 +22,8 @@ from onnx import helper, numpy_helper
 from portable_moe import BundleError, ConfigError, get_backend, load_bundle
 from portable_moe.backend import as_model_input
 from portable_moe.compare import compare_outputs
-from portable_moe.hostile import rehash, toy_model, write_toy_bundle
 from portable_moe.safety import MAX_BYTES_ENV, load_model, max_bundle_bytes
+from portable_moe.testing.hostile import rehash, toy_model, write_toy_bundle
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

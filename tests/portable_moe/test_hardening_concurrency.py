@@ -15,7 +15,7 @@ import pytest
 
 from portable_moe import load_bundle, registry
 from portable_moe.compare import compare_outputs
-from portable_moe.hostile import exercise_bundle, toy_model, toy_outputs, write_toy_bundle
+from portable_moe.testing.hostile import exercise_bundle, toy_model, toy_outputs, write_toy_bundle
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "reference"])
@@ -37,7 +37,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from portable_moe.errors import BundleError
-from portable_moe.hostile import write_toy_bundle
+from portable_moe.testing.hostile import write_toy_bundle
 
 target, seed, rounds, overwrite, barrier, writers = sys.argv[1:7]
 # Start together: every writer announces itself, then waits for the others.

@@ -16,15 +16,15 @@ import pytest
 
 from portable_moe import BackendError, InputError, load_bundle, registry
 from portable_moe.backend import ProbeResult
-from portable_moe.fallback import (
+from portable_moe.run.fallback import (
     Attempt,
     FallbackError,
     compile_with_fallback,
     run_with_fallback,
     spread_options,
 )
-from portable_moe.hostile import write_toy_bundle
-from portable_moe.isolated import run_isolated
+from portable_moe.run.isolated import run_isolated
+from portable_moe.testing.hostile import write_toy_bundle
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_isolated_fallback_survives_crashes_and_hangs(faulty_vendor, toy, feeds,
 
 
 def test_isolated_input_errors_fail_fast_without_a_worker(toy, feeds, monkeypatch):
-    import portable_moe.isolated as isolated
+    import portable_moe.run.isolated as isolated
 
     monkeypatch.setattr(isolated, "execute", lambda *args, **kwargs: pytest.fail("started a worker for bad input"))
     with pytest.raises(InputError, match="outside the vocabulary"):

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portable_moe import errors
-from portable_moe.hostile import MUTATIONS, fuzz_case, write_toy_bundle
+from portable_moe.testing.hostile import MUTATIONS, fuzz_case, write_toy_bundle
 
 OUTCOMES = {"ok"} | {
     name
@@ -57,7 +57,7 @@ def test_mutated_bundles_end_in_success_or_our_own_error(pristine, seed, kind, e
 
 def test_the_pristine_bundles_pass_the_pipeline(pristine, tmp_path):
     # Guards the fuzz test against a broken seed: mutations must start from a bundle that works.
-    from portable_moe.hostile import exercise_bundle
+    from portable_moe.testing.hostile import exercise_bundle
 
     for bundle in pristine.values():
         exercise_bundle(bundle)

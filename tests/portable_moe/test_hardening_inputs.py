@@ -17,7 +17,7 @@ import pytest
 
 from portable_moe import BackendError, InputError, load_bundle, registry
 from portable_moe.backend import ModelInput
-from portable_moe.hostile import TOY_VOCAB, write_toy_bundle
+from portable_moe.testing.hostile import TOY_VOCAB, write_toy_bundle
 
 TWO_INPUTS = onnx.parser.parse_model("""
 <ir_version: 8, opset_import: ["" : 17]>

@@ -20,7 +20,7 @@ import pytest
 
 from portable_moe import load_bundle, registry
 from portable_moe.bundle import bundle_writer
-from portable_moe.hostile import write_toy_bundle
+from portable_moe.testing.hostile import write_toy_bundle
 
 
 def _cli() -> list[str]:
@@ -95,7 +95,7 @@ def test_a_failed_block_removes_its_staging_directory(tmp_path):
 COMPILE_SCRIPT = """
 import sys
 from portable_moe import get_backend, load_bundle
-from portable_moe.safety import install_termination_handler
+from portable_moe.run.termination import install_termination_handler
 
 install_termination_handler()
 get_backend("npu-sim").compile(load_bundle(sys.argv[1]), {"cache_dir": sys.argv[2]})

@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ElementTree
 import numpy as np
 import pytest
 
-from portable_moe import cli
-from portable_moe.conformance import (
+from portable_moe.cli import app as cli
+from portable_moe.conformance.model_check import (
     REPORT_SCHEMA_VERSION,
     check_bundle,
     error_histogram,
@@ -17,8 +17,7 @@ from portable_moe.conformance import (
     junit_cases,
     report_dict,
 )
-from portable_moe.errors import InputError
-from portable_moe.routing import (
+from portable_moe.conformance.routing import (
     CASCADED,
     NEAR_TIE,
     REAL_DISAGREEMENT,
@@ -30,6 +29,8 @@ from portable_moe.routing import (
     routing_margins,
     topk_margins,
 )
+from portable_moe.errors import ConformanceError, InputError
+from portable_moe.registry import get_backend
 
 
 def test_topk_margins_handle_masked_groups_and_ties():
@@ -50,10 +51,13 @@ def test_expert_load_counts_every_selection():
 
 def test_near_tie_threshold_follows_precision():
     assert near_tie_margin("exact") == 1e-5
-    assert near_tie_margin("force_fp16") == 1e-2
+    npu_modes = get_backend("npu-sim").capabilities.precision_modes
+    assert near_tie_margin("force_fp16", npu_modes) == 1e-2
     # A weight format widens it to what that format does to router scores; the larger of the two applies.
     assert near_tie_margin("exact+weights:int4/block") == 0.5
-    assert near_tie_margin("force_fp16+weights:float16") == 1e-2
+    assert near_tie_margin("force_fp16+weights:float16", npu_modes) == 1e-2
+    with pytest.raises(ConformanceError, match="no tolerance for precision mode 'force_fp16'; known modes: exact"):
+        near_tie_margin("force_fp16")
 
 
 def test_flip_rate_near_tie_share_and_load_drift():
@@ -145,7 +149,7 @@ def test_random_inputs_take_the_reference_as_oracle_and_flag_fp16_flips(tiny_bun
     # Measured: float16 flips one token of layer 1 at a 2.9e-3 margin (a near-tie), and layer 2 follows it.
     first = npu.routing[0]
     assert first.disagreements and first.verdict == NEAR_TIE
-    assert first.worst_margin < near_tie_margin("force_fp16")
+    assert first.worst_margin < near_tie_margin("force_fp16", get_backend("npu-sim").capabilities.precision_modes)
     assert "near-tie" in npu.routing_note()
 
 

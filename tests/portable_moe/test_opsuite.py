@@ -18,8 +18,8 @@ from rich.console import Console
 
 from portable_moe import BackendError, InputError, registry
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ProbeResult
-from portable_moe.junit import write_junit
-from portable_moe.opsuite import (
+from portable_moe.conformance.junit import write_junit
+from portable_moe.conformance.opsuite import (
     DEFAULT_EXCLUDES,
     ERROR,
     FAILED,

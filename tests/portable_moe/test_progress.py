@@ -31,13 +31,13 @@ def test_resolve_prefers_the_callback_then_verbose():
 
 
 def test_cli_shows_a_live_display_only_on_a_terminal(monkeypatch):
-    from portable_moe import cli
+    from portable_moe.cli import console as cli
 
     monkeypatch.setattr(type(cli.stderr), "is_terminal", property(lambda console: True))
-    assert isinstance(cli._choose_progress(verbose=False), progress.LiveSteps)
+    assert isinstance(cli.choose_progress(verbose=False), progress.LiveSteps)
     monkeypatch.setattr(type(cli.stderr), "is_terminal", property(lambda console: False))
-    assert cli._choose_progress(verbose=False) is None
-    assert isinstance(cli._choose_progress(verbose=True), StepPrinter)
+    assert cli.choose_progress(verbose=False) is None
+    assert isinstance(cli.choose_progress(verbose=True), StepPrinter)
 
 
 def test_live_steps_keep_finished_steps_on_screen_with_their_times():

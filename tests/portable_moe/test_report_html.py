@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from portable_moe.conformance import check_bundle, input_sets_for, report_dict
-from portable_moe.report_html import render_html, write_html
+from portable_moe.conformance.model_check import check_bundle, input_sets_for, report_dict
+from portable_moe.conformance.report_html import render_html, write_html
 
 CHROMIUM_MISSING = "chromium not installed (apt-get install chromium)"
 

@@ -17,102 +17,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from portable_moe import progress as step_progress
 from portable_moe import registry
 from portable_moe.backend import BASE_OPTIONS
 from portable_moe.bundle import Bundle, load_bundle
-from portable_moe.cluster.command import add_cluster_flag
+from portable_moe.cli.check_report import finish_check
+from portable_moe.cli.cluster_commands import add_cluster_flag
+from portable_moe.cli.console import (
+    EXIT_OK,
+    Notes,
+    finish_steps,
+    parse_options,
+    print_result,
+    show_step,
+    start_steps,
+    stderr,
+    stdout,
+)
 from portable_moe.config import PRESETS
-from portable_moe.conformance import (
-    GOLDEN,
-    NOT_CHECKED,
-    PASSED,
-    SKIPPED,
-    BackendResult,
+from portable_moe.conformance.model_check import (
     check_bundle,
     input_sets_for,
-    junit_cases,
-    report_dict,
 )
 from portable_moe.errors import InputError, PortableMoEError
-from portable_moe.safety import Terminated, install_termination_handler
+from portable_moe.run.termination import Terminated, install_termination_handler
 from portable_moe.tensors import NAN_POLICIES, check_nan_policy, load_npz
-
-# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default, unless
-# COLUMNS says how wide to be.
-_PIPED_WIDTH = None if "COLUMNS" in os.environ else 160
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
-stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
 # subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
-COMMAND_MODULES: list[str] = ["portable_moe.opsuite", "portable_moe.cluster.command"]
-
-
-# How long steps show their progress (set by main from the terminal and --verbose): None is silent.
-_steps: step_progress.Progress | None = None
-
-
-def _progress(message: str) -> None:
-    if _steps is not None:
-        _steps(message)
-
-
-def _print(*renderables: Any, **options: Any) -> None:
-    """Print a result on stdout, ending the progress display first so the two do not interleave."""
-    step_progress.finish(_steps)
-    stdout.print(*renderables, **options)
-
-
-def _choose_progress(verbose: bool) -> step_progress.Progress | None:
-    """A live display on a terminal, step lines with their times for --verbose, else nothing."""
-    if stderr.is_terminal:
-        return step_progress.LiveSteps(stderr)
-    return step_progress.StepPrinter() if verbose else None
-
-
-class _Notes:
-    """Long texts of a table (reasons, fix commands) printed whole below it, numbered; cells show the number."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def add(self, *texts: str) -> str:
-        """Number each non-empty text; return the numbers for the table cell ("" when none)."""
-        numbers = []
-        for text in texts:
-            if text:
-                self.texts.append(text)
-                numbers.append(str(len(self.texts)))
-        return ",".join(numbers)
-
-    def print(self) -> None:
-        for number, text in enumerate(self.texts, 1):
-            _print(f"[{number}] {escape(text)}")
-
-
-def _parse_options(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``["threads=2", "optimization=basic"]`` -> ``{"threads": 2, "optimization": "basic"}``."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, separator, raw = pair.partition("=")
-        if not separator or not key:
-            raise InputError(f"bad option {pair!r}: write NAME=VALUE, e.g. threads=2")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return options
-
-
-def _format_error(value: float) -> str:
-    return "-" if value != value else f"{value:.2e}"  # NaN -> "-"
+COMMAND_MODULES: list[str] = ["portable_moe.conformance.opsuite", "portable_moe.cli.cluster_commands"]
 
 
 def _print_backends() -> None:
@@ -121,7 +56,7 @@ def _print_backends() -> None:
     table.add_column("available", no_wrap=True)
     table.add_column("what it is (vendor)")
     table.add_column("note", no_wrap=True)
-    notes = _Notes()
+    notes = Notes()
     for status in registry.list_backends():
         description = status.description + (" [simulated]" if status.simulated else "")
         table.add_row(
@@ -130,7 +65,7 @@ def _print_backends() -> None:
             f"{escape(description)} [dim]({escape(status.vendor)})[/dim]",
             notes.add(f"{status.name}: {status.reason}" if status.reason else ""),
         )
-    _print(table)
+    print_result(table)
     notes.print()
 
 
@@ -149,39 +84,9 @@ def _print_options() -> None:
             meaning = "; ".join(filter(None, [option.describe(), option.help])) if option else "(not declared)"
             shown = "unset" if default is None else default if isinstance(default, str) else json.dumps(default)
             grid.add_row(f"  {escape(name)}={escape(shown)}", escape(meaning))
-        _print(f"[bold]{escape(title)}[/bold]" + ("" if defaults else ": no options"))
+        print_result(f"[bold]{escape(title)}[/bold]" + ("" if defaults else ": no options"))
         if defaults:
-            _print(grid)
-
-
-def _print_results(bundle: Bundle, results: list[BackendResult], expected_from: str = "") -> None:
-    table = Table(
-        title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
-        f"{bundle.moe_lowering or '?'} lowering) against {expected_from or 'its golden data'}"
-    )
-    table.caption = "abs err: largest |error|; rel err: largest |error| / largest |expected value| of the output"
-    table.caption_justify = "left"
-    for column in ("backend", "result", "abs err", "rel err", "cosine", "routing", "note"):
-        table.add_column(column, no_wrap=True)
-    notes = _Notes()
-    for result in results:
-        colour = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow", SKIPPED: "yellow"}
-        cosines = [c.cosine for c in result.comparisons if c.kind == "values"]
-        agreement = result.routing_agreement()
-        bisection = result.bisection.summary(outputs_conform=result.passed) if result.bisection else ""
-        table.add_row(
-            result.backend,
-            f"[{colour[result.status]}]{result.status}[/{colour[result.status]}]",
-            _format_error(result.worst("max_abs_error")),
-            _format_error(result.worst("max_scaled_error")),
-            f"{min(cosines):.6f}" if cosines else "-",
-            "-" if agreement != agreement else f"{agreement:.2%}",
-            notes.add(
-                *(f"{result.backend}: {note}" for note in (result.reason, result.routing_note(), bisection) if note)
-            ),
-        )
-    _print(table)
-    notes.print()
+            print_result(grid)
 
 
 def _load_feeds(bundle: Bundle, input_path: str | None) -> dict[str, np.ndarray]:
@@ -236,12 +141,12 @@ def command_export(args: argparse.Namespace) -> int:
         lowering_options=lowering_options,
         opset=args.opset,
         overwrite=args.force,
-        progress=_progress,
+        progress=show_step,
         weights=args.weights,
         block_size=args.block_size,
         weight_kernel=kernel,
     )
-    _print(
+    print_result(
         f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {bundle.weight_format} "
         f"weights, {len(bundle.manifest['files'])} files)"
     )
@@ -259,7 +164,7 @@ def _weight_kernel(args: argparse.Namespace) -> str:
         return "dequantize"
     domains = registry.get_backend(args.for_backend).capabilities.domains
     kernel = "matmulnbits" if "com.microsoft" in domains else "dequantize"
-    _progress(f"auto weight kernel for backend {args.for_backend!r}: {kernel}")
+    show_step(f"auto weight kernel for backend {args.for_backend!r}: {kernel}")
     return kernel
 
 
@@ -273,7 +178,7 @@ def command_convert(args: argparse.Namespace) -> int:
         args.block_size,
         _weight_kernel(args),
         overwrite=args.force,
-        progress=_progress,
+        progress=show_step,
     )
     stdout.print(
         f"bundle written to {escape(str(bundle.path))} ({bundle.weight_format} weights, "
@@ -307,11 +212,11 @@ def _add_weight_options(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from portable_moe.fallback import run_with_fallback, spread_options
+    from portable_moe.run.fallback import run_with_fallback, spread_options
 
     bundle = load_bundle(args.bundle)
     feeds = _load_feeds(bundle, args.input)
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     if args.nan_policy is not None:
         if "nan_policy" in options and options["nan_policy"] != args.nan_policy:
             raise InputError(
@@ -319,11 +224,11 @@ def command_run(args: argparse.Namespace) -> int:
             )
         options["nan_policy"] = args.nan_policy
     options["nan_policy"] = check_nan_policy(options.get("nan_policy", "reject"))
-    _progress(f"compiling {bundle.name} for {args.backend} and running it")
+    show_step(f"compiling {bundle.name} for {args.backend} and running it")
     result = run_with_fallback(
         bundle, args.backend, feeds, spread_options(args.backend, options), isolated=args.isolated, timeout=args.timeout
     )
-    step_progress.finish(_steps)
+    finish_steps()
     for attempt in result.attempts[:-1]:  # every backend passed over, and why
         stderr.print(f"[yellow]{attempt.backend} {attempt.status}[/yellow]: {escape(attempt.reason)}")
     outputs = result.outputs
@@ -339,13 +244,13 @@ def command_run(args: argparse.Namespace) -> int:
             f"{value.max():.4g}",
             f"{value.mean():.4g}",
         )
-    _print(table)
-    _print(f"ran on [bold]{result.backend_name}[/bold]; placement: {escape(str(result.placement))}")
+    print_result(table)
+    print_result(f"ran on [bold]{result.backend_name}[/bold]; placement: {escape(str(result.placement))}")
     if result.fell_back:
-        _print(f"[yellow]fell back:[/yellow] {escape(result.describe())}")
+        print_result(f"[yellow]fell back:[/yellow] {escape(result.describe())}")
     if args.output:
         np.savez(args.output, **outputs)
-        _print(f"outputs saved to {escape(args.output)}")
+        print_result(f"outputs saved to {escape(args.output)}")
     return EXIT_OK
 
 
@@ -353,11 +258,11 @@ def _time_bundle(bundle: Bundle, backend: Any, feeds: Any, args: argparse.Namesp
     """Compile ``bundle`` for ``backend`` and time it on ``feeds`` with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from portable_moe.bench import bench_compiled
+    from portable_moe.perf.bench import bench_compiled
 
-    _progress(f"compiling {bundle.name} for {backend.name}")
-    compiled = backend.compile(bundle, _parse_options(args.option))
-    step_progress.finish(_steps)
+    show_step(f"compiling {bundle.name} for {backend.name}")
+    compiled = backend.compile(bundle, parse_options(args.option))
+    finish_steps()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=stderr, transient=True
     ) as progress:
@@ -368,10 +273,10 @@ def _time_bundle(bundle: Bundle, backend: Any, feeds: Any, args: argparse.Namesp
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from portable_moe.bench import changing_token_feeds, model_bytes
+    from portable_moe.perf.bench import changing_token_feeds, model_bytes
 
     if args.cluster:
-        from portable_moe.cluster.command import command_bench_on_cluster
+        from portable_moe.cli.cluster_commands import command_bench_on_cluster
 
         return command_bench_on_cluster(args)
     if args.preset is not None or args.bundle is None:
@@ -421,10 +326,10 @@ def command_bench(args: argparse.Namespace) -> int:
         if others:
             cells.append(f"{result.p50_ms / timing.p50_ms:.2f}x")
         table.add_row(*cells)
-    _print(table)
+    print_result(table)
     estimates = []
     if args.estimate:
-        from portable_moe.costmodel import estimate_bundle
+        from portable_moe.perf.costmodel import estimate_bundle
 
         estimates = estimate_bundle(bundle, shape[0], shape[1])
         _print_estimates(estimates, f"Roofline estimate for input {shape} (an estimate, not a measurement)")
@@ -445,7 +350,7 @@ def command_bench(args: argparse.Namespace) -> int:
 def _estimate_preset(args: argparse.Namespace) -> int:
     """``bench --estimate --preset NAME``: price a preset from its config, building nothing (deepseek-v3 too)."""
     from portable_moe.config import get_preset
-    from portable_moe.costmodel import estimate_config
+    from portable_moe.perf.costmodel import estimate_config
 
     if args.bundle is not None or args.preset is None or not args.estimate:
         raise InputError(
@@ -467,7 +372,7 @@ def _estimate_preset(args: argparse.Namespace) -> int:
 
 
 def _print_estimates(estimates: list[Any], title: str) -> None:
-    table = Table(title=title, caption="chip figures and their sources: portable_moe/data/chips.json")
+    table = Table(title=title, caption="chip figures and their sources: portable_moe/perf/data/chips.json")
     for column in ("chip", "estimated ms", "GFLOP", "MB moved"):
         table.add_column(column)
     for estimate in estimates:
@@ -477,7 +382,7 @@ def _print_estimates(estimates: list[Any], title: str) -> None:
             f"{estimate.flops / 1e9:.3f}",
             f"{estimate.bytes / 1e6:.1f}",
         )
-    _print(table)
+    print_result(table)
 
 
 def _estimates_json(estimates: list[Any]) -> list[dict[str, Any]]:
@@ -499,66 +404,29 @@ def _backend_names(spec: str) -> list[str]:
     return registry.parse_backend_list(spec)
 
 
-def _finish_check(
-    bundle: Bundle,
-    results: list[BackendResult],
-    json_path: str | None,
-    require_all: bool,
-    *,
-    expected_from: str = GOLDEN,
-    junit_path: str | None = None,
-    html_path: str | None = None,
-) -> int:
-    _print_results(bundle, results, expected_from)
-    report = report_dict(bundle, results, expected_from)
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2, default=float))
-        stderr.print(f"report written to {escape(json_path)}")
-    if junit_path:
-        from portable_moe.junit import write_junit
-
-        write_junit(junit_cases(results), junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
-        stderr.print(f"JUnit XML written to {escape(junit_path)}")
-    if html_path:
-        from portable_moe.report_html import write_html
-
-        write_html(report, html_path)
-        stderr.print(f"HTML report written to {escape(html_path)}")
-    # Naming backends requires each to pass; "all" means every backend that can run here and takes the bundle.
-    considered = results if require_all else [r for r in results if r.status not in NOT_CHECKED]
-    if not considered:
-        stderr.print("[red]no backend could be checked[/red]")
-        return EXIT_FAILED
-    if all(r.status == PASSED for r in considered):
-        return EXIT_OK
-    not_passed = ", ".join(f"{r.backend} ({r.status})" for r in considered if r.status != PASSED)
-    stderr.print(f"[red]not conforming:[/red] {not_passed}")
-    return EXIT_FAILED
-
-
 def command_check(args: argparse.Namespace) -> int:
     if args.cluster:
-        from portable_moe.cluster.command import command_check_on_cluster
+        from portable_moe.cli.cluster_commands import command_check_on_cluster
 
         return command_check_on_cluster(args)
     bundle = load_bundle(args.bundle)
-    from portable_moe.fallback import spread_options
+    from portable_moe.run.fallback import spread_options
 
     names = _backend_names(args.backend)
     # Each backend gets the -O options it declares (precision=... reaches npu-sim, not cpu).
-    options = spread_options(names, _parse_options(args.option)) if args.option else None
+    options = spread_options(names, parse_options(args.option)) if args.option else None
     expected_from, input_sets = input_sets_for(bundle, args.inputs)
     checks_all = _checks_all(args.backend)
     results = check_bundle(
         bundle,
         names,
         options,
-        progress=_progress,
+        progress=show_step,
         input_sets=input_sets,
         bisect=args.bisect,
         skip_unaccepted=checks_all,
     )
-    return _finish_check(
+    return finish_check(
         bundle,
         results,
         args.json,
@@ -580,11 +448,11 @@ def command_demo(args: argparse.Namespace) -> int:
 
     # The demo's own directory is replaced on each run; a directory the user names is replaced only with --force.
     output = Path(args.output) if args.output else demo_directory(args.preset)
-    bundle = export_bundle(output, args.preset, args.seed, overwrite=args.force or not args.output, progress=_progress)
-    _print(f"exported {args.preset} to {escape(str(bundle.path))}")
+    bundle = export_bundle(output, args.preset, args.seed, overwrite=args.force or not args.output, progress=show_step)
+    print_result(f"exported {args.preset} to {escape(str(bundle.path))}")
     _print_backends()
-    results = check_bundle(bundle, registry.backend_names(), progress=_progress, skip_unaccepted=True)
-    status = _finish_check(bundle, results, args.json, require_all=False)
+    results = check_bundle(bundle, registry.backend_names(), progress=show_step, skip_unaccepted=True)
+    status = finish_check(bundle, results, args.json, require_all=False)
     stderr.print(
         f"the bundle stays in {escape(str(bundle.path))}; check it again with: "
         f"portable-moe check {escape(str(bundle.path))} --backend all",
@@ -827,26 +695,21 @@ def _version_line() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global _steps
     parser = build_parser()
     args = parser.parse_args(argv)
     install_termination_handler()  # SIGTERM unwinds like Ctrl-C: no half-written bundle is left
-    _steps = _choose_progress(args.verbose)
+    start_steps(args.verbose)
     try:
         return args.handler(args)
     except PortableMoEError as error:
-        step_progress.finish(_steps)
+        finish_steps()
         if args.debug:
             traceback.print_exc()
         stderr.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt as interrupt:
-        step_progress.finish(_steps)
+        finish_steps()
         stderr.print("[red]interrupted[/red]")
         return 143 if isinstance(interrupt, Terminated) else 130
     finally:
-        step_progress.finish(_steps)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        finish_steps()

@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from portable_moe import isolated as isolation
 from portable_moe import registry
 from portable_moe.backend import BASE_OPTION_DEFAULTS, CompiledModel, ModelInput, as_model_input
 from portable_moe.errors import BackendError, BackendUnavailableError
+from portable_moe.run import isolated as isolation
 
 RAN = "ran"
 COMPILED = "compiled"

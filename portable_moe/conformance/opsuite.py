@@ -23,7 +23,7 @@ are compared in order (shape, dtype, then values; nan, +inf and -inf must match 
 case's own rtol/atol unless an entry of :data:`TOLERANCE_OVERRIDES` matches. Cases whose expected
 output is a random draw are left out by default (:data:`DEFAULT_EXCLUDES`).
 
-Used by ``portable-moe conformance ops``, the pytest plugin (:mod:`portable_moe.pytest_plugin`) and
+Used by ``portable-moe conformance ops``, the pytest plugin (:mod:`portable_moe.testing.pytest_plugin`) and
 ``scripts/conformance_report.py``.
 """
 
@@ -54,7 +54,7 @@ import onnx
 from portable_moe import registry
 from portable_moe.backend import Backend, as_model_input
 from portable_moe.compare import OutputComparison, Tolerance, compare_values
-from portable_moe.conformance import ERROR, FAILED, PASSED, UNAVAILABLE, check_backend
+from portable_moe.conformance.model_check import ERROR, FAILED, PASSED, UNAVAILABLE, check_backend
 from portable_moe.errors import BackendError, BackendUnavailableError, InputError
 from portable_moe.registry import get_backend
 
@@ -1090,10 +1090,10 @@ def command_ops(args: Any) -> int:
 
     from rich.markup import escape
 
-    from portable_moe.cli import EXIT_FAILED, EXIT_OK, stderr, stdout
+    from portable_moe.cli.console import EXIT_FAILED, EXIT_OK, stderr, stdout
 
     if args.cluster:
-        from portable_moe.cluster.command import command_ops_on_cluster
+        from portable_moe.cli.cluster_commands import command_ops_on_cluster
 
         return command_ops_on_cluster(args)
     if args.jobs < 0:
@@ -1121,7 +1121,7 @@ def command_ops(args: Any) -> int:
         Path(args.json).write_text(json.dumps(report_dict(results, names, command), indent=2, default=str))
         stderr.print(f"JSON report written to {escape(args.json)}")
     if args.junit:
-        from portable_moe.junit import write_junit
+        from portable_moe.conformance.junit import write_junit
 
         write_junit(results, args.junit)
         stderr.print(f"JUnit XML written to {escape(args.junit)}")
@@ -1173,7 +1173,7 @@ def add_command(commands: Any) -> None:
         action="store_false",
         help="also run the cases left out by default (their expected outputs are random draws)",
     )
-    from portable_moe.cluster.command import add_cluster_flag
+    from portable_moe.cli.cluster_commands import add_cluster_flag
 
     add_cluster_flag(ops)
     ops.set_defaults(handler=command_ops)

@@ -57,7 +57,7 @@ def command_worker(args: argparse.Namespace) -> int:
     """``portable-moe worker``: advertise this machine's backends to a Ray cluster, in the foreground."""
     from rich.markup import escape
 
-    from portable_moe.cli import EXIT_OK, stderr, stdout
+    from portable_moe.cli.console import EXIT_OK, stderr, stdout
 
     if args.num_cpus is not None and args.num_cpus < 1:
         raise InputError(f"--num-cpus must be at least 1, got {args.num_cpus}")
@@ -96,7 +96,7 @@ def _print_where(results_backends: Sequence[str], run: ClusterRun) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from portable_moe.cli import stderr, stdout
+    from portable_moe.cli.console import stderr, stdout
 
     counts: dict[str, Counter[str]] = {}
     for backend, stamp in zip(results_backends, run.stamps):
@@ -121,23 +121,24 @@ def _print_where(results_backends: Sequence[str], run: ClusterRun) -> None:
 def command_check_on_cluster(args: argparse.Namespace) -> int:
     """``portable-moe check --cluster``: one task per backend; the local report plus nodes."""
     from portable_moe.bundle import load_bundle
-    from portable_moe.cli import _finish_check, _parse_options, _progress, stderr
+    from portable_moe.cli.check_report import finish_check
+    from portable_moe.cli.console import parse_options, show_step, stderr
     from portable_moe.cluster.jobs import check_on_cluster
-    from portable_moe.conformance import GOLDEN, input_sets_for, junit_cases, report_dict
-    from portable_moe.fallback import spread_options
+    from portable_moe.conformance.model_check import GOLDEN, input_sets_for, junit_cases, report_dict
+    from portable_moe.run.fallback import spread_options
 
     bundle = load_bundle(args.bundle)
     expected_from, input_sets = input_sets_for(bundle, args.inputs)
     with connected(args.cluster):
         names = resolve_cluster_backends(args.backend, cluster_nodes())
-        options = spread_options(names, _parse_options(args.option)) if args.option else None
+        options = spread_options(names, parse_options(args.option)) if args.option else None
         run = check_on_cluster(
             bundle,
             names,
             options,
             input_sets=None if expected_from == GOLDEN else input_sets,
             bisect=args.bisect,
-            progress=_progress,
+            progress=show_step,
         )
     _print_where(names, run)
     if args.json or args.html:
@@ -146,7 +147,7 @@ def command_check_on_cluster(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2, default=float))
             stderr.print(f"report written to {args.json}")
         if args.html:
-            from portable_moe.report_html import write_html
+            from portable_moe.conformance.report_html import write_html
 
             write_html(report, args.html)
             stderr.print(f"HTML report written to {args.html}")
@@ -161,17 +162,17 @@ def command_check_on_cluster(args: argparse.Namespace) -> int:
             f"portable-moe check {bundle.name}",
         )
         stderr.print(f"JUnit XML written to {args.junit}")
-    return _finish_check(bundle, run.results, None, require_all=args.backend != "all", expected_from=expected_from)
+    return finish_check(bundle, run.results, None, require_all=args.backend != "all", expected_from=expected_from)
 
 
 def command_ops_on_cluster(args: argparse.Namespace) -> int:
     """``portable-moe conformance ops --cluster``: the suite sharded over the nodes offering each backend."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from portable_moe.cli import EXIT_FAILED, EXIT_OK, stderr, stdout
+    from portable_moe.cli.console import EXIT_FAILED, EXIT_OK, stderr, stdout
     from portable_moe.cluster.jobs import ops_on_cluster
-    from portable_moe.conformance import ERROR, FAILED
-    from portable_moe.opsuite import collect_cases, print_report, report_dict, select_cases
+    from portable_moe.conformance.model_check import ERROR, FAILED
+    from portable_moe.conformance.opsuite import collect_cases, print_report, report_dict, select_cases
 
     if args.jobs < 0:
         raise InputError(f"--jobs must be 0 (run in the Ray worker) or more, got {args.jobs}")
@@ -216,10 +217,10 @@ def command_bench_on_cluster(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from portable_moe.bundle import load_bundle
-    from portable_moe.cli import EXIT_FAILED, EXIT_OK, _parse_options, _progress, stderr, stdout
+    from portable_moe.cli.console import EXIT_FAILED, EXIT_OK, parse_options, show_step, stderr, stdout
     from portable_moe.cluster.jobs import bench_on_cluster
     from portable_moe.cluster.report import cluster_section
-    from portable_moe.fallback import spread_options
+    from portable_moe.run.fallback import spread_options
 
     if (args.batch is None) != (args.seq is None):
         raise InputError("give both --batch and --seq, or neither (to use the golden inputs)")
@@ -229,8 +230,8 @@ def command_bench_on_cluster(args: argparse.Namespace) -> int:
     shape = None if args.batch is None else (args.batch, args.seq)
     with connected(args.cluster):
         names = resolve_cluster_backends(args.backend, cluster_nodes())
-        options = spread_options(names, _parse_options(args.option)) if args.option else None
-        run = bench_on_cluster(bundle, names, options, shape, args.warmup, args.runs, progress=_progress)
+        options = spread_options(names, parse_options(args.option)) if args.option else None
+        run = bench_on_cluster(bundle, names, options, shape, args.warmup, args.runs, progress=show_step)
     table = Table(title=f"{bundle.name} on the cluster ({args.runs} runs after {args.warmup} warm-up each)")
     for column in ("backend", "node", "input", "p50 ms", "p90 ms", "min ms", "tokens/s", "peak RSS MiB"):
         table.add_column(column, justify="left" if column in ("backend", "node") else "right")

@@ -15,7 +15,7 @@ applies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +25,15 @@ import onnx
 from portable_moe.backend import Backend
 from portable_moe.compare import OutputComparison, compare_values, tolerance_for
 from portable_moe.errors import ConformanceError, PortableMoEError
-from portable_moe.registry import get_backend
+from portable_moe.registry import as_backend
 
 # Element types whose values bisection compares; integer values (indices, shapes) are left out, their
 # effect shows in the float values computed from them.
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-ORACLES = ("reference", "cpu")
+# The default oracles, tried in order: onnx's numpy evaluator (the oracle for operator semantics), then
+# ONNX Runtime's CPU provider for what the evaluator cannot run (com.microsoft operators). Every function
+# that runs an oracle takes ``oracles`` (Backend objects or registry names) instead.
+ORACLES: tuple[str, ...] = ("reference", "cpu")
 
 
 def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -204,16 +207,20 @@ class BisectResult:
 
 
 def _oracle_outputs(
-    proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str] | None
+    proto: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    names: list[str] | None,
+    oracles: Sequence[Backend | str] = ORACLES,
 ) -> tuple[str, dict[str, np.ndarray]]:
-    """Run the exposed model on the first oracle that can run it."""
+    """Run the exposed model on the first of ``oracles`` that can run it."""
     failures = []
-    for oracle in ORACLES:
+    for oracle in oracles:
         try:
-            outputs, _ = run_exposed(get_backend(oracle), proto, feeds, names)
-            return oracle, outputs
+            backend = as_backend(oracle)
+            outputs, _ = run_exposed(backend, proto, feeds, names)
+            return backend.name, outputs
         except PortableMoEError as error:
-            failures.append(f"{oracle}: {error}")
+            failures.append(f"{getattr(oracle, 'name', oracle)}: {error}")
     raise ConformanceError("no oracle could run the model with its intermediates exposed: " + "; ".join(failures))
 
 
@@ -223,6 +230,7 @@ def bisect_divergence(
     feeds: Mapping[str, np.ndarray],
     options: Mapping[str, Any] | None = None,
     precision: str | None = None,
+    oracles: Sequence[Backend | str] = ORACLES,
 ) -> BisectResult:
     """Find the first node (in topological order) whose output on ``backend`` leaves tolerance.
 
@@ -232,6 +240,8 @@ def bisect_divergence(
         feeds: one input set.
         options: the backend's compile options.
         precision: the precision mode whose tolerances apply; None takes the compiled model's.
+        oracles: the backends (or registry names) whose values are taken as right, tried in order
+            until one runs the model.
 
     Returns:
         The result; a failure to compile or run either side is recorded in ``error``, not raised.
@@ -239,7 +249,7 @@ def bisect_divergence(
     try:
         # The oracle runs first: the shapes it observes make every exposed value concrete for the
         # backend under test, which static-shape backends need.
-        oracle, expected = _oracle_outputs(proto, feeds, None)
+        oracle, expected = _oracle_outputs(proto, feeds, None, oracles)
         shapes = {name: tuple(np.asarray(value).shape) for name, value in feeds.items()}
         observed = {name: value.shape for name, value in expected.items()}
         exposed_proto, _ = expose_values(proto, list(expected), shapes, observed)
@@ -256,7 +266,7 @@ def bisect_divergence(
         for name in node.output:
             if name not in expected or name not in actual or not np.issubdtype(expected[name].dtype, np.floating):
                 continue
-            tolerance = tolerance_for(expected[name].dtype.name, precision)
+            tolerance = tolerance_for(expected[name].dtype.name, precision, backend.capabilities.precision_modes)
             comparison = compare_values(name, expected[name], np.asarray(actual[name]), tolerance)
             comparisons[name] = comparison
             outputs.append(comparison)

@@ -9,7 +9,7 @@ This is an estimate, not a measurement: it assumes peak throughput on every node
 between nodes, no caches, no launch overhead and no communication. It is good for comparing
 chips, shapes and MoE lowerings with each other, not for predicting a wall-clock time.
 
-Chips come from ``portable_moe/data/chips.json`` (dense FP16 figures, each with its sources); the
+Chips come from ``portable_moe/perf/data/chips.json`` (dense FP16 figures, each with its sources); the
 machine's own CPU is measured once per process (a float32 matmul and an array copy).
 """
 
@@ -116,7 +116,7 @@ class Estimate:
 
 @functools.lru_cache(maxsize=1)
 def _chip_table() -> dict[str, Chip]:
-    data = json.loads(resources.files("portable_moe").joinpath("data", "chips.json").read_text())
+    data = json.loads(resources.files("portable_moe.perf").joinpath("data", "chips.json").read_text())
     return {
         entry["key"]: Chip(
             key=entry["key"],

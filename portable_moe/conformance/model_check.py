@@ -6,8 +6,8 @@ shape, or an ``.npz`` file) torch may be absent, so the oracle is the ``referenc
 numpy evaluator, the oracle for operator semantics), or ``cpu`` (ONNX Runtime) when the reference
 cannot run the bundle's lowering (e.g. ``com.microsoft`` operators). The report says which.
 
-Per MoE layer it also reports routing (see :mod:`portable_moe.routing`) and, on request, where in
-the graph a backend first diverges (see :mod:`portable_moe.bisect`). The JSON form of a report is
+Per MoE layer it also reports routing (see :mod:`portable_moe.conformance.routing`) and, on request, where in
+the graph a backend first diverges (see :mod:`portable_moe.conformance.bisection`). The JSON form of a report is
 :func:`report_dict`; its schema is described in docs/report-schema.md.
 """
 
@@ -23,12 +23,12 @@ import numpy as np
 
 from portable_moe import progress as step_progress
 from portable_moe.backend import Backend, ModelInput, as_model_input
-from portable_moe.bisect import ORACLES, BisectResult, bisect_divergence
 from portable_moe.bundle import Bundle
 from portable_moe.compare import OutputComparison, compare_outputs, with_weights
+from portable_moe.conformance.bisection import ORACLES, BisectResult, bisect_divergence
+from portable_moe.conformance.routing import LayerRouting, layer_routing, mark_cascades, routing_margins
 from portable_moe.errors import BundleError, InputError, PortableMoEError
-from portable_moe.registry import get_backend
-from portable_moe.routing import LayerRouting, layer_routing, mark_cascades, routing_margins
+from portable_moe.registry import as_backend, get_backend
 from portable_moe.tensors import load_npz
 
 PASSED, FAILED, ERROR, UNAVAILABLE = "passed", "failed", "error", "unavailable"
@@ -131,6 +131,7 @@ def check_backend(
     margins: Sequence[Mapping[str, np.ndarray]] | None = None,
     bisect: str = "never",
     skip_unaccepted: bool = False,
+    oracles: Sequence[Backend | str] = ORACLES,
 ) -> BackendResult:
     """Compile ``bundle`` for ``backend``, run every input set, compare with the expected outputs.
 
@@ -144,10 +145,11 @@ def check_backend(
         model: the bundle as a ModelInput (saves reloading it per backend).
         input_sets: (feeds, expected outputs) pairs; default: the bundle's golden sets.
         margins: per input set, routing output -> each token's top-k margin (see
-            :func:`portable_moe.routing.routing_margins`); None leaves margins unknown.
+            :func:`portable_moe.conformance.routing.routing_margins`); None leaves margins unknown.
         bisect: "never", "failed" (bisect when the check fails) or "always".
         skip_unaccepted: a backend that does not take the bundle (its lowering, opset or operator
             domains) ends as "skipped" rather than "error", for checks of every backend.
+        oracles: the backends (or registry names) bisection takes as right, tried in order.
     """
     probe = backend.safe_probe()
     if not probe.available:
@@ -173,16 +175,19 @@ def check_backend(
     first_failing_set = None
     num_experts = bundle.config.n_routed_experts if bundle.config else None
     precision = with_weights(compiled.precision, bundle.weight_format)
+    declared = backend.capabilities.precision_modes
     started = time.perf_counter()
     try:
         for index, (feeds, expected) in enumerate(golden):
             actual = compiled.run(feeds)
-            compared = compare_outputs(expected, actual, bundle.routing_outputs, precision)
+            compared = compare_outputs(expected, actual, bundle.routing_outputs, precision, declared)
             if first_failing_set is None and not all(c.passed for c in compared):
                 first_failing_set = index
             comparisons += compared
             set_margins = margins[index] if margins is not None and index < len(margins) else None
-            layer_routing(expected, actual, bundle.routing_outputs, set_margins, precision, num_experts, routing, index)
+            layer_routing(
+                expected, actual, bundle.routing_outputs, set_margins, precision, num_experts, routing, index, declared
+            )
             _add_histograms(histograms, expected, actual)
     except PortableMoEError as error:
         return BackendResult(backend.name, ERROR, str(error), compile_seconds=compile_seconds)
@@ -203,23 +208,28 @@ def check_backend(
     )
     if bisect == "always" or (bisect == "failed" and failures):
         feeds = golden[first_failing_set or 0][0]
-        result.bisection = bisect_divergence(model.proto, backend, feeds, options, compiled.precision)
+        result.bisection = bisect_divergence(model.proto, backend, feeds, options, compiled.precision, oracles)
     return result
 
 
-def _oracle_outputs(bundle: Bundle, feeds_list: Sequence[dict[str, np.ndarray]]) -> tuple[str, list[InputSet]]:
-    """Expected outputs for ``feeds_list`` from the first of :data:`ORACLES` that can run the bundle."""
+def _oracle_outputs(
+    bundle: Bundle, feeds_list: Sequence[dict[str, np.ndarray]], oracles: Sequence[Backend | str]
+) -> tuple[str, list[InputSet]]:
+    """Expected outputs for ``feeds_list`` from the first of ``oracles`` that can run the bundle."""
     failures = []
-    for name in ORACLES:
+    for oracle in oracles:
         try:
-            compiled = get_backend(name).compile(bundle)
-            return name, [(feeds, compiled.run(feeds)) for feeds in feeds_list]
+            backend = as_backend(oracle)
+            compiled = backend.compile(bundle)
+            return backend.name, [(feeds, compiled.run(feeds)) for feeds in feeds_list]
         except PortableMoEError as error:
-            failures.append(f"{name}: {error}")
+            failures.append(f"{getattr(oracle, 'name', oracle)}: {error}")
     raise InputError("no oracle backend could compute the expected outputs: " + "; ".join(failures))
 
 
-def input_sets_for(bundle: Bundle, spec: str = "golden") -> tuple[str, list[InputSet]]:
+def input_sets_for(
+    bundle: Bundle, spec: str = "golden", oracles: Sequence[Backend | str] = ORACLES
+) -> tuple[str, list[InputSet]]:
     """The input sets a check runs, and where their expected outputs come from.
 
     Args:
@@ -227,6 +237,8 @@ def input_sets_for(bundle: Bundle, spec: str = "golden") -> tuple[str, list[Inpu
         spec: "golden" (the bundle's golden data), "random:N" (N seeded random token batches of the
             first golden input's shape, seeds 0..N-1) or the path of an ``.npz`` file holding one
             array per model input.
+        oracles: for inputs other than the golden ones, the backends (or registry names) whose
+            outputs are taken as expected, tried in order.
 
     Returns:
         ``(source of the expected outputs, [(feeds, expected outputs), ...])``.
@@ -235,7 +247,7 @@ def input_sets_for(bundle: Bundle, spec: str = "golden") -> tuple[str, list[Inpu
         InputError: for a malformed spec, a missing or unreadable file, keys that are not the
             model's inputs, or when no oracle backend can run the bundle.
     """
-    from portable_moe.bench import token_feeds
+    from portable_moe.perf.bench import token_feeds
 
     if spec == "golden":
         return GOLDEN, bundle.golden_sets()
@@ -252,7 +264,7 @@ def input_sets_for(bundle: Bundle, spec: str = "golden") -> tuple[str, list[Inpu
         feeds_list = [token_feeds(bundle, batch, seq, seed=seed) for seed in range(int(count_text))]
     else:
         feeds_list = [_read_npz(bundle, Path(spec))]
-    oracle, sets = _oracle_outputs(bundle, feeds_list)
+    oracle, sets = _oracle_outputs(bundle, feeds_list, oracles)
     return f"{oracle} backend (oracle for non-golden inputs)", sets
 
 
@@ -266,7 +278,7 @@ def _read_npz(bundle: Bundle, path: Path) -> dict[str, np.ndarray]:
 
 @dataclass
 class JunitCase:
-    """One JUnit testcase of a check, shaped as :func:`portable_moe.junit.junit_tree` reads its cases."""
+    """One JUnit testcase of a check, shaped as :func:`portable_moe.conformance.junit.junit_tree` reads its cases."""
 
     backend: str
     op: str
@@ -332,6 +344,8 @@ def check_bundle(
     bisect: str = "never",
     skip_unaccepted: bool = False,
     verbose: bool = False,
+    oracles: Sequence[Backend | str] = ORACLES,
+    margin_oracle: Backend | str = "cpu",
 ) -> list[BackendResult]:
     """Check a bundle on each named backend (unknown names and bad options raise before anything runs).
 
@@ -345,6 +359,9 @@ def check_bundle(
         skip_unaccepted: backends that do not take the bundle end as "skipped", not "error"
             (for "every backend that can": the CLI's ``--backend all``).
         verbose: print each backend's check with its time on stderr (when ``progress`` is None).
+        oracles: the backends (or registry names) bisection takes as right, tried in order.
+        margin_oracle: the backend (or registry name) whose router scores give the top-k margins
+            that tell near-ties from real routing disagreements.
     """
     if bisect not in ("never", "failed", "always"):
         raise InputError(f"bisect must be never, failed or always, got {bisect!r}")
@@ -354,7 +371,7 @@ def check_bundle(
     progress = step_progress.resolve(progress, verbose)
     model = as_model_input(bundle)
     sets = list(input_sets) if input_sets is not None else bundle.golden_sets()
-    margins = _margins(bundle, model, sets, progress)
+    margins = _margins(bundle, model, sets, progress, margin_oracle)
     results = []
     for backend in backends:
         if progress:
@@ -369,6 +386,7 @@ def check_bundle(
                 margins=margins,
                 bisect=bisect,
                 skip_unaccepted=skip_unaccepted,
+                oracles=oracles,
             )
         )
     step_progress.finish(progress)
@@ -376,15 +394,20 @@ def check_bundle(
 
 
 def _margins(
-    bundle: Bundle, model: ModelInput, sets: Sequence[InputSet], progress: Callable[[str], None] | None
+    bundle: Bundle,
+    model: ModelInput,
+    sets: Sequence[InputSet],
+    progress: Callable[[str], None] | None,
+    oracle: Backend | str,
 ) -> list[dict[str, np.ndarray]] | None:
-    """Top-k margins per input set on cpu; None (margins unknown) when cpu cannot run the model."""
+    """Top-k margins per input set on ``oracle``; None (margins unknown) when it cannot run the model."""
     if not bundle.routing_outputs or not sets:
         return None
     k = {name: bundle.config.num_experts_per_tok for name in bundle.routing_outputs} if bundle.config else None
     try:
-        return [routing_margins(model.proto, list(bundle.routing_outputs), feeds, k) for feeds, _ in sets]
+        return [routing_margins(model.proto, list(bundle.routing_outputs), feeds, k, oracle) for feeds, _ in sets]
     except PortableMoEError as error:
         if progress:
-            progress(f"routing margins unavailable (the cpu backend could not run the scores): {error}")
+            name = getattr(oracle, "name", oracle)
+            progress(f"routing margins unavailable (the {name} backend could not run the scores): {error}")
         return None

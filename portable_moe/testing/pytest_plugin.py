@@ -10,7 +10,7 @@ each ONNX node test case becomes one test per backend (``portable-moe-ops::test_
 and each built-in preset one model-conformance test (``portable-moe-models::tiny[my-npu]``: the
 preset is exported with the backend's preferred MoE lowering, which needs torch, and checked
 against its golden data). A case the backend declares unsupported is a skip with the reason;
-skips are never passes. Cases run in a worker process (see :mod:`portable_moe.opsuite`), so a
+skips are never passes. Cases run in a worker process (see :mod:`portable_moe.conformance.opsuite`), so a
 backend that crashes or hangs fails that one test, not the session.
 """
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from portable_moe.opsuite import CaseResult, OpCase, Task, WorkerPool
+    from portable_moe.conformance.opsuite import CaseResult, OpCase, Task, WorkerPool
 
 _SUITE_KEY = pytest.StashKey["_Suite"]()
 OPS_COLLECTOR, MODELS_COLLECTOR = "portable-moe-ops", "portable-moe-models"
@@ -73,8 +73,8 @@ class _Suite:
     """The session's state: the backends, the selected cases, the worker pool and exported bundles."""
 
     def __init__(self, config: pytest.Config) -> None:
+        from portable_moe.conformance.opsuite import DEFAULT_TIMEOUT, resolve_backends
         from portable_moe.errors import PortableMoEError
-        from portable_moe.opsuite import DEFAULT_TIMEOUT, resolve_backends
 
         option = config.getoption
         try:
@@ -109,8 +109,8 @@ class _Suite:
         return names
 
     def collect(self) -> None:
+        from portable_moe.conformance.opsuite import collect_cases, select_cases
         from portable_moe.errors import PortableMoEError
-        from portable_moe.opsuite import collect_cases, select_cases
 
         try:
             self.cases = select_cases(collect_cases(), self.include, self.exclude)
@@ -118,7 +118,7 @@ class _Suite:
             raise pytest.UsageError(f"portable-moe: {error}") from None
 
     def run(self, task: Task) -> CaseResult:
-        from portable_moe.opsuite import DEFAULT_MODEL_TIMEOUT, WorkerPool
+        from portable_moe.conformance.opsuite import DEFAULT_MODEL_TIMEOUT, WorkerPool
 
         if self._pool is None:
             self._pool = WorkerPool(self.cases, jobs=1, timeout=self.timeout)
@@ -155,7 +155,7 @@ class _Suite:
 
 def _report(result: CaseResult) -> None:
     """Turn a result into pytest's outcome: pass, skip (unsupported) or failure."""
-    from portable_moe.opsuite import PASSED, UNSUPPORTED
+    from portable_moe.conformance.opsuite import PASSED, UNSUPPORTED
 
     if result.status == UNSUPPORTED:
         pytest.skip(f"unsupported on {result.backend}: {result.reason}")
@@ -183,7 +183,7 @@ class OpCaseItem(_SuiteItem):
     """One ONNX node test case on one backend."""
 
     def runtest(self) -> None:
-        from portable_moe.opsuite import Task
+        from portable_moe.conformance.opsuite import Task
 
         _report(self.suite.run(Task("op", self.backend, self.key)))
 
@@ -192,7 +192,7 @@ class ModelItem(_SuiteItem):
     """A preset exported with the backend's preferred MoE lowering, checked against its golden data."""
 
     def runtest(self) -> None:
-        from portable_moe.opsuite import Task
+        from portable_moe.conformance.opsuite import Task
 
         try:
             import torch  # noqa: F401 (only whether it imports matters)

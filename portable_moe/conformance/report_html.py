@@ -1,7 +1,7 @@
 """A conformance report as one self-contained HTML file with inline SVG plots.
 
 No JavaScript, no stylesheet or font from the network: the file opens the same offline. It is
-rendered from the JSON report (:func:`portable_moe.conformance.report_dict`), so a saved JSON
+rendered from the JSON report (:func:`portable_moe.conformance.model_check.report_dict`), so a saved JSON
 report can be turned into HTML later. Plots: routing agreement per layer per backend, the
 distribution of log10 absolute error per backend and output, the expert load per backend and layer.
 Every plot is an ``<svg class="plot">`` whose bars carry their value in ``data-value``.
@@ -165,7 +165,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     """The report as a self-contained HTML page.
 
     Args:
-        report: a JSON report as :func:`portable_moe.conformance.report_dict` makes it.
+        report: a JSON report as :func:`portable_moe.conformance.model_check.report_dict` makes it.
     """
     results = report.get("results", [])
     title = f"Conformance of {report.get('bundle_name', report.get('bundle', '?'))}"

@@ -20,14 +20,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from portable_moe.compare import routing_agreement, split_weights
+from portable_moe.backend import Backend
+from portable_moe.compare import PrecisionMode, precision_mode, routing_agreement, split_weights
 
-# A flip whose reference margin is at most this is a near-tie, keyed by the backend's precision mode.
-# float32 backends ("exact", "must_keep_origin_dtype") perturb router scores (~1, sigmoid outputs plus a
-# bias) by ~1e-7..1e-6 through reordered sums, so 1e-5 keeps ~10x headroom. The float16/bfloat16 modes
-# perturb them by up to 2.4e-3 (measured, see the npu-sim rows of portable_moe.compare.TOLERANCES) and
-# bfloat16 by ~4e-3 relative: 1e-2 covers those. Any mode not listed is reduced precision.
-NEAR_TIE_MARGINS: dict[str, float] = {"exact": 1e-5, "must_keep_origin_dtype": 1e-5}
+# A flip whose reference margin is at most the precision mode's near-tie margin is a near-tie: core's
+# "exact" mode declares 1e-5 (portable_moe.compare.EXACT); every other mode is declared, with its margin,
+# by the backend that computes in it (Capabilities.precision_modes).
+# A weight format whose margin is not listed below gets this one (reduced precision).
 REDUCED_PRECISION_NEAR_TIE = 1e-2
 NEAR_TIE, REAL_DISAGREEMENT = "near-tie", "real disagreement"
 CASCADED = "after an earlier layer's flip"
@@ -51,14 +50,21 @@ WEIGHT_NEAR_TIE_MARGINS: dict[str, float] = {
 }
 
 
-def near_tie_margin(precision: str) -> float:
+def near_tie_margin(precision: str, declared: Mapping[str, PrecisionMode] | None = None) -> float:
     """The margin at or below which a routing flip counts as a near-tie for ``precision``.
 
     A precision carrying a weight format (``compare.with_weights``) takes the larger of the mode's
     and the format's margins.
+
+    Args:
+        precision: the precision mode (and weight format) the backend computed in.
+        declared: the precision modes the backend declares (``Capabilities.precision_modes``).
+
+    Raises:
+        ConformanceError: for a mode neither core nor the backend declares.
     """
     mode, weights = split_weights(precision)
-    margin = NEAR_TIE_MARGINS.get(mode, REDUCED_PRECISION_NEAR_TIE)
+    margin = precision_mode(mode, declared).near_tie_margin
     if weights != "float32":
         margin = max(margin, WEIGHT_NEAR_TIE_MARGINS.get(weights, REDUCED_PRECISION_NEAR_TIE))
     return margin
@@ -298,6 +304,7 @@ def layer_routing(
     num_experts: int | None,
     into: dict[str, LayerRouting],
     set_index: int = 0,
+    declared: Mapping[str, PrecisionMode] | None = None,
 ) -> dict[str, LayerRouting]:
     """Fold one input set into per-layer routing records (``into``, keyed by output name), and return it.
 
@@ -306,7 +313,7 @@ def layer_routing(
     for name, layer in routing_outputs.items():
         if name not in expected or name not in actual or np.shape(actual[name]) != np.shape(expected[name]):
             continue
-        record = into.setdefault(name, LayerRouting(name, layer, near_tie_margin=near_tie_margin(precision)))
+        record = into.setdefault(name, LayerRouting(name, layer, near_tie_margin=near_tie_margin(precision, declared)))
         experts = num_experts or int(max(np.max(expected[name], initial=0), np.max(actual[name], initial=0)) + 1)
         record.add(expected[name], np.asarray(actual[name]), (margins or {}).get(name), set_index, experts)
     return into
@@ -317,28 +324,30 @@ def routing_margins(
     routing_outputs: Sequence[str],
     feeds: Mapping[str, np.ndarray],
     k_default: Mapping[str, int] | None = None,
+    oracle: Backend | str = "cpu",
 ) -> dict[str, np.ndarray]:
-    """Per routing output, each token's top-k margin on the ``cpu`` backend (see the module docstring).
+    """Per routing output, each token's top-k margin on the oracle (see the module docstring).
 
     Args:
         proto: the model.
         routing_outputs: the routing output names.
         feeds: one input set.
         k_default: routing output -> k, used when the TopK's K is not a constant.
+        oracle: the backend (or registry name) whose router scores are taken as right.
 
     Returns:
         routing output name -> margins (one per token, flattened in the scores' token order).
 
     Raises:
-        PortableMoEError: if the cpu backend cannot compile or run the exposed model.
+        PortableMoEError: if the oracle cannot compile or run the exposed model.
     """
-    from portable_moe.bisect import run_exposed
-    from portable_moe.registry import get_backend
+    from portable_moe.conformance.bisection import run_exposed
+    from portable_moe.registry import as_backend
 
     scores = router_score_values(proto, routing_outputs)
     if not scores:
         return {}
-    outputs, _ = run_exposed(get_backend("cpu"), proto, feeds, [value for value, _ in scores.values()])
+    outputs, _ = run_exposed(as_backend(oracle), proto, feeds, [value for value, _ in scores.values()])
     margins = {}
     for name, (value, k) in scores.items():
         k = k or (k_default or {}).get(name)

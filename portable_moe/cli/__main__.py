@@ -1,0 +1,7 @@
+"""``python -m portable_moe.cli``: the same as the ``portable-moe`` command."""
+
+import sys
+
+from portable_moe.cli.app import main
+
+sys.exit(main())

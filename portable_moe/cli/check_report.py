@@ -1,0 +1,88 @@
+"""Printing and writing a model check's results: the conformance table, JSON, JUnit XML, HTML, the exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from portable_moe.bundle import Bundle
+from portable_moe.cli.console import EXIT_FAILED, EXIT_OK, Notes, format_error, print_result, stderr
+from portable_moe.conformance.model_check import (
+    GOLDEN,
+    NOT_CHECKED,
+    PASSED,
+    SKIPPED,
+    BackendResult,
+    junit_cases,
+    report_dict,
+)
+
+
+def print_results(bundle: Bundle, results: list[BackendResult], expected_from: str = "") -> None:
+    table = Table(
+        title=f"Conformance of {bundle.name} ({bundle.manifest.get('preset', '?')}, "
+        f"{bundle.moe_lowering or '?'} lowering) against {expected_from or 'its golden data'}"
+    )
+    table.caption = "abs err: largest |error|; rel err: largest |error| / largest |expected value| of the output"
+    table.caption_justify = "left"
+    for column in ("backend", "result", "abs err", "rel err", "cosine", "routing", "note"):
+        table.add_column(column, no_wrap=True)
+    notes = Notes()
+    for result in results:
+        colour = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow", SKIPPED: "yellow"}
+        cosines = [c.cosine for c in result.comparisons if c.kind == "values"]
+        agreement = result.routing_agreement()
+        bisection = result.bisection.summary(outputs_conform=result.passed) if result.bisection else ""
+        table.add_row(
+            result.backend,
+            f"[{colour[result.status]}]{result.status}[/{colour[result.status]}]",
+            format_error(result.worst("max_abs_error")),
+            format_error(result.worst("max_scaled_error")),
+            f"{min(cosines):.6f}" if cosines else "-",
+            "-" if agreement != agreement else f"{agreement:.2%}",
+            notes.add(
+                *(f"{result.backend}: {note}" for note in (result.reason, result.routing_note(), bisection) if note)
+            ),
+        )
+    print_result(table)
+    notes.print()
+
+
+def finish_check(
+    bundle: Bundle,
+    results: list[BackendResult],
+    json_path: str | None,
+    require_all: bool,
+    *,
+    expected_from: str = GOLDEN,
+    junit_path: str | None = None,
+    html_path: str | None = None,
+) -> int:
+    print_results(bundle, results, expected_from)
+    report = report_dict(bundle, results, expected_from)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=float))
+        stderr.print(f"report written to {escape(json_path)}")
+    if junit_path:
+        from portable_moe.conformance.junit import write_junit
+
+        write_junit(junit_cases(results), junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
+        stderr.print(f"JUnit XML written to {escape(junit_path)}")
+    if html_path:
+        from portable_moe.conformance.report_html import write_html
+
+        write_html(report, html_path)
+        stderr.print(f"HTML report written to {escape(html_path)}")
+    # Naming backends requires each to pass; "all" means every backend that can run here and takes the bundle.
+    considered = results if require_all else [r for r in results if r.status not in NOT_CHECKED]
+    if not considered:
+        stderr.print("[red]no backend could be checked[/red]")
+        return EXIT_FAILED
+    if all(r.status == PASSED for r in considered):
+        return EXIT_OK
+    not_passed = ", ".join(f"{r.backend} ({r.status})" for r in considered if r.status != PASSED)
+    stderr.print(f"[red]not conforming:[/red] {not_passed}")
+    return EXIT_FAILED

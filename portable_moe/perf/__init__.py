@@ -1,0 +1,1 @@
+"""Speed: timing compiled models (``bench``) and roofline estimates per chip (``costmodel``)."""
