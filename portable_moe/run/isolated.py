@@ -1,8 +1,8 @@
 """Compile and run a model in a separate worker process.
 
 Vendor runtimes are native code: a driver bug can segfault or hang, and in-process that takes
-the caller down with it. :func:`run_isolated` does the compile and the run in a fresh process
-(``multiprocessing`` "spawn", so no state is inherited from the caller) and turns a crash (with
+the caller down with it. :func:`run_isolated` does the compile and the run in a fresh worker of
+the one worker pool (:mod:`portable_moe.run.pool`, "spawn": no state is inherited) and turns a crash (with
 the signal's name) or a hang (after ``timeout`` seconds, the worker is killed) into a
 :class:`~portable_moe.errors.BackendError`.
 
@@ -14,10 +14,7 @@ class, for example). Scripts that call this must guard their top level with
 
 from __future__ import annotations
 
-import multiprocessing
 import pickle
-import signal
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +25,13 @@ from portable_moe import errors, registry
 from portable_moe.backend import ModelInput, as_model_input, token_id_limits
 from portable_moe.bundle import Bundle
 from portable_moe.errors import BackendError
+from portable_moe.run import pool
+from portable_moe.run.pool import LostTask, note_stage
 from portable_moe.tensors import check_feeds
 
 # Starting a worker means a fresh interpreter importing numpy, onnx and the backend: not the
 # backend's fault if slow, so it has its own generous limit, separate from ``timeout``.
-DEFAULT_START_TIMEOUT = 120.0
-# Seconds a worker gets to exit after SIGTERM before it is killed.
-_TERMINATE_GRACE = 2.0
+DEFAULT_START_TIMEOUT = pool.START_TIMEOUT
 # Errors the worker may report that keep their class in the caller (anything else becomes a BackendError).
 _ERROR_CLASSES = {
     cls.__name__: cls
@@ -75,56 +72,40 @@ class WorkerOutcome:
             raise _ERROR_CLASSES.get(self.error_class, BackendError)(self.message)
 
 
-def _worker(
-    sender: Any,
-    backend_name: str,
-    model: ModelInput,
-    feeds: Mapping[str, np.ndarray],
-    options: Mapping[str, Any] | None,
-    factories: Mapping[str, Any],
-) -> None:
-    """Runs in the worker process: report each stage, then the outputs or the error."""
+def _compile_and_run(task: tuple[str, ModelInput, dict[str, np.ndarray], dict[str, Any]], state: Any) -> WorkerOutcome:
+    """Runs in the worker process (the pool's task function): compile, run, report each stage."""
+    backend_name, model, feeds, options = task
     stage = "start"
     try:
-        for name, factory in factories.items():
-            registry.register_backend(name, factory)
         backend = registry.get_backend(backend_name)
         stage = "compile"
-        sender.send(("stage", stage))
+        note_stage(stage)
         compiled = backend.compile(model, options)
         stage = "run"
-        sender.send(("stage", stage))
+        note_stage(stage)
         outputs = compiled.run(feeds)
-        sender.send(("done", outputs, compiled.placement()))
+        return WorkerOutcome(RAN, stage, outputs=outputs, placement=compiled.placement())
     except BaseException as error:  # everything goes back to the caller, which decides
         known = isinstance(error, errors.PortableMoEError) and type(error).__name__ in _ERROR_CLASSES
         message = str(error) if known else f"backend {backend_name!r} failed: {type(error).__name__}: {error}"
-        sender.send(("error", stage, type(error).__name__ if known else "BackendError", message))
-    finally:
-        sender.close()
+        return WorkerOutcome(FAILED, stage, message, type(error).__name__ if known else "BackendError")
 
 
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        number = -exitcode
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        description = signal.strsignal(number) or ""
-        return f"killed by {name}" + (f" ({description.lower()})" if description else "")
-    if exitcode is None:
-        return "gone without an exit status"
-    return f"exited with status {exitcode} without reporting a result"
-
-
-def _stop(process: Any) -> None:
-    if process.is_alive():
-        process.terminate()
-        process.join(_TERMINATE_GRACE)
-    if process.is_alive():  # it ignored SIGTERM (or is stuck in native code): kill it
-        process.kill()
-        process.join()
+def _lost(task: tuple[str, Any, Any, Any], lost: LostTask) -> WorkerOutcome:
+    """The outcome of a run whose worker crashed or hung (see :class:`~portable_moe.run.pool.LostTask`)."""
+    backend_name, stage = task[0], lost.stage or "start"
+    if lost.kind == pool.TIMED_OUT:
+        return WorkerOutcome(
+            TIMED_OUT,
+            stage,
+            f"backend {backend_name!r} did not finish compile and run within {lost.seconds:g} s (stuck in {stage}); "
+            "its worker process was stopped",
+        )
+    if lost.kind == pool.RAISED:
+        return WorkerOutcome(FAILED, stage, f"backend {backend_name!r} failed: {lost.how}")
+    return WorkerOutcome(
+        CRASHED, stage, f"backend {backend_name!r} crashed during {stage}: its worker process was {lost.how}"
+    )
 
 
 def _factories_for(backend_name: str) -> dict[str, Any]:
@@ -169,61 +150,27 @@ def execute(
         BackendError: if the work cannot be sent to a worker at all (an unpicklable factory or option).
     """
     factories = _factories_for(backend_name)
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_worker,
-        args=(sender, backend_name, model, dict(feeds), dict(options or {}), factories),
-        name=f"portable-moe-{backend_name}",
-        daemon=True,  # never outlives the caller
-    )
+    task = (backend_name, model, dict(feeds), dict(options or {}))
     try:
-        process.start()
-    except Exception as error:  # pickling the model, feeds or options failed
-        receiver.close()
-        sender.close()
-        raise BackendError(
-            f"cannot hand the work to a worker process for backend {backend_name!r}: {type(error).__name__}: {error}"
-        ) from None
-    sender.close()  # so that the worker's death reads as end-of-file here
-    stage, deadline = "start", None
-    try:
-        while True:
-            if deadline is None:
-                wait = start_timeout if stage == "start" else None
-            else:
-                wait = max(0.0, deadline - time.monotonic())
-            if not receiver.poll(wait):
-                late = (
-                    f"did not start within {start_timeout:g} s"
-                    if stage == "start"
-                    else f"did not finish compile and run within {timeout:g} s (stuck in {stage})"
-                )
-                return WorkerOutcome(
-                    TIMED_OUT, stage, f"backend {backend_name!r} {late}; its worker process was stopped"
-                )
-            try:
-                message = receiver.recv()
-            except EOFError:
-                process.join(_TERMINATE_GRACE)
-                return WorkerOutcome(
-                    CRASHED,
-                    stage,
-                    f"backend {backend_name!r} crashed during {stage}: its worker process was "
-                    f"{_describe_exit(process.exitcode)}",
-                )
-            if message[0] == "stage":
-                if stage == "start" and timeout is not None:
-                    deadline = time.monotonic() + timeout
-                stage = message[1]
-            elif message[0] == "done":
-                return WorkerOutcome(RAN, stage, outputs=message[1], placement=message[2])
-            else:
-                _, stage, error_class, text = message
-                return WorkerOutcome(FAILED, stage, text, error_class)
-    finally:
-        _stop(process)
-        receiver.close()
+        with pool.WorkerPool(
+            _compile_and_run,
+            _lost,
+            timeout=timeout,
+            start_timeout=start_timeout,
+            max_start_failures=1,
+            factories=factories,
+            name=f"portable-moe-{backend_name}",
+        ) as workers:
+            [outcome] = workers.run([task])
+    except pool.WorkerStartError as error:
+        if error.kind == pool.TIMED_OUT:
+            message = (
+                f"backend {backend_name!r} did not start within {start_timeout:g} s; its worker process was stopped"
+            )
+            return WorkerOutcome(TIMED_OUT, "start", message)
+        message = f"backend {backend_name!r} crashed during start: its worker process was {error.how}"
+        return WorkerOutcome(CRASHED, "start", message)
+    return outcome
 
 
 @dataclass

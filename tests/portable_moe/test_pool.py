@@ -1,0 +1,89 @@
+"""The one worker pool: task function as a parameter, crashes, hangs and raising tasks, start failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from portable_moe.errors import InputError
+from portable_moe.run.pool import LostTask, WorkerPool, WorkerStartError, describe_exit
+
+# Task functions live in a module the spawned workers can import (the pool sends them by reference).
+POOL_TASKS = """
+import os
+import time
+
+from portable_moe.run.pool import note_stage
+
+
+def setup(offset):
+    return {"offset": offset, "pid": os.getpid()}
+
+
+def broken_setup(offset):
+    raise SystemExit(3)
+
+
+def work(task, state):
+    note_stage("working on " + str(task))
+    if task == "crash":
+        os.abort()
+    if task == "hang":
+        time.sleep(60)
+    if task == "raise":
+        raise ValueError("bad task")
+    return task + state["offset"]
+
+
+def lost(task, why):
+    return (task, why)
+"""
+
+
+@pytest.fixture
+def pool_tasks(tmp_path, monkeypatch):
+    (tmp_path / "pool_tasks.py").write_text(POOL_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers get this sys.path
+    import pool_tasks
+
+    yield pool_tasks
+    monkeypatch.delitem(__import__("sys").modules, "pool_tasks")
+
+
+def test_outcomes_come_back_in_order_from_the_task_function_given(pool_tasks):
+    with WorkerPool(pool_tasks.work, pool_tasks.lost, jobs=2, setup=pool_tasks.setup, argument=10) as pool:
+        seen = []
+        assert pool.run([1, 2, 3, 4], on_result=seen.append) == [11, 12, 13, 14]
+    assert sorted(seen) == [11, 12, 13, 14]
+
+
+def test_a_crash_a_hang_and_a_raising_task_are_lost_alone(pool_tasks):
+    tasks = [1, "crash", 2, "hang", "raise", 3]
+    with WorkerPool(pool_tasks.work, pool_tasks.lost, jobs=1, timeout=3, setup=pool_tasks.setup, argument=0) as pool:
+        outcomes = pool.run(tasks)
+    assert [outcomes[0], outcomes[2], outcomes[5]] == [1, 2, 3]
+    crash, hang, raised = (outcomes[1][1], outcomes[3][1], outcomes[4][1])
+    assert crash.kind == "crashed" and crash.how.startswith("killed by SIGABRT") and crash.stage == "working on crash"
+    assert hang == LostTask("timed-out", "", "working on hang", 3)
+    assert raised.kind == "raised" and raised.how == "ValueError: bad task"
+
+
+def test_workers_that_cannot_start_raise_after_the_allowed_failures(pool_tasks):
+    with WorkerPool(pool_tasks.work, pool_tasks.lost, setup=pool_tasks.broken_setup, max_start_failures=1) as pool:
+        with pytest.raises(
+            WorkerStartError, match=r"worker processes exited with status 3 before taking a task"
+        ) as error:
+            pool.run([1])
+    assert error.value.kind == "crashed"
+
+
+def test_bad_pool_settings_are_refused(pool_tasks):
+    with pytest.raises(InputError, match="--jobs must be at least 1 for worker processes, got 0"):
+        WorkerPool(pool_tasks.work, pool_tasks.lost, jobs=0)
+    with pytest.raises(InputError, match="--timeout must be a positive number of seconds, got 0"):
+        WorkerPool(pool_tasks.work, pool_tasks.lost, timeout=0)
+
+
+def test_exits_are_described_by_signal_or_status():
+    assert describe_exit(-11) == "killed by SIGSEGV (segmentation fault)"
+    assert describe_exit(3) == "exited with status 3"
+    assert describe_exit(None) == "gone without an exit status"
