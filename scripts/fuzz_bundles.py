@@ -2,8 +2,8 @@
 
 Each case copies a valid toy bundle (or the bundle given with --bundle), damages it once (see
 ``portable_moe.testing.hostile.MUTATIONS``), then loads, compiles and runs it on the backends. The cases
-run in a worker process that this script watches, so a crash (segfault, abort) or a hang is
-caught, recorded with the case number, and the worker restarted after it::
+run in worker processes of portable-moe's worker pool (portable_moe.run.pool), so a crash
+(segfault, abort) or a hang is caught, recorded with the case number, and the worker replaced::
 
     python scripts/fuzz_bundles.py --count 3000
     python scripts/fuzz_bundles.py --count 1000 --bundle build/tiny --backends cpu
@@ -19,25 +19,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from portable_moe.run.pool import CRASHED, TIMED_OUT, LostTask, WorkerPool
+
 # A case is a model mutation loaded through the bundle or as a loose .onnx file, on a bundle with
 # inline weights or with external data; these fractions pick among them.
 EXTERNAL_SHARE = 0.3
 LOOSE_SHARE = 0.3
-# Marks the worker's report lines on its stdout.
-PROTOCOL_PREFIX = "@@fuzz "
 
 
 def case_rng(seed: int, index: int) -> random.Random:
@@ -71,107 +67,45 @@ def pristine_bundles(root: Path, bundle: str | None) -> dict[bool, Path]:
     return {external: write_toy_bundle(root / f"toy-{external}", external_data=external) for external in (False, True)}
 
 
-def worker(args: argparse.Namespace) -> int:
-    """Run cases ``start`` .. ``stop - 1``, reporting a JSON line as each starts and ends.
-
-    The reports go to the original stdout; everything else that writes to stdout (ONNX Runtime
-    prints some errors there, from native code too) is sent to stderr.
-    """
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    with tempfile.TemporaryDirectory(prefix="fuzz-worker-") as scratch:
-        pristine = pristine_bundles(Path(scratch), args.bundle)
-        for index in range(args.start, args.stop):
-            protocol.write(PROTOCOL_PREFIX + json.dumps({"started": index}) + "\n")
-            record = run_case(pristine, Path(scratch), args.seed, index, args.backends)
-            protocol.write(PROTOCOL_PREFIX + json.dumps(record) + "\n")
-    return 0
+def worker_setup(settings: dict[str, Any]) -> dict[str, Any]:
+    """Once per worker process: its own scratch directory and pristine bundles to damage copies of."""
+    scratch = Path(tempfile.mkdtemp(prefix="worker-", dir=settings["scratch"]))
+    return {**settings, "scratch": scratch, "pristine": pristine_bundles(scratch, settings["bundle"])}
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"worker killed by {signal.Signals(-code).name}"
-    return f"worker exited with status {code} in the middle of the case"
+def worker_case(index: int, state: dict[str, Any]) -> dict[str, Any]:
+    """The pool's task function: one case, run in a worker process."""
+    return run_case(state["pristine"], state["scratch"], state["seed"], index, state["backends"])
 
 
-def _reader(stream: Any, lines: list[str], ready: threading.Event) -> None:
-    for line in stream:
-        lines.append(line)
-        ready.set()
-    ready.set()
+def lost_case(index: int, lost: LostTask) -> dict[str, Any]:
+    """A case whose worker crashed or hung (the pool has replaced the worker)."""
+    if lost.kind == TIMED_OUT:
+        return {"index": index, "outcome": "hang", "error": f"no result within {lost.seconds:g} s"}
+    if lost.kind == CRASHED:
+        error = f"worker {lost.how} in the middle of the case" + (f" (at {lost.frame})" if lost.frame else "")
+        return {"index": index, "outcome": "crash", "error": error}
+    return {"index": index, "kind": "?", "outcome": "unexpected", "error": lost.how[:500]}
 
 
 def supervise(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``count`` cases in worker processes; restart a worker after a crash or hang."""
+    """Run ``count`` cases in worker processes of the pool; a crash or hang loses one case, not the run."""
     records: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    next_index, stop = args.seed_start, args.seed_start + args.count
     started_at = time.monotonic()
-    while next_index < stop:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--seed",
-            str(args.seed),
-            "--start",
-            str(next_index),
-            "--stop",
-            str(stop),
-            "--backends",
-            ",".join(args.backends),
-            *(["--bundle", args.bundle] if args.bundle else []),
-        ]
-        # stderr goes to a file: a worker that logs a lot must not block on a full pipe (a false hang).
-        errors = tempfile.TemporaryFile(mode="w+")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
-        lines: list[str] = []
-        ready = threading.Event()
-        reader = threading.Thread(target=_reader, args=(process.stdout, lines, ready), daemon=True)
-        reader.start()
-        current: int | None = None
-        hung = False
-        last_progress = time.monotonic()
-        while True:
-            ready.wait(0.5)
-            ready.clear()
-            while lines:
-                line = lines.pop(0)
-                if not line.startswith(PROTOCOL_PREFIX):
-                    continue
-                message = json.loads(line[len(PROTOCOL_PREFIX) :])
-                last_progress = time.monotonic()
-                if "started" in message:
-                    current = message["started"]
-                else:
-                    records.append(message)
-                    if message["outcome"] == "unexpected":
-                        failures.append(message)
-                    next_index = message["index"] + 1
-                    current = None
-                    if not args.quiet and len(records) % 250 == 0:
-                        print(f"  {len(records)} cases, {len(failures)} failures", file=sys.stderr)
-            if process.poll() is not None and not reader.is_alive() and not lines:
-                break
-            if current is not None and time.monotonic() - last_progress > args.timeout:
-                process.kill()
-                process.wait()
-                failures.append({"index": current, "outcome": "hang", "error": f"no result within {args.timeout} s"})
-                records.append(failures[-1])
-                next_index = current + 1
-                current, hung = None, True
-                break
-        errors.seek(0)
-        worker_errors = errors.read()[-2000:]
-        errors.close()
-        if current is not None:  # the worker died in the middle of a case
-            failure = {"index": current, "outcome": "crash", "error": _describe_exit(process.returncode)}
-            failures.append({**failure, "stderr": worker_errors})
-            records.append(failure)
-            next_index = current + 1
-        elif process.returncode not in (0, None) and not hung and next_index < stop:
-            raise SystemExit(f"worker failed outside any case (exit {process.returncode}): {worker_errors}")
+
+    def progress(record: dict[str, Any]) -> None:
+        records.append(record)
+        if not args.quiet and len(records) % 250 == 0:
+            failed = sum(r["outcome"] in ("unexpected", "crash", "hang") for r in records)
+            print(f"  {len(records)} cases, {failed} failures", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as scratch:
+        settings = {"scratch": scratch, "seed": args.seed, "backends": args.backends, "bundle": args.bundle}
+        with WorkerPool(
+            worker_case, lost_case, args.jobs, args.timeout, setup=worker_setup, argument=settings, name="fuzz"
+        ) as pool:
+            records = pool.run(range(args.seed_start, args.seed_start + args.count), on_result=progress)
+    failures = [record for record in records if record["outcome"] in ("unexpected", "crash", "hang")]
     by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for record in records:
         by_kind[record.get("kind", "?")][record["outcome"]] += 1
@@ -223,13 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--reproduce", type=int, metavar="CASE", help="rerun one case here, with its traceback")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--start", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--stop", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     args = parser.parse_args(argv)
     args.backends = [name.strip() for name in args.backends.split(",") if name.strip()]
-    if args.worker:
-        return worker(args)
     if args.reproduce is not None:
         return reproduce(args)
     summary = supervise(args)
