@@ -29,12 +29,13 @@ from portable_moe.conformance.bisection import ORACLES, BisectResult, bisect_div
 from portable_moe.conformance.routing import LayerRouting, layer_routing, mark_cascades, routing_margins
 from portable_moe.errors import BundleError, InputError, PortableMoEError
 from portable_moe.registry import as_backend, get_backend
+from portable_moe.statuses import Status
 from portable_moe.tensors import load_npz
 
-PASSED, FAILED, ERROR, UNAVAILABLE = "passed", "failed", "error", "unavailable"
+PASSED, FAILED, ERROR, UNAVAILABLE = Status.PASSED, Status.FAILED, Status.ERROR, Status.UNAVAILABLE
 # A backend left out because it does not take the bundle (its MoE lowering, opset or operator
 # domains), when the caller asked for every backend that does rather than for this one by name.
-SKIPPED = "skipped"
+SKIPPED = Status.SKIPPED
 # Statuses that say a backend was not checked at all: never a pass, never a failure of "all".
 NOT_CHECKED = (UNAVAILABLE, SKIPPED)
 REPORT_SCHEMA_VERSION = 1
@@ -50,7 +51,7 @@ class BackendResult:
     """The outcome of checking one bundle on one backend. Only ``passed`` is a pass."""
 
     backend: str
-    status: str
+    status: Status
     reason: str = ""
     comparisons: list[OutputComparison] = field(default_factory=list)
     compile_seconds: float = 0.0

@@ -25,14 +25,15 @@ from portable_moe import registry
 from portable_moe.backend import BASE_OPTION_DEFAULTS, CompiledModel, ModelInput, as_model_input
 from portable_moe.errors import BackendError, BackendUnavailableError
 from portable_moe.run import isolated as isolation
+from portable_moe.statuses import Status
 
-RAN = "ran"
-COMPILED = "compiled"
-UNAVAILABLE = "unavailable"
-COMPILE_FAILED = "compile-failed"
-RUN_FAILED = "run-failed"
-CRASHED = "crashed"
-TIMED_OUT = "timed-out"
+RAN, COMPILED, UNAVAILABLE = Status.RAN, Status.COMPILED, Status.UNAVAILABLE
+COMPILE_FAILED, RUN_FAILED, CRASHED, TIMED_OUT = (
+    Status.COMPILE_FAILED,
+    Status.RUN_FAILED,
+    Status.CRASHED,
+    Status.TIMED_OUT,
+)
 
 BackendOptions = Mapping[str, Mapping[str, Any]]
 
@@ -42,7 +43,7 @@ class Attempt(NamedTuple):
     "run-failed", "crashed", "timed-out", or "compiled" for compile-only fallback), and why."""
 
     backend: str
-    status: str
+    status: Status
     reason: str = ""
 
 

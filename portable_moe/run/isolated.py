@@ -27,6 +27,7 @@ from portable_moe.bundle import Bundle
 from portable_moe.errors import BackendError
 from portable_moe.run import pool
 from portable_moe.run.pool import LostTask, note_stage
+from portable_moe.statuses import Status
 from portable_moe.tensors import check_feeds
 
 # Starting a worker means a fresh interpreter importing numpy, onnx and the backend: not the
@@ -44,7 +45,7 @@ _ERROR_CLASSES = {
     )
 }
 
-RAN, FAILED, CRASHED, TIMED_OUT = "ran", "failed", "crashed", "timed-out"
+RAN, FAILED, CRASHED, TIMED_OUT = Status.RAN, Status.FAILED, Status.CRASHED, Status.TIMED_OUT
 
 
 @dataclass
@@ -59,7 +60,7 @@ class WorkerOutcome:
         outputs / placement: for "ran", the outputs and where nodes ran.
     """
 
-    status: str
+    status: Status
     stage: str
     message: str = ""
     error_class: str = "BackendError"

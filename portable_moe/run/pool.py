@@ -37,6 +37,7 @@ from typing import Any, Generic, TypeVar
 
 from portable_moe import registry
 from portable_moe.errors import BackendError, InputError
+from portable_moe.statuses import Status
 
 TaskT = TypeVar("TaskT")
 OutcomeT = TypeVar("OutcomeT")
@@ -46,7 +47,7 @@ OutcomeT = TypeVar("OutcomeT")
 START_TIMEOUT = 120.0
 # Workers that die before they can take a task, this many in a row, point at a broken setup.
 MAX_START_FAILURES = 2
-CRASHED, TIMED_OUT, RAISED = "crashed", "timed-out", "raised"
+CRASHED, TIMED_OUT, RAISED = Status.CRASHED, Status.TIMED_OUT, Status.RAISED
 
 # The worker's end of its connection, for note_stage (None outside a worker).
 _connection: Connection | None = None
@@ -75,7 +76,7 @@ class WorkerStartError(BackendError):
         how: how it ended (:func:`describe_exit`), or the start timeout in words.
     """
 
-    def __init__(self, message: str, kind: str, how: str) -> None:
+    def __init__(self, message: str, kind: Status, how: str) -> None:
         super().__init__(message)
         self.kind, self.how = kind, how
 
@@ -93,7 +94,7 @@ class LostTask:
         frame: for "crashed", the innermost Python frame faulthandler wrote ("" when none).
     """
 
-    kind: str
+    kind: Status
     how: str = ""
     stage: str = ""
     seconds: float = 0.0
@@ -383,7 +384,7 @@ class WorkerPool(Generic[TaskT, OutcomeT]):
         record(worker.index, self.lost(worker.task, lost))
         self._replace(worker, kill=True)
 
-    def _start_failed(self, worker: _Worker, how: str, kind: str) -> None:
+    def _start_failed(self, worker: _Worker, how: str, kind: Status) -> None:
         self._start_failures += 1
         tail = _log_tail(worker.log_path)
         if self._start_failures >= self.max_start_failures:
