@@ -141,6 +141,7 @@ def _check_parity(
     # would hold two or three more copies of big models for a check that runs two small inputs.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False  # return each run's temporaries (e.g. concatenated expert weights)
     try:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -212,6 +213,10 @@ def _save_onnx(
             implementation.after_export(program)
         external = _initializer_bytes(program) > threshold
         program.save(str(path), external_data=external)
+        # The exporter keeps the program reachable after it returns; let go of the weights it wraps,
+        # so that the torch model's memory is freed before ONNX Runtime loads the saved copy.
+        for value in program.model.graph.initializers.values():
+            value.const_value = None
     return external
 
 
