@@ -261,6 +261,15 @@ def render(report: dict[str, Any]) -> str:
                     f"| {row['format']} | {row['model_bytes'] / 2**20:.1f} | {decode['p50_ms']:.3f} | "
                     f"{decode['p90_ms']:.3f} | {base / decode['p50_ms']:.2f}x |"
                 )
+            best = max(
+                (row for row in timed if row["key"] == "int4/block"), key=lambda row: -row["cpu_decode"]["p50_ms"]
+            )
+            ratio = base / best["cpu_decode"]["p50_ms"]
+            lines += [
+                "",
+                f"Target: int4 at least 3x faster than float32 per decoded token: {ratio:.2f}x with {best['format']} "
+                f"({'met' if ratio >= 3 else 'not met'}).",
+            ]
         roof = [row for row in preset["rows"] if "roofline_us" in row]
         lines += [
             "",
