@@ -75,7 +75,7 @@ def _router_weights(proto: onnx.ModelProto, routing_outputs: Sequence[str]) -> s
     return found
 
 
-def _fold_weight_preparation(proto: onnx.ModelProto) -> None:
+def fold_weight_preparation(proto: onnx.ModelProto) -> None:
     """Evaluate nodes whose inputs are all initializers (e.g. the sparse lowering's Concat/Split of
     expert weights), so that every matrix product reads its weight straight from an initializer.
 
@@ -305,7 +305,7 @@ def convert_weights(
         kept = {t.name: "float32" for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
     else:
         router = _router_weights(model, routing_outputs)
-        _fold_weight_preparation(model)
+        fold_weight_preparation(model)
         weights_list, kept = _find_weights(model, router)
     edit = _GraphEdit(model)
     tensors: dict[str, dict[str, Any]] = {}
