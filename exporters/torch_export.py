@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from exporters.lowerings import Lowering, get_lowering
-from exporters.weight_formats import apply_weight_plan, plan_weights
+from exporters.weight_formats import plan_weights
+from exporters.weight_pass import apply_weight_plan
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import compare_outputs, with_weights
 from portable_moe.config import ModelConfig, get_preset
