@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from exporters.lowerings import Lowering, get_lowering
-from exporters.weight_formats import apply_weight_plan, plan_weights
+from exporters.weight_formats import plan_weights
+from exporters.weight_pass import apply_weight_plan
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import compare_outputs, with_weights
 from portable_moe.config import ModelConfig, get_preset
@@ -141,6 +142,7 @@ def _check_parity(
     # would hold two or three more copies of big models for a check that runs two small inputs.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False  # return each run's temporaries (e.g. concatenated expert weights)
     try:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -212,6 +214,10 @@ def _save_onnx(
             implementation.after_export(program)
         external = _initializer_bytes(program) > threshold
         program.save(str(path), external_data=external)
+        # The exporter keeps the program reachable after it returns; let go of the weights it wraps,
+        # so that the torch model's memory is freed before ONNX Runtime loads the saved copy.
+        for value in program.model.graph.initializers.values():
+            value.const_value = None
     return external
 
 
