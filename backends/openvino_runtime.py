@@ -4,6 +4,12 @@ OpenVINO's ONNX frontend turns the graph into an OpenVINO model once (``Core.rea
 ``Core.compile_model`` builds it for one device. Dynamic input dimensions stay dynamic, so one
 compiled model takes any batch and sequence length. The runtime is imported lazily: without the
 ``openvino`` package this backend stays listed as unavailable, with the command that installs it.
+
+OpenVINO raises ``RuntimeError`` for everything, so its words cannot say why it refused a model
+without reading them. When reading a model fails, :func:`unconverted_operators` asks its ONNX
+frontend instead: a partial conversion leaves the operators it has no conversion rule for as
+nodes outside OpenVINO's opsets, and those make the model *unsupported*
+(:class:`~portable_moe.errors.UnsupportedError`, with OpenVINO's message quoted).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 import onnx
 
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
-from portable_moe.errors import BackendError
+from portable_moe.errors import BackendError, UnsupportedError, UnsupportedReason
 
 INSTALL_HINT = 'pip install "portable-moe[openvino]"'
 
@@ -89,8 +95,13 @@ def expand_broadcast_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     for index in matmuls:
         activation, weights = model.graph.node[index].input
         batch = shapes.get(weights, ())[:-2]
+        activation_shape = shapes.get(activation)
+        # A 1-D activation is a vector, not a row of a batch: MatMul drops its axis from the
+        # result, which expanding it to [*batch, 1, K] would keep. Unknown ranks are left alone too.
+        if activation_shape is None or len(activation_shape) < 2:
+            continue
         if batch and all(isinstance(dim, int) for dim in batch) and math.prod(batch) > 1:
-            if shapes.get(activation, ())[:-2] != batch:
+            if activation_shape[:-2] != batch:
                 expand_to[index] = batch
     if not expand_to:
         return model, 0
@@ -148,6 +159,8 @@ class OpenVinoCompiledModel(CompiledModel):
     def __init__(self, backend: Backend, model: ModelInput, compiled: Any, node_count: int, expanded: int) -> None:
         super().__init__(backend, model)
         self.compiled = compiled
+        # OpenVINO drops graph inputs no output depends on; feeding one raises "Port ... was not found".
+        self._kept_inputs = {name for port in compiled.inputs for name in port.get_names()}
         self.expanded_matmuls = expanded
         self._request = compiled.create_infer_request()
         self._node_count = node_count
@@ -158,12 +171,70 @@ class OpenVinoCompiledModel(CompiledModel):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # share_outputs=False copies the outputs out of the request, which the next run overwrites.
-        results = self._request.infer(feeds, share_outputs=False)
+        kept = {name: value for name, value in feeds.items() if name in self._kept_inputs}
+        results = self._request.infer(kept, share_outputs=False)
         return {spec.name: np.asarray(results[self.compiled.output(spec.name)]) for spec in self.outputs}
 
     def placement(self) -> dict[str, int]:
         # Without HETERO, OpenVINO runs the whole graph on the one device it compiled for.
         return {f"openvino:{'+'.join(self.execution_devices)}": self._node_count}
+
+
+def _opset_nodes(model: Any) -> Any:
+    """Every operation of an OpenVINO model and of its bodies (If, Loop, TensorIterator)."""
+    for operation in model.get_ordered_ops():
+        yield operation
+        for index in range(getattr(operation, "get_internal_subgraphs_size", lambda: 0)()):
+            yield from _opset_nodes(operation.get_function(index))
+
+
+def unconverted_operators(path: str) -> list[str]:
+    """The operators of the ONNX file at ``path`` that OpenVINO's ONNX frontend has no conversion rule for.
+
+    The frontend's partial conversion keeps each of them as a node outside OpenVINO's opsets
+    (its type's version is not ``opsetN``): a framework node names the ONNX operator it stands
+    for (``ai.onnx.preview.training:Adagrad``), other leftovers are named as OpenVINO names them
+    (``util::SequenceInsert``).
+    """
+    from openvino.frontend import FrontEndManager
+
+    # Every object stays referenced until the walk ends: the unconverted nodes point into the
+    # frontend's input model, and reading them after it is freed crashes the process.
+    manager = FrontEndManager()
+    frontend = manager.load_by_framework("onnx")
+    input_model = frontend.load(path)
+    converted = frontend.convert_partially(input_model)
+    names = set()
+    for operation in _opset_nodes(converted):
+        version = operation.get_type_info().version_id
+        if not version.startswith("opset"):
+            # A framework node carries the ONNX operator it stands for; other leftovers have their own names.
+            attributes = operation.get_attributes()
+            onnx_type, domain = attributes.get("ONNX_META_type"), attributes.get("ONNX_META_domain")
+            if onnx_type:
+                names.add(f"{domain}:{onnx_type}" if domain else str(onnx_type))
+            else:
+                names.add(f"{version}::{operation.get_type_name()}")
+    del converted, input_model, frontend, manager  # in this order: nodes before what they point into
+    return sorted(names)
+
+
+def _read_model(core: Any, path: str) -> Any:
+    """``core.read_model``, or UnsupportedError when the frontend has no conversion rule for an operator."""
+    try:
+        return core.read_model(path)
+    except Exception as error:
+        try:
+            unconverted = unconverted_operators(path)
+        except Exception:  # the frontend cannot even load it: the original error says why
+            unconverted = []
+        if not unconverted:
+            raise
+        words = " ".join(str(error).split())
+        raise UnsupportedError(
+            UnsupportedReason.NO_KERNEL,
+            f"openvino's ONNX frontend has no conversion rule for {', '.join(unconverted)}; it answered: {words}",
+        ) from error
 
 
 def _precision_name(compiled: Any) -> str:
@@ -180,6 +251,7 @@ class OpenVinoBackend(Backend):
     vendor = "Intel OpenVINO (CPU, Intel GPU and NPU)"
     description = "OpenVINO runtime reading the bundle's ONNX"
     option_defaults = {"device": "CPU", "precision": "f32", "threads": 0}
+    expected_failures_file = Path(__file__).with_name("openvino_runtime_expected_failures.toml")
 
     def probe(self) -> ProbeResult:
         try:
@@ -206,6 +278,7 @@ class OpenVinoBackend(Backend):
             dynamic_shapes=True,
             moe_lowerings=("dense", "sparse", "capacity"),
             domains=frozenset(),
+            runtime_reports_unsupported=True,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
@@ -226,5 +299,5 @@ class OpenVinoBackend(Backend):
                 onnx.save_model(
                     proto, path, save_as_external_data=True, location="weights.bin", size_threshold=_SMALL_TENSOR
                 )
-            compiled = core.compile_model(core.read_model(str(path)), options["device"], config)
+            compiled = core.compile_model(_read_model(core, str(path)), options["device"], config)
         return OpenVinoCompiledModel(self, model, compiled, len(proto.graph.node), expanded)

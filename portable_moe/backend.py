@@ -43,6 +43,10 @@ class Capabilities:
         dynamic_shapes: whether one compiled model takes inputs of any size.
         moe_lowerings: the MoE lowerings it accepts, most preferred first.
         domains: operator domains beyond ai.onnx it runs (e.g. "com.microsoft").
+        runtime_reports_unsupported: the runtime itself says what it cannot run (``compile`` or
+            ``run`` raise :class:`~portable_moe.errors.UnsupportedError` with its words). The op
+            suite then tries every case instead of deciding from the declared opsets, dtypes and
+            domains above, which stay for checking bundles before they are compiled.
     """
 
     min_opset: int = 7
@@ -51,6 +55,7 @@ class Capabilities:
     dynamic_shapes: bool = True
     moe_lowerings: tuple[str, ...] = ("dense",)
     domains: frozenset[str] = frozenset()
+    runtime_reports_unsupported: bool = False
 
     @property
     def preferred_lowering(self) -> str:
@@ -192,6 +197,8 @@ class Backend(abc.ABC):
         description: one line for ``portable-moe backends``.
         simulated: True for a backend that simulates hardware it does not have.
         option_defaults: the options ``compile`` accepts, with their defaults.
+        expected_failures_file: a TOML file of op-suite cases this backend is known to fail, each
+            with its category and reason (see :mod:`portable_moe.expected_failures`); None if none.
     """
 
     name: str = ""
@@ -199,6 +206,7 @@ class Backend(abc.ABC):
     description: str = ""
     simulated: bool = False
     option_defaults: Mapping[str, Any] = {}
+    expected_failures_file: Path | None = None
 
     @abc.abstractmethod
     def probe(self) -> ProbeResult:
@@ -220,7 +228,11 @@ class Backend(abc.ABC):
         return result
 
     def compile(
-        self, model: Bundle | onnx.ModelProto | str | os.PathLike[str], options: Mapping[str, Any] | None = None
+        self,
+        model: Bundle | onnx.ModelProto | str | os.PathLike[str],
+        options: Mapping[str, Any] | None = None,
+        *,
+        check_declared: bool = True,
     ) -> CompiledModel:
         """Compile a model for this backend.
 
@@ -229,11 +241,15 @@ class Backend(abc.ABC):
             options: backend options (see ``option_defaults``), plus the base option every
                 backend takes: ``nan_policy`` ("reject", the default, or "pass"). Unknown names
                 are refused.
+            check_declared: refuse a model outside the declared capabilities (``check_supported``)
+                before compiling. The op suite passes False for a backend whose runtime reports
+                what it cannot run, so that the runtime answers rather than a table.
 
         Raises:
             BackendUnavailableError: if ``probe()`` says the backend cannot run here.
             BackendError: if the model's MoE lowering or opset is outside the capabilities, an
-                option is unknown, or the backend fails to compile.
+                option is unknown, or the backend fails to compile (``UnsupportedError`` when its
+                runtime says it cannot run the model).
             BundleError: if the model fails a safety check.
             InputError: if ``nan_policy`` is not "reject" or "pass".
         """
@@ -244,7 +260,8 @@ class Backend(abc.ABC):
         nan_policy = check_nan_policy(adapter_options.pop("nan_policy", BASE_OPTION_DEFAULTS["nan_policy"]))
         resolved = self.resolve_options(adapter_options)
         prepared = model if isinstance(model, ModelInput) else as_model_input(model)
-        self.check_supported(prepared)
+        if check_declared:
+            self.check_supported(prepared)
         try:
             compiled = self._compile(prepared, resolved)
         except PortableMoEError:

@@ -1,27 +1,36 @@
 """The op-level conformance suite: the node test cases that ship inside ``onnx``, run on any backend.
 
 Every case goes through the same path users take: ``get_backend(name).compile(model)`` and then
-``run(feeds)``. Each (case, backend) pair ends in exactly one status:
+``run(feeds)``. Each (case, backend) pair ends in exactly one :class:`CaseStatus`:
 
 - ``passed``: every output matches the case's expected output within tolerance.
 - ``failed``: an output differs (the message names the worst element and its error).
-- ``unsupported``: the backend declares it cannot run the case, decided before compiling, in order:
-  a graph input or output is not a tensor (sequences and optionals: the backend contract passes
-  numpy tensors only); a graph input or output has a dtype missing from the backend's
-  ``capabilities.dtypes``; or ``backend.check_supported(model)`` raises ``BackendError`` (opset,
-  operator domain, or whatever an adapter adds there, such as an operator table). An adapter that
-  knows it cannot run an op overrides ``check_supported`` (calling ``super()``): that method is the
-  "supports this model?" hook.
-- ``error``: anything else that goes wrong: compile or run raises, the worker process crashes
-  (the signal is recorded) or runs past the timeout.
+- ``unsupported``: the runtime itself says it cannot run the case. A backend whose capabilities
+  say ``runtime_reports_unsupported`` (cpu, cuda, openvino, reference) is compiled and run on
+  every case, and it is unsupported only when ``compile`` or ``run`` raises
+  :class:`~portable_moe.errors.UnsupportedError`, which carries a code
+  (:class:`~portable_moe.errors.UnsupportedReason`) and the runtime's own words. For any other
+  backend (npu-sim's simulated operator table) the declaration decides before compiling: a
+  non-tensor input or output, a dtype missing from ``capabilities.dtypes``, or
+  ``check_supported`` refusing the model (code ``declared``).
+- ``error``: anything else that goes wrong: compile or run raises, or the worker process crashes
+  (the signal is recorded).
+- ``timeout``: the case ran past the per-case time limit (the limit is in the reason and in
+  ``details["time_limit_s"]``); its worker was killed and replaced.
+- ``expected-failure`` / ``unexpected-pass``: the case is listed in the backend's expected-failures
+  file (:mod:`portable_moe.expected_failures`) and did not pass / passed.
 
-Unsupported is never counted as passed. Cases run in worker processes (``spawn``), so a backend
+Unsupported is never counted as passed; failed, error, timeout and unexpected pass make the
+command exit 1. Cases run in worker processes (``spawn``), so a backend
 that segfaults or hangs loses that one case: the parent records it, starts a new worker and goes on.
 
 Models are compiled with ``nan_policy="pass"`` (onnx's cases feed NaN and Inf on purpose). Outputs
-are compared in order (shape, dtype, then values; nan, +inf and -inf must match in kind) with the
-case's own rtol/atol unless an entry of :data:`TOLERANCE_OVERRIDES` matches. Cases whose expected
-output is a random draw are left out by default (:data:`DEFAULT_EXCLUDES`).
+are compared in order (shape, dtype, then values; nan, +inf and -inf must match in kind; sequences
+element by element, an absent optional must be absent) with the case's own rtol/atol unless an
+entry of :data:`TOLERANCE_OVERRIDES` matches (``strict`` turns the overrides off). A case that
+passed only because of an override records its raw error and the case's own tolerance in
+``CaseResult.tolerance_override``. Cases whose expected output is a random draw are left out by
+default (:data:`DEFAULT_EXCLUDES`).
 
 Used by ``portable-moe conformance ops``, the pytest plugin (:mod:`portable_moe.pytest_plugin`) and
 ``scripts/conformance_report.py``.
@@ -43,7 +52,7 @@ import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -52,16 +61,57 @@ import numpy as np
 import onnx
 
 from portable_moe import registry
+from portable_moe._compat import StrEnum
 from portable_moe.backend import Backend, as_model_input
 from portable_moe.compare import OutputComparison, Tolerance, compare_values
-from portable_moe.conformance import ERROR, FAILED, PASSED, UNAVAILABLE, check_backend
-from portable_moe.errors import BackendError, BackendUnavailableError, InputError
+from portable_moe.conformance import UNAVAILABLE, check_backend
+from portable_moe.errors import (
+    BackendError,
+    BackendUnavailableError,
+    InputError,
+    UnsupportedError,
+    UnsupportedReason,
+)
+from portable_moe.expected_failures import expected_failures_of
 from portable_moe.registry import get_backend
 
-UNSUPPORTED = "unsupported"
-STATUSES = (PASSED, FAILED, UNSUPPORTED, ERROR)
 
-DEFAULT_TIMEOUT = 60.0  # seconds per case; the slowest case on the reference evaluator takes ~2 s
+class CaseStatus(StrEnum):
+    """How a (case, backend) pair ended; the values are what JSON, JUnit and the CLI show."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    UNSUPPORTED = "unsupported"
+    EXPECTED_FAILURE = "expected-failure"
+    UNEXPECTED_PASS = "unexpected-pass"
+
+
+class ErrorKind(StrEnum):
+    """Where an error or failure happened (``CaseResult.code`` for those statuses)."""
+
+    BAD_CASE = "bad-case"  # the case's own model or data could not be read
+    COMPILE = "compile"
+    RUN = "run"
+    CRASH = "crash"  # the worker process died
+    TIMEOUT = "timeout"
+    MISMATCH = "mismatch"  # an output differs from the expected one
+
+
+PASSED, FAILED, ERROR, TIMEOUT = CaseStatus.PASSED, CaseStatus.FAILED, CaseStatus.ERROR, CaseStatus.TIMEOUT
+UNSUPPORTED, EXPECTED_FAILURE, UNEXPECTED_PASS = (
+    CaseStatus.UNSUPPORTED,
+    CaseStatus.EXPECTED_FAILURE,
+    CaseStatus.UNEXPECTED_PASS,
+)
+STATUSES = tuple(CaseStatus)
+# The statuses that make ``conformance ops`` exit 1: a backend that does not conform, or a list gone stale.
+NOT_CONFORMING = (FAILED, ERROR, TIMEOUT, UNEXPECTED_PASS)
+
+# Seconds per case. The slowest cases that finish (3-D pooling on the reference evaluator) take
+# 35-90 s on 2 cores; past this limit a case is reported as a timeout with the limit.
+DEFAULT_TIMEOUT = 20.0
 # A model check exports nothing but compiles a whole model (npu-sim: once per shape bucket) and
 # runs it: the small preset takes over a minute on npu-sim on 2 cores.
 DEFAULT_MODEL_TIMEOUT = 900.0
@@ -193,12 +243,20 @@ class CaseResult:
         case: the case name (a bundle name for model checks).
         op: the operator the case tests ("(model)" for model checks).
         backend: the backend's registry name.
-        status: one of ``STATUSES``.
-        reason: why it did not pass (empty when it passed).
-        seconds: compile plus run time (the timeout for a case that hung).
+        status: a :class:`CaseStatus`.
+        reason: why it did not pass (empty when it passed); the runtime's own words when it said so.
+        seconds: compile plus run time (the limit for a case that timed out).
         worst: the failing output's comparison (``OutputComparison.to_dict()``) when failed on values.
         placement: where the compiled model's nodes ran (``CompiledModel.placement()``), when it compiled.
-        details: for model checks, the largest errors and the routing agreement.
+        details: for model checks, the largest errors and the routing agreement; for a timeout,
+            ``time_limit_s``.
+        code: the reason as a code: an :class:`~portable_moe.errors.UnsupportedReason` when
+            unsupported, an :class:`ErrorKind` when failed, errored or timed out, the
+            :class:`~portable_moe.expected_failures.FailureCategory` when expected to fail.
+        tolerance_override: for a case that passed only because of an entry of
+            :data:`TOLERANCE_OVERRIDES`: that tolerance and its reason, the case's own tolerance,
+            and the raw error of the first output outside the case's own tolerance.
+        listed_outcome: for an expected failure or unexpected pass, the status the case really had.
     """
 
     case: str
@@ -210,6 +268,9 @@ class CaseResult:
     worst: dict[str, Any] | None = None
     placement: dict[str, int] = field(default_factory=dict)
     details: dict[str, float] = field(default_factory=dict)
+    code: str = ""
+    tolerance_override: dict[str, Any] | None = None
+    listed_outcome: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +283,7 @@ class Task:
     kind: str  # "op" or "model"
     backend: str
     key: str
+    strict: bool = False  # op cases: the case's own tolerances only (no TOLERANCE_OVERRIDES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,25 +445,51 @@ def select_cases(
 # Running one case in this process
 
 
-def tolerance_for_case(case: OpCase, backend_name: str, precision: str) -> Tolerance:
+def tolerance_for_case(case: OpCase, backend_name: str, precision: str, strict: bool = False) -> Tolerance:
     """The tolerance outputs of ``case`` get on a backend whose compiled model has ``precision``.
 
-    The first matching entry of :data:`TOLERANCE_OVERRIDES`, else the case's own rtol/atol. The
-    model-level table (``compare.TOLERANCES``) is not used: its reduced-precision rows are sized
-    for logits after several layers, far looser than one operator needs.
+    The first matching entry of :data:`TOLERANCE_OVERRIDES` (none when ``strict``), else the
+    case's own rtol/atol. The model-level table (``compare.TOLERANCES``) is not used: its
+    reduced-precision rows are sized for logits after several layers, far looser than one operator needs.
     """
-    for override in TOLERANCE_OVERRIDES:
+    for override in () if strict else TOLERANCE_OVERRIDES:
         if override.matches(backend_name, precision, case.name):
             return Tolerance(override.atol, override.rtol, 1.0, override.reason)
+    return _own_tolerance(case)
+
+
+def _own_tolerance(case: OpCase) -> Tolerance:
     return Tolerance(case.atol, case.rtol, 1.0, "the case's own tolerance")
 
 
-def _compare_output(name: str, expected: np.ndarray, actual: Any, tolerance: Tolerance) -> OutputComparison:
+def _compare_output(name: str, expected: Any, actual: Any, tolerance: Tolerance) -> OutputComparison:
+    """Compare one output: a tensor, a sequence (element by element) or an optional (None when absent)."""
+    if expected is None or actual is None:
+        if expected is None and actual is None:
+            return OutputComparison(name, "values", True)
+        missing = "absent" if actual is None else "present"
+        return OutputComparison(name, "values", False, f"{name}: the optional is {missing}, expected otherwise")
+    if isinstance(expected, list):
+        if not isinstance(actual, list | tuple) or len(actual) != len(expected):
+            got = f"a sequence of {len(actual)}" if isinstance(actual, list | tuple) else f"a {type(actual).__name__}"
+            return OutputComparison(name, "values", False, f"{name}: {got}, expected a sequence of {len(expected)}")
+        for index, (expected_item, actual_item) in enumerate(zip(expected, actual)):
+            comparison = _compare_output(f"{name}[{index}]", expected_item, actual_item, tolerance)
+            if not comparison.passed:
+                return comparison
+        return OutputComparison(name, "values", True)
+    return _compare_tensor(name, expected, actual, tolerance)
+
+
+def _compare_tensor(name: str, expected: np.ndarray, actual: Any, tolerance: Tolerance) -> OutputComparison:
     actual = np.asarray(actual)
     if actual.shape != expected.shape:
         return OutputComparison(
             name, "values", False, f"{name}: shape {list(actual.shape)}, expected {list(expected.shape)}"
         )
+    # ONNX strings: numpy holds them as objects or as fixed-width str; either is a string tensor.
+    if expected.dtype.kind in "OUS" and actual.dtype.kind in "OUS":
+        expected, actual = expected.astype(object), actual.astype(object)
     if actual.dtype != expected.dtype:
         return OutputComparison(name, "values", False, f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
     # numpy's floats and ml_dtypes' (bfloat16, float8 ...) are compared within tolerance.
@@ -438,7 +526,7 @@ def _compare_output(name: str, expected: np.ndarray, actual: Any, tolerance: Tol
     )
 
 
-def _unsupported_reason(backend: Backend, model: onnx.ModelProto) -> str:
+def _declared_unsupported(backend: Backend, model: onnx.ModelProto) -> str:
     """Why ``backend`` declares it cannot run ``model``, or "" when it declares nothing against it."""
     initializers = {init.name for init in model.graph.initializer}
     values = [("input", v) for v in model.graph.input if v.name not in initializers]
@@ -446,7 +534,7 @@ def _unsupported_reason(backend: Backend, model: onnx.ModelProto) -> str:
     for role, value in values:
         if value.type.WhichOneof("value") != "tensor_type":
             kind = (value.type.WhichOneof("value") or "untyped").removesuffix("_type").replace("_", " ")
-            return f"{role} {value.name!r} is a {kind}: the portable-moe backend contract passes numpy tensors only"
+            return f"{role} {value.name!r} is a {kind}: backend {backend.name!r} declares tensors only"
     declared = backend.capabilities.dtypes
     for role, value in values:
         elem_type = value.type.tensor_type.elem_type
@@ -465,53 +553,92 @@ def _unsupported_reason(backend: Backend, model: onnx.ModelProto) -> str:
     return ""
 
 
-def run_case(backend: Backend, case: OpCase) -> CaseResult:
-    """Run one case on ``backend`` in this process and classify it. Never raises for the backend's failures."""
-    started = time.perf_counter()
+def run_case(backend: Backend, case: OpCase, strict: bool = False) -> CaseResult:
+    """Run one case on ``backend`` in this process and classify it. Never raises for the backend's failures.
 
+    Args:
+        backend: the backend.
+        case: the case.
+        strict: compare with the case's own tolerances only (no :data:`TOLERANCE_OVERRIDES`).
+    """
+    started = time.perf_counter()
     placement: dict[str, int] = {}
 
-    def result(status: str, reason: str = "", worst: dict[str, Any] | None = None) -> CaseResult:
+    def result(status: str, code: str = "", reason: str = "", **extra: Any) -> CaseResult:
         seconds = time.perf_counter() - started
-        return CaseResult(case.name, case.op, backend.name, status, reason, seconds, worst, placement)
+        return CaseResult(
+            case.name, case.op, backend.name, status, reason, seconds, placement=placement, code=code, **extra
+        )
 
+    def refused(stage: ErrorKind, error: Exception) -> CaseResult:
+        if isinstance(error, UnsupportedError):
+            return result(UNSUPPORTED, error.code, str(error))
+        return result(ERROR, stage, f"{stage}: {_describe(error)}")
+
+    runtime_answers = backend.capabilities.runtime_reports_unsupported
     try:
         model = onnx.load_model_from_string(case.model)
-        unsupported = _unsupported_reason(backend, model)
+        declared = "" if runtime_answers else _declared_unsupported(backend, model)
     except Exception as error:
-        return result(ERROR, f"could not read the case's model: {type(error).__name__}: {error}")
-    if unsupported:
-        return result(UNSUPPORTED, unsupported)
+        return result(ERROR, ErrorKind.BAD_CASE, f"could not read the case's model: {type(error).__name__}: {error}")
+    if declared:
+        return result(UNSUPPORTED, UnsupportedReason.DECLARED, declared)
     try:
         prepared = as_model_input(model)
         # onnx's cases feed NaN and Inf on purpose (IsNaN, Cast, Mod edge cases).
-        compiled = backend.compile(prepared, {"nan_policy": "pass"})
+        compiled = backend.compile(prepared, {"nan_policy": "pass"}, check_declared=not runtime_answers)
     except Exception as error:
-        return result(ERROR, f"compile: {_describe(error)}")
+        return refused(ErrorKind.COMPILE, error)
     with contextlib.suppress(Exception):  # placement is a report, not a verdict
         placement.update(compiled.placement())
     input_names = [spec.name for spec in prepared.inputs]
     output_names = [spec.name for spec in prepared.outputs]
     precision = getattr(compiled, "precision", "exact")
-
-    tolerance = tolerance_for_case(case, backend.name, precision)
-
+    tolerance = tolerance_for_case(case, backend.name, precision, strict)
+    outputs_seen: list[tuple[str, Any, Any]] = []
     for inputs, expected in case.data_sets:
         if len(inputs) != len(input_names) or len(expected) != len(output_names):
             return result(
                 ERROR,
+                ErrorKind.BAD_CASE,
                 f"the case gives {len(inputs)} inputs and {len(expected)} outputs, the graph has "
                 f"{len(input_names)} and {len(output_names)}",
             )
         try:
             actual = compiled.run(dict(zip(input_names, inputs)))
         except Exception as error:
-            return result(ERROR, f"run: {_describe(error)}")
+            return refused(ErrorKind.RUN, error)
         for name, expected_value in zip(output_names, expected):
             comparison = _compare_output(name, expected_value, actual[name], tolerance)
             if not comparison.passed:
-                return result(FAILED, comparison.message, comparison.to_dict())
-    return result(PASSED)
+                return result(FAILED, ErrorKind.MISMATCH, comparison.message, worst=comparison.to_dict())
+            outputs_seen.append((name, expected_value, actual[name]))
+    override = None
+    if tolerance.reason != _own_tolerance(case).reason:
+        override = _override_record(case, tolerance, outputs_seen)
+    return result(PASSED, tolerance_override=override)
+
+
+def _override_record(
+    case: OpCase, tolerance: Tolerance, outputs: Sequence[tuple[str, Any, Any]]
+) -> dict[str, Any] | None:
+    """What a passing case owes to its tolerance override: None if it also passes with its own tolerance."""
+    own = _own_tolerance(case)
+    for name, expected, actual in outputs:
+        comparison = _compare_output(name, expected, actual, own)
+        if not comparison.passed:
+            return {
+                "rtol": tolerance.rtol,
+                "atol": tolerance.atol,
+                "reason": tolerance.reason,
+                "case_rtol": own.rtol,
+                "case_atol": own.atol,
+                "output": comparison.name,
+                "max_abs_error": comparison.max_abs_error,
+                "max_rel_error": comparison.max_rel_error,
+                "message": comparison.message,
+            }
+    return None
 
 
 def _describe(error: BaseException) -> str:
@@ -557,7 +684,33 @@ def run_task(task: Task, cases: dict[str, OpCase]) -> CaseResult:
     backend = get_backend(task.backend)
     if task.kind == "model":
         return run_model_check(backend, task.key)
-    return run_case(backend, cases[task.key])
+    return run_case(backend, cases[task.key], task.strict)
+
+
+def settle_expected(outcome: CaseResult) -> CaseResult:
+    """Apply the backend's expected-failures list to an op case's result.
+
+    A listed case that failed, errored or timed out becomes ``expected-failure``; one that passed
+    becomes ``unexpected-pass``. The status it really had stays in ``listed_outcome`` and its
+    reason after the listed one. Unlisted cases, unsupported ones and model checks are unchanged.
+
+    Raises:
+        BackendError: if the backend's expected-failures file is malformed.
+    """
+    if outcome.op == "(model)" or outcome.status not in (PASSED, FAILED, ERROR, TIMEOUT):
+        return outcome
+    listed = expected_failures_of(outcome.backend).get(outcome.case)
+    if listed is None:
+        return outcome
+    status = UNEXPECTED_PASS if outcome.status == PASSED else EXPECTED_FAILURE
+    got = "it passed: remove it from the list" if outcome.status == PASSED else f"{outcome.status}: {outcome.reason}"
+    return replace(
+        outcome,
+        status=status,
+        code=listed.category if status == EXPECTED_FAILURE else outcome.code,
+        reason=f"listed as {listed.describe()}; {got}",
+        listed_outcome=outcome.status,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +904,7 @@ class WorkerPool:
         results: list[CaseResult | None] = [None] * len(tasks)
 
         def record(index: int, outcome: CaseResult) -> None:
+            outcome = settle_expected(outcome)
             results[index] = outcome
             if on_result is not None:
                 on_result(outcome)
@@ -792,8 +946,8 @@ class WorkerPool:
                 if worker.task is None:
                     self._startup_failed(worker, f"did not start within {_STARTUP_TIMEOUT:.0f} s")
                     continue
-                reason = f"timed out after {worker.limit:g} s; the worker was killed and replaced"
-                record(worker.index, self._lost_task(worker.task, reason, worker.limit))
+                reason = f"ran past the time limit of {worker.limit:g} s; the worker was killed and replaced"
+                record(worker.index, self._lost_task(worker.task, TIMEOUT, reason, worker.limit))
                 self._replace(worker, kill=True)
         return [outcome for outcome in results if outcome is not None]
 
@@ -807,14 +961,15 @@ class WorkerPool:
             return
         frame = _last_frame(worker.log_path)
         reason = f"the worker process {how} while running this case" + (f" (at {frame})" if frame else "")
-        record(worker.index, self._lost_task(worker.task, reason, 0.0))
+        record(worker.index, self._lost_task(worker.task, ERROR, reason, 0.0))
         self._replace(worker, kill=True)
 
-    def _lost_task(self, task: Task, reason: str, seconds: float) -> CaseResult:
-        """The result of a task whose worker crashed or hung: an error."""
-        if task.kind == "op":
-            return CaseResult(task.key, self._ops.get(task.key, ""), task.backend, ERROR, reason, seconds)
-        return CaseResult(Path(task.key).name, "(model)", task.backend, ERROR, reason, seconds)
+    def _lost_task(self, task: Task, status: CaseStatus, reason: str, seconds: float) -> CaseResult:
+        """The result of a task whose worker crashed (an error) or ran past its limit (a timeout)."""
+        code = ErrorKind.TIMEOUT if status == TIMEOUT else ErrorKind.CRASH
+        details = {"time_limit_s": seconds} if status == TIMEOUT else {}
+        case, op = (task.key, self._ops.get(task.key, "")) if task.kind == "op" else (Path(task.key).name, "(model)")
+        return CaseResult(case, op, task.backend, status, reason, seconds, details=details, code=code)
 
     def _startup_failed(self, worker: _Worker, how: str) -> None:
         self._startup_failures += 1
@@ -844,13 +999,14 @@ def run_tasks(
     """Run tasks in ``jobs`` worker processes, or in this process when ``jobs`` is 0.
 
     In this process there is no crash isolation and no timeout (useful for debugging and for
-    backends registered in-process).
+    backends registered in-process). Either way each op case's result has its backend's expected
+    failures applied (:func:`settle_expected`).
     """
     if jobs == 0:
         by_name = {case.name: case for case in cases}
         results = []
         for task in tasks:
-            results.append(run_task(task, by_name))
+            results.append(settle_expected(run_task(task, by_name)))
             if on_result is not None:
                 on_result(results[-1])
         return results
