@@ -18,7 +18,9 @@ from portable_moe.errors import UnsupportedError, UnsupportedReason
 
 def _unsupported(error: NotImplementedError) -> UnsupportedError:
     return UnsupportedError(
-        UnsupportedReason.NO_KERNEL, f"onnx.reference answered {type(error).__name__}: {str(error).strip()}"
+        # Its first line says what is missing; the lines after it list every operator it has.
+        UnsupportedReason.NO_KERNEL,
+        f"onnx.reference answered {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",
     )
 
 

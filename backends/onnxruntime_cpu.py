@@ -19,6 +19,7 @@ import onnx
 
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
 from portable_moe.errors import UnsupportedError, UnsupportedReason
+from portable_moe.tensors import outputs_not_carried
 
 # ORT's optimisation levels by the names users type.
 _OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -35,12 +36,19 @@ class OrtCompiledModel(CompiledModel):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
+            results = dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
         except Exception as error:
             answer = unsupported_answer(error, None)
             if answer is None:
                 raise
             raise answer from error
+        not_carried = outputs_not_carried(self.outputs, results)
+        if not_carried:
+            raise UnsupportedError(
+                UnsupportedReason.DTYPE_NOT_CARRIED,
+                f"onnxruntime's Python binding has no numpy type for output(s) {'; '.join(not_carried)}",
+            )
+        return results
 
     def placement(self) -> dict[str, int]:
         # A session with the CPU provider alone runs every node there.

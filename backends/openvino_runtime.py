@@ -14,6 +14,7 @@ nodes outside OpenVINO's opsets, and those make the model *unsupported*
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ import onnx
 
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
 from portable_moe.errors import BackendError, UnsupportedError, UnsupportedReason
+from portable_moe.tensors import NUMPY_NATIVE_DTYPES, outputs_not_carried
 
 INSTALL_HINT = 'pip install "portable-moe[openvino]"'
 
@@ -171,9 +173,31 @@ class OpenVinoCompiledModel(CompiledModel):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # share_outputs=False copies the outputs out of the request, which the next run overwrites.
-        kept = {name: value for name, value in feeds.items() if name in self._kept_inputs}
+        openvino = _import_openvino()
+        kept: dict[str, Any] = {}
+        for name, value in feeds.items():
+            if name not in self._kept_inputs:
+                continue
+            if isinstance(value, np.ndarray) and value.dtype.name not in NUMPY_NATIVE_DTYPES:
+                # infer() would take such an array's bytes for the port's type; a Tensor asks the binding first.
+                try:
+                    value = openvino.Tensor(value)
+                except Exception as error:
+                    raise UnsupportedError(
+                        UnsupportedReason.DTYPE_NOT_CARRIED,
+                        f"openvino's Python binding has no element type for input {name!r} of numpy dtype "
+                        f"{value.dtype.name}; it answered: {' '.join(str(error).split())}",
+                    ) from error
+            kept[name] = value
         results = self._request.infer(kept, share_outputs=False)
-        return {spec.name: np.asarray(results[self.compiled.output(spec.name)]) for spec in self.outputs}
+        outputs = {spec.name: np.asarray(results[self.compiled.output(spec.name)]) for spec in self.outputs}
+        not_carried = outputs_not_carried(self.outputs, outputs)
+        if not_carried:
+            raise UnsupportedError(
+                UnsupportedReason.DTYPE_NOT_CARRIED,
+                f"openvino's Python binding has no numpy type for output(s) {'; '.join(not_carried)}",
+            )
+        return outputs
 
     def placement(self) -> dict[str, int]:
         # Without HETERO, OpenVINO runs the whole graph on the one device it compiled for.
@@ -219,18 +243,71 @@ def unconverted_operators(path: str) -> list[str]:
     return sorted(names)
 
 
-def _read_model(core: Any, path: str) -> Any:
-    """``core.read_model``, or UnsupportedError when the frontend has no conversion rule for an operator."""
+@functools.cache
+def frontend_refuses_type(elem_type: int) -> str:
+    """OpenVINO's words when its ONNX frontend cannot load a tensor of ONNX type ``elem_type``, else "".
+
+    Asked with a one-node model (``Identity`` of that type), so the answer is about the type alone.
+    """
+    from openvino.frontend import FrontEndManager
+
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "type_probe",
+        [value("x", elem_type, [1])],
+        [value("y", elem_type, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    with tempfile.TemporaryDirectory(prefix="portable-moe-openvino-") as scratch:
+        path = Path(scratch) / "probe.onnx"
+        onnx.save_model(model, path)
+        manager = FrontEndManager()
+        frontend = manager.load_by_framework("onnx")
+        try:
+            frontend.load(str(path))
+        except Exception as error:
+            return " ".join(str(error).split())
+    return ""
+
+
+def _element_types(model: onnx.ModelProto) -> set[int]:
+    """The ONNX element types of a model's inputs, outputs, initializers and Cast targets."""
+    graph = model.graph
+    types = {tensor.data_type for tensor in graph.initializer}
+    for value in [*graph.input, *graph.output]:
+        if value.type.WhichOneof("value") == "tensor_type":
+            types.add(value.type.tensor_type.elem_type)
+    for node in graph.node:
+        types.update(attribute.i for attribute in node.attribute if node.op_type == "Cast" and attribute.name == "to")
+    return types - {onnx.TensorProto.UNDEFINED}
+
+
+def _read_model(core: Any, path: str, model: onnx.ModelProto) -> Any:
+    """``core.read_model``, or UnsupportedError when OpenVINO's ONNX frontend says it cannot take the model.
+
+    Two answers are asked for after a failure: an element type the frontend cannot load at all
+    (:func:`frontend_refuses_type`), and operators it has no conversion rule for
+    (:func:`unconverted_operators`).
+    """
     try:
         return core.read_model(path)
     except Exception as error:
+        words = " ".join(str(error).split())
+        refused = {elem_type: frontend_refuses_type(elem_type) for elem_type in sorted(_element_types(model))}
+        refused = {elem_type: answer for elem_type, answer in refused.items() if answer}
+        if refused:
+            names = ", ".join(onnx.TensorProto.DataType.Name(elem_type).lower() for elem_type in refused)
+            raise UnsupportedError(
+                UnsupportedReason.DTYPE_NOT_CARRIED,
+                f"openvino's ONNX frontend cannot load a tensor of type {names}; it answered: {words}",
+            ) from error
         try:
             unconverted = unconverted_operators(path)
         except Exception:  # the frontend cannot even load it: the original error says why
             unconverted = []
         if not unconverted:
             raise
-        words = " ".join(str(error).split())
         raise UnsupportedError(
             UnsupportedReason.NO_KERNEL,
             f"openvino's ONNX frontend has no conversion rule for {', '.join(unconverted)}; it answered: {words}",
@@ -299,5 +376,5 @@ class OpenVinoBackend(Backend):
                 onnx.save_model(
                     proto, path, save_as_external_data=True, location="weights.bin", size_threshold=_SMALL_TENSOR
                 )
-            compiled = core.compile_model(_read_model(core, str(path)), options["device"], config)
+            compiled = core.compile_model(_read_model(core, str(path), proto), options["device"], config)
         return OpenVinoCompiledModel(self, model, compiled, len(proto.graph.node), expanded)

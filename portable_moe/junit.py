@@ -1,7 +1,8 @@
 """JUnit XML for the op suite, the format CI systems read: one testsuite per backend, one testcase per case.
 
-A failed case gets a ``<failure>``, an error an ``<error>``, an unsupported case a ``<skipped>``:
-CI shows skips as skips, never as passes.
+A failed case and an unexpected pass get a ``<failure>``, an error and a timeout an ``<error>``,
+an unsupported case and an expected failure a ``<skipped>`` whose message starts with the status:
+CI shows skips as skips, never as passes. Every message starts with the case's reason code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from portable_moe.opsuite import CaseResult
 
-_ELEMENTS = {"failed": "failure", "error": "error", "unsupported": "skipped"}
+_ELEMENTS = {
+    "failed": "failure",
+    "unexpected-pass": "failure",
+    "error": "error",
+    "timeout": "error",
+    "unsupported": "skipped",
+    "expected-failure": "skipped",
+}
 
 
 def junit_tree(results: Sequence[CaseResult], suite_name: str = "portable-moe ops") -> ElementTree.ElementTree:
@@ -42,9 +50,9 @@ def junit_tree(results: Sequence[CaseResult], suite_name: str = "portable-moe op
             element = _ELEMENTS.get(outcome.status)
             if element is not None:
                 # The message attribute holds one line for CI summaries; the text keeps it whole.
-                detail = ElementTree.SubElement(
-                    case, element, message=outcome.reason.splitlines()[0][:500] if outcome.reason else ""
-                )
+                first_line = outcome.reason.splitlines()[0] if outcome.reason else ""
+                label = f"{outcome.status} ({outcome.code})" if outcome.code else str(outcome.status)
+                detail = ElementTree.SubElement(case, element, message=f"{label}: {first_line}"[:500], type=label)
                 detail.text = outcome.reason
     ElementTree.indent(root)
     return ElementTree.ElementTree(root)

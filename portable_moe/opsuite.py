@@ -1014,9 +1014,12 @@ def run_tasks(
         return pool.run(tasks, on_result)
 
 
-def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str]) -> list[Task]:
-    """One task per (case, backend), case-major, so every backend advances together."""
-    return [Task("op", name, case.name) for case in cases for name in backend_names]
+def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str], strict: bool = False) -> list[Task]:
+    """One task per (case, backend), case-major, so every backend advances together.
+
+    With ``strict`` every case is judged by its own tolerance (no :data:`TOLERANCE_OVERRIDES`).
+    """
+    return [Task("op", name, case.name, strict) for case in cases for name in backend_names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1025,10 +1028,16 @@ def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str]) -> list[Task
 
 @dataclass
 class BackendSummary:
-    """Counts of one backend's results, and its pass rates."""
+    """Counts of one backend's results, and its pass rates over two denominators.
+
+    ``total`` is every case run; ``supported`` leaves out the cases the backend's runtime said it
+    cannot run (status unsupported). A case passed when its status is passed or unexpected pass.
+    Timeouts, errors, failures and expected failures count against both rates.
+    """
 
     backend: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    overridden: int = 0  # cases that passed only because of a tolerance override
 
     @property
     def total(self) -> int:
@@ -1039,20 +1048,26 @@ class BackendSummary:
         return self.total - self.counts[UNSUPPORTED]
 
     @property
+    def passed(self) -> int:
+        return self.counts[PASSED] + self.counts[UNEXPECTED_PASS]
+
+    @property
     def pass_rate_supported(self) -> float:
-        """Passed over the cases the backend did not declare unsupported (NaN when there are none)."""
-        return self.counts[PASSED] / self.supported if self.supported else float("nan")
+        """Passed over the cases the runtime did not call unsupported (NaN when there are none)."""
+        return self.passed / self.supported if self.supported else float("nan")
 
     @property
     def pass_rate_all(self) -> float:
         """Passed over every case: unsupported ones count against it."""
-        return self.counts[PASSED] / self.total if self.total else float("nan")
+        return self.passed / self.total if self.total else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
-            **self.counts,
+            **{str(status): count for status, count in self.counts.items()},
             "total": self.total,
+            "supported": self.supported,
+            "passed_with_tolerance_override": self.overridden,
             "pass_rate_supported": self.pass_rate_supported,
             "pass_rate_all": self.pass_rate_all,
         }
@@ -1062,7 +1077,9 @@ def summarize(results: Iterable[CaseResult], backend_names: Sequence[str]) -> di
     """One summary per backend, in the order of ``backend_names``."""
     summaries = {name: BackendSummary(name) for name in backend_names}
     for outcome in results:
-        summaries[outcome.backend].counts[outcome.status] += 1
+        summary = summaries[outcome.backend]
+        summary.counts[outcome.status] += 1
+        summary.overridden += outcome.tolerance_override is not None
     return summaries
 
 
@@ -1093,7 +1110,11 @@ def report_dict(results: Sequence[CaseResult], backend_names: Sequence[str], com
     import onnxruntime
 
     return {
-        "format": "portable-moe-opsuite/1",
+        "format": "portable-moe-opsuite/2",
+        "denominators": {
+            "pass_rate_all": "passed (or unexpected pass) over every case run",
+            "pass_rate_supported": "passed (or unexpected pass) over the cases whose runtime did not say unsupported",
+        },
         "command": command,
         "onnx_version": onnx.__version__,
         "onnxruntime_version": onnxruntime.__version__,
@@ -1101,6 +1122,11 @@ def report_dict(results: Sequence[CaseResult], backend_names: Sequence[str], com
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "tolerance_overrides": [asdict(override) for override in TOLERANCE_OVERRIDES],
         "default_excludes": [asdict(exclusion) for exclusion in DEFAULT_EXCLUDES],
+        "expected_failures": {
+            name: {case: {"category": str(entry.category), "reason": entry.reason} for case, entry in listed.items()}
+            for name in backend_names
+            for listed in [expected_failures_of(name)]
+        },
         "backends": {
             name: {**summary.to_dict(), "placement": placement_totals(results, name)}
             for name, summary in summarize(results, backend_names).items()
@@ -1144,12 +1170,22 @@ def _percent(value: float) -> str:
     return "-" if value != value else f"{value:.1%}"
 
 
+# One letter per status in the op x backend matrix, after passed/total.
+_LETTERS = (
+    ("f", FAILED),
+    ("e", ERROR),
+    ("t", TIMEOUT),
+    ("u", UNSUPPORTED),
+    ("x", EXPECTED_FAILURE),
+    ("X", UNEXPECTED_PASS),
+)
+
+
 def _cell(counts: Counter[str]) -> str:
     total = sum(counts.values())
-    colour = "green" if counts[PASSED] == total else ("red" if counts[FAILED] or counts[ERROR] else "yellow")
-    extra = " ".join(
-        f"{letter}{counts[s]}" for letter, s in (("f", FAILED), ("e", ERROR), ("u", UNSUPPORTED)) if counts[s]
-    )
+    bad = any(counts[status] for status in NOT_CONFORMING)
+    colour = "green" if counts[PASSED] == total else ("red" if bad else "yellow")
+    extra = " ".join(f"{letter}{counts[s]}" for letter, s in _LETTERS if counts[s])
     return f"[{colour}]{counts[PASSED]}/{total}[/{colour}]" + (f" {extra}" if extra else "")
 
 
@@ -1165,30 +1201,31 @@ def print_report(
     from rich.table import Table
 
     summary = Table(title=f"ONNX node test cases (onnx {onnx.__version__})")
-    for column in (
-        "backend",
-        "passed",
-        "failed",
-        "unsupported",
-        "error",
-        "total",
-        "pass rate (supported)",
-        "pass rate (all)",
-    ):
-        summary.add_column(column, justify="left" if column == "backend" else "right")
-    for name, item in summarize(results, backend_names).items():
-        counts = item.counts
+    summary.add_column("backend")
+    for status in STATUSES:
+        summary.add_column(str(status).replace("-", " "), justify="right")
+    for column in ("total", "pass rate (all)", "pass rate (supported)"):
+        summary.add_column(column, justify="right")
+    summaries = summarize(results, backend_names)
+    for name, item in summaries.items():
         summary.add_row(
             name,
-            str(counts[PASSED]),
-            str(counts[FAILED]),
-            str(counts[UNSUPPORTED]),
-            str(counts[ERROR]),
+            *(str(item.counts[status]) for status in STATUSES),
             str(item.total),
-            _percent(item.pass_rate_supported),
             _percent(item.pass_rate_all),
+            _percent(item.pass_rate_supported),
         )
     console.print(summary)
+    console.print(
+        "pass rate (all): passed over every case; (supported): passed over the cases the runtime did not "
+        "call unsupported"
+    )
+    for name, item in summaries.items():
+        if item.overridden:
+            console.print(
+                f"{name}: {item.overridden} case(s) passed only because of a tolerance override (their raw errors "
+                "are in the JSON and HTML reports; --strict uses the cases' own tolerances)"
+            )
     for name in backend_names:
         totals = placement_totals(results, name)
         if len(totals) > 1:  # one place says nothing; several show what ran where (e.g. host fallback)
@@ -1212,15 +1249,19 @@ def print_report(
     if rows:
         console.print(table)
         shown = "every op" if full_matrix else "ops with a case not passed (--matrix shows every op)"
-        console.print(f"{shown}; f failed, e error, u unsupported")
+        legend = ", ".join(f"{letter} {status}" for letter, status in _LETTERS)
+        console.print(f"{shown}; {legend}")
     else:
         console.print(f"every case passed on every backend ({len(matrix)} ops)")
 
     for name in backend_names:
-        bad = [r for r in results if r.backend == name and r.status in (FAILED, ERROR)]
+        bad = [r for r in results if r.backend == name and r.status in NOT_CONFORMING]
         if not bad:
             continue
-        console.print(f"[bold]{name}[/bold]: {len(bad)} failed or errored; first {min(len(bad), shown_failures)}:")
+        console.print(
+            f"[bold]{name}[/bold]: {len(bad)} failed, errored, timed out or passed unexpectedly; "
+            f"first {min(len(bad), shown_failures)}:"
+        )
         for outcome in bad[:shown_failures]:
             reason = outcome.reason if len(outcome.reason) <= 200 else outcome.reason[:197] + "..."
             console.print(f"  {outcome.status:<6} {escape(outcome.case)}: {escape(reason)}", soft_wrap=True)
@@ -1240,7 +1281,7 @@ def run_with_progress(
 
 
 def command_ops(args: Any) -> int:
-    """``portable-moe conformance ops``: exit 0 when nothing failed or errored, 1 otherwise."""
+    """``portable-moe conformance ops``: exit 1 when a case failed, errored, timed out or passed unexpectedly."""
     import json
     import sys
 
@@ -1263,11 +1304,14 @@ def command_ops(args: Any) -> int:
                 f"[dim]·[/dim] {unfiltered - len(cases)} case(s) with random expected outputs left out "
                 "(--no-default-excludes runs them)"
             )
-    started = time.perf_counter()
-    results = run_with_progress(op_tasks(cases, names), cases, args.jobs, args.timeout, stderr)
-    elapsed = time.perf_counter() - started
+    started, cpu_before = time.perf_counter(), cpu_seconds()
+    results = run_with_progress(op_tasks(cases, names, args.strict), cases, args.jobs, args.timeout, stderr)
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     print_report(stdout, results, names, args.matrix)
-    stdout.print(f"{len(cases)} cases x {len(names)} backends in {elapsed:.1f} s ({args.jobs} jobs)")
+    stdout.print(
+        f"{len(cases)} cases x {len(names)} backends in {elapsed:.1f} s, {cpu:.0f} CPU-seconds ({args.jobs} jobs)"
+        + ("; tolerances: the cases' own (--strict)" if args.strict else "")
+    )
     command = " ".join(["portable-moe", *sys.argv[1:]]) if sys.argv else "portable-moe conformance ops"
     if args.json:
         Path(args.json).write_text(json.dumps(report_dict(results, names, command), indent=2, default=str))
@@ -1277,7 +1321,18 @@ def command_ops(args: Any) -> int:
 
         write_junit(results, args.junit)
         stderr.print(f"JUnit XML written to {escape(args.junit)}")
-    return EXIT_FAILED if any(r.status in (FAILED, ERROR) for r in results) else EXIT_OK
+    if args.html:
+        from portable_moe.report_html import write_opsuite_html
+
+        write_opsuite_html(report_dict(results, names, command), args.html)
+        stderr.print(f"HTML report written to {escape(args.html)}")
+    return EXIT_FAILED if any(r.status in NOT_CONFORMING for r in results) else EXIT_OK
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process and of its finished child processes (the workers)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def add_command(commands: Any) -> None:
@@ -1286,10 +1341,11 @@ def add_command(commands: Any) -> None:
     suites = conformance.add_subparsers(dest="suite", required=True, metavar="SUITE")
     ops = suites.add_parser(
         "ops",
-        help="run onnx's node test cases on backends (exit 1 if any failed or errored)",
+        help="run onnx's node test cases on backends (exit 1 if any failed, errored or timed out)",
         description="Run the node test cases that ship inside onnx on each backend, through the same compile and "
-        "run path users take. Each case ends passed, failed, unsupported (the backend declares it cannot run "
-        "it) or error (exception, crash, timeout).",
+        "run path users take. Each case ends passed, failed, error (exception or crash), timeout, unsupported "
+        "(the runtime itself says it cannot run it, quoted), or, for a case in the backend's expected-failures "
+        "file, expected-failure or unexpected-pass.",
     )
     ops.add_argument(
         "--backend",
@@ -1305,11 +1361,20 @@ def add_command(commands: Any) -> None:
     ops.add_argument("--json", metavar="FILE", help="write every result and the summaries as JSON")
     ops.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per case and backend)")
     ops.add_argument(
+        "--html", metavar="FILE", help="write a self-contained HTML report (summaries, tolerance overrides used, cases)"
+    )
+    ops.add_argument(
+        "--strict",
+        action="store_true",
+        help="judge every case by its own tolerance (the tolerance-override table is not used)",
+    )
+    ops.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"per case; a case that runs longer is an error and its worker is replaced (default: {DEFAULT_TIMEOUT:g})",
+        help=f"per case; a case that runs longer is reported as a timeout and its worker is replaced "
+        f"(default: {DEFAULT_TIMEOUT:g})",
     )
     ops.add_argument(
         "--jobs",

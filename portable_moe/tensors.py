@@ -83,6 +83,31 @@ class TensorSpec:
         return cls(name=name, dtype=dtype, shape=tuple(shape), containers=tuple(containers))
 
 
+# dtypes numpy has itself; the other ONNX tensor types (bfloat16, float8, int4 ...) exist in numpy
+# only through ml_dtypes, and a runtime's Python binding may not carry them.
+NUMPY_NATIVE_DTYPES = frozenset(
+    {"bool", "object", "float16", "float32", "float64", "complex64", "complex128"}
+    | {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
+)
+
+
+def outputs_not_carried(specs: Sequence[TensorSpec], results: Mapping[str, Any]) -> list[str]:
+    """Outputs whose spec has a dtype numpy lacks (bfloat16, float8, int4 ...) and came back as another.
+
+    A runtime's Python binding that has no numpy type for such an output hands back its raw bits
+    (uint8) or a converted copy (float16): the values cannot be compared. Each entry reads
+    ``"y: uint8 for float8_e4m3fn"``.
+    """
+    found = []
+    for spec in specs:
+        value = results.get(spec.name)
+        if spec.containers or spec.dtype in NUMPY_NATIVE_DTYPES or not isinstance(value, np.ndarray):
+            continue
+        if value.dtype.name != spec.dtype:
+            found.append(f"{spec.name}: {value.dtype.name} for {spec.dtype}")
+    return found
+
+
 # ONNX types that hold tensors, by the name a spec gives them (maps are not carried).
 CONTAINERS = ("sequence", "optional")
 
