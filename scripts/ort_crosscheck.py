@@ -2,6 +2,7 @@
 
     python scripts/ort_crosscheck.py                      # every case of the default selection
     python scripts/ort_crosscheck.py --include '^test_add' --show 20
+    python scripts/ort_crosscheck.py --strict             # the cases' own tolerances in the op suite too
 
 The raw loop shares nothing with portable-moe's running or comparing code: it opens one
 ``onnxruntime.InferenceSession`` per case, feeds each data set by graph-input order and compares
@@ -79,7 +80,10 @@ def raw_onnxruntime_passes(cases: Sequence[opsuite.OpCase]) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--include", action="append", default=[], metavar="REGEX", help="only matching cases")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="op-suite worker processes")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="op-suite worker processes (0: in this process)"
+    )
+    parser.add_argument("--strict", action="store_true", help="the op suite uses the cases' own tolerances only")
     parser.add_argument("--limit", type=float, default=0.01, help="largest allowed difference, as a share of cases")
     parser.add_argument("--show", type=int, default=50, help="how many disagreeing cases to list")
     args = parser.parse_args(argv)
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw = raw_onnxruntime_passes(cases)
     raw_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    results = opsuite.run_tasks(opsuite.op_tasks(cases, ["cpu"]), cases, args.jobs)
+    results = opsuite.run_tasks(opsuite.op_tasks(cases, ["cpu"], args.strict), cases, args.jobs)
     suite_seconds = time.perf_counter() - started
     # What passed in the op suite, whatever the expected-failures list says about it.
     suite = {r.case for r in results if (r.listed_outcome or r.status) == opsuite.PASSED}
@@ -99,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     share = difference / len(cases) if cases else 0.0
     print(f"cases: {len(cases)}")
     print(f"raw onnxruntime loop: {len(raw)} passed ({raw_seconds:.1f} s)")
-    print(f"portable-moe conformance ops --backend cpu: {len(suite)} passed ({suite_seconds:.1f} s)")
+    strict = " --strict" if args.strict else ""
+    print(f"portable-moe conformance ops --backend cpu{strict}: {len(suite)} passed ({suite_seconds:.1f} s)")
     print(f"cases on which they disagree: {difference} ({share:.2%} of the cases; limit {args.limit:.0%})")
     by_case = {r.case: r for r in results}
     for name in sorted(raw ^ suite)[: args.show]:

@@ -416,6 +416,24 @@ def test_every_tolerance_override_has_a_reason_and_matches_a_case(cases):
         assert any(re.search(override.case_pattern, name) for name in cases)
 
 
+def test_the_crosscheck_against_raw_onnxruntime_counts_both_sides(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "ort_crosscheck.py"
+    spec = importlib.util.spec_from_file_location("ort_crosscheck", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    arguments = ["--include", "^test_(relu|dft|cast_FLOAT_to_BFLOAT16)$", "--jobs", "0"]
+    # test_dft passes in the op suite only through its tolerance override: 1 of 3 cases differ.
+    assert script.main(arguments) == 1
+    output = capsys.readouterr().out
+    assert "raw onnxruntime loop: 1 passed" in output and "--backend cpu: 2 passed" in output
+    assert "op suite only test_dft: passed" in output and "(33.33% of the cases; limit 1%)" in output
+    assert script.main([*arguments, "--strict"]) == 0
+    assert "cases on which they disagree: 0 (0.00% of the cases" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # Expected failures
 
