@@ -749,13 +749,15 @@ def test_cli_runs_the_suite_and_writes_reports(tmp_path):
     html_text = page.read_text()
     assert "Passed only because of a tolerance override (1)" in html_text and "test_dft" in html_text
 
-    strict = subprocess.run(
-        [*command[:5], "--backend", "cpu", "--include", "^test_dft$", "--strict"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert strict.returncode == 1 and "tolerances: the cases' own (--strict)" in strict.stdout
+
+def test_cli_strict_uses_the_cases_own_tolerances(capsys):
+    from portable_moe.cli import main
+
+    arguments = ["conformance", "ops", "--backend", "cpu", "--include", "^test_dft$", "--jobs", "0"]
+    assert main(arguments) == 0
+    assert main([*arguments, "--strict"]) == 1
+    output = capsys.readouterr().out
+    assert "tolerances: the cases' own (--strict)" in output and "failed test_dft: y:" in output
 
 
 @pytest.mark.parametrize(
