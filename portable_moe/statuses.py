@@ -20,6 +20,9 @@ class Status(StrEnum):
     UNAVAILABLE = "unavailable"  # the backend cannot run on this machine
     SKIPPED = "skipped"  # the backend does not take this bundle (its lowering, opset or domains)
     UNSUPPORTED = "unsupported"  # the runtime says it cannot run this model
+    TIMEOUT = "timeout"  # an op case that ran past its time limit (its worker was replaced)
+    EXPECTED_FAILURE = "expected-failure"  # an op case listed in the backend's expected failures, failing
+    UNEXPECTED_PASS = "unexpected-pass"  # a listed op case that passed: the list is stale
     # One backend tried in a run (fallback, isolated runs).
     RAN = "ran"
     COMPILED = "compiled"

@@ -51,7 +51,7 @@ def measure(backends: list[str], small_cases: int, rounds_count: int) -> dict[st
 
     from portable_moe.cluster.jobs import ops_on_cluster
     from portable_moe.cluster.nodes import backend_resource
-    from portable_moe.conformance.opsuite import collect_cases, op_tasks, run_tasks, select_cases
+    from portable_moe.conformance.ops import collect_cases, op_tasks, run_tasks, select_cases
 
     load_before = os.getloadavg()[0]
     cases = select_cases(collect_cases())

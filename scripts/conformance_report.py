@@ -5,7 +5,7 @@
 
 Model conformance exports each preset that is not for cost estimates only with each backend's
 preferred MoE lowering (needs torch; without it the section says so) and checks it against its
-golden data. Both suites run in worker processes (see portable_moe.conformance.opsuite).
+golden data. Both suites run in worker processes (see portable_moe.conformance.ops).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pathlib import Path
 from rich.console import Console
 
 from portable_moe import registry
+from portable_moe.cli import ops_command
 from portable_moe.config import PRESETS
-from portable_moe.conformance import opsuite
+from portable_moe.conformance import ops as opsuite
 from portable_moe.conformance.expected_failures import expected_failures_of
-from portable_moe.conformance.opsuite import NOT_CONFORMING, STATUSES, UNSUPPORTED, CaseResult, Task
+from portable_moe.conformance.ops import NOT_CONFORMING, STATUSES, UNSUPPORTED, CaseResult, Task
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, highlight=False)
@@ -99,7 +100,7 @@ def model_conformance(
             if key in bundles:
                 tasks.append(Task("model", backend, str(bundles[key])))
                 keys.append((preset, preferred[backend], backend))
-    results = iter(opsuite.run_with_progress(tasks, [], jobs, timeout, console))
+    results = iter(ops_command.run_with_progress(tasks, [], jobs, timeout, console))
     by_key = {key: next(results) for key in keys}
     rows = []
     for preset in presets:
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = opsuite.select_cases(everything)
     console.print(f"· op suite: {len(cases)} cases on {', '.join(names)}")
     started, cpu_before = time.perf_counter(), opsuite.cpu_seconds()
-    results = opsuite.run_with_progress(opsuite.op_tasks(cases, names), cases, args.jobs, args.timeout, console)
+    results = ops_command.run_with_progress(opsuite.op_tasks(cases, names), cases, args.jobs, args.timeout, console)
     op_seconds, op_cpu_seconds = time.perf_counter() - started, opsuite.cpu_seconds() - cpu_before
     with tempfile.TemporaryDirectory(prefix="portable-moe-report-") as scratch:
         model_rows, model_note = (

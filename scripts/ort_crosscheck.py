@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_moe.conformance import opsuite
+from portable_moe.conformance import ops as opsuite
 
 
 def _same(expected: Any, actual: Any, rtol: float, atol: float) -> bool:

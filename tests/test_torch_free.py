@@ -62,7 +62,7 @@ def test_importing_the_package_and_its_run_and_check_modules_imports_no_torch(to
     env, _ = torch_free
     code = (
         "import sys, portable_moe, portable_moe.cli, portable_moe.conformance.model_check, "
-        "portable_moe.conformance.opsuite, portable_moe.run.fallback, portable_moe.run.isolated, "
+        "portable_moe.conformance.ops, portable_moe.cli.ops_command, portable_moe.run.fallback, portable_moe.run.isolated, "
         "portable_moe.perf.bench, portable_moe.perf.costmodel, portable_moe.testing.hostile; "
         "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'transformers')))"
     )

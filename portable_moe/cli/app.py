@@ -47,7 +47,7 @@ from portable_moe.tensors import NAN_POLICIES, check_nan_policy, load_npz
 
 # Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
 # subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
-COMMAND_MODULES: list[str] = ["portable_moe.conformance.opsuite", "portable_moe.cli.cluster_commands"]
+COMMAND_MODULES: list[str] = ["portable_moe.cli.ops_command", "portable_moe.cli.cluster_commands"]
 
 
 def _print_backends() -> None:

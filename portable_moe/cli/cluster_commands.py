@@ -170,9 +170,10 @@ def command_ops_on_cluster(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from portable_moe.cli.console import EXIT_FAILED, EXIT_OK, stderr, stdout
+    from portable_moe.cli.ops_report import print_report
     from portable_moe.cluster.jobs import ops_on_cluster
     from portable_moe.conformance.model_check import ERROR, FAILED
-    from portable_moe.conformance.opsuite import collect_cases, print_report, report_dict, select_cases
+    from portable_moe.conformance.ops import collect_cases, report_dict, select_cases
 
     if args.jobs < 0:
         raise InputError(f"--jobs must be 0 (run in the Ray worker) or more, got {args.jobs}")

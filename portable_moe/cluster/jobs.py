@@ -22,7 +22,7 @@ from portable_moe.cluster.gather import NODE_FAILURE_RETRIES, Submitted, TaskOut
 from portable_moe.cluster.nodes import ClusterNode, backend_resource, cluster_nodes, this_node_stamp
 from portable_moe.cluster.transfer import DEFAULT_CHUNK_BYTES, ShippedBundle, receive_bundle, ship_bundle
 from portable_moe.conformance.model_check import ERROR, BackendResult, InputSet, check_bundle
-from portable_moe.conformance.opsuite import DEFAULT_TIMEOUT, CaseResult, OpCase, WorkerPool, op_tasks, run_tasks
+from portable_moe.conformance.ops import DEFAULT_TIMEOUT, CaseResult, OpCase, OpPool, op_tasks, run_tasks
 from portable_moe.errors import InputError
 
 # Op-suite shards per CPU offering a backend: more than one keeps every CPU busy to the end, and a
@@ -103,10 +103,10 @@ def _ops_shard_task(
 
 # Per Ray worker process: the run's cases (by name) and, for jobs=1, one worker pool that every
 # shard of the run reuses, so a case process is started once per Ray worker, not once per shard.
-_run_cases: dict[str, tuple[dict[str, OpCase], WorkerPool | None]] = {}
+_run_cases: dict[str, tuple[dict[str, OpCase], OpPool | None]] = {}
 
 
-def _cases_and_pool(reference: Any, jobs: int, timeout: float) -> tuple[dict[str, OpCase], WorkerPool | None]:
+def _cases_and_pool(reference: Any, jobs: int, timeout: float) -> tuple[dict[str, OpCase], OpPool | None]:
     import atexit
 
     import ray
@@ -118,7 +118,7 @@ def _cases_and_pool(reference: Any, jobs: int, timeout: float) -> tuple[dict[str
                 old_pool.close()
         _run_cases.clear()
         cases = ray.get(reference)
-        pool = WorkerPool(cases, 1, timeout) if jobs else None
+        pool = OpPool(cases, 1, timeout) if jobs else None
         if pool is not None:
             atexit.register(pool.close)
         _run_cases[key] = ({case.name: case for case in cases}, pool)

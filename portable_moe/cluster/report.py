@@ -1,7 +1,7 @@
 """Cluster runs in the usual reports: the node of each result, the nodes themselves, version skew.
 
 The JSON report of a cluster run is the local one (:func:`portable_moe.conformance.model_check.report_dict`
-or :func:`portable_moe.conformance.opsuite.report_dict`) with two additions: each result gains ``node`` (the
+or :func:`portable_moe.conformance.ops.report_dict`) with two additions: each result gains ``node`` (the
 node it ran on, or null when it never finished) and ``infrastructure_error``, and a top-level
 ``cluster`` object lists the nodes and any version skew. JUnit XML gains a ``node`` property per
 test case.

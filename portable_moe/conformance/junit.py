@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from portable_moe.conformance.opsuite import CaseResult
+    from portable_moe.conformance.ops import CaseResult
 
 _ELEMENTS = {
     "failed": "failure",

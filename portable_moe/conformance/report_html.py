@@ -219,7 +219,7 @@ def _rate(value: Any) -> str:
 
 
 def render_opsuite_html(report: Mapping[str, Any]) -> str:
-    """The op suite's JSON report (:func:`portable_moe.conformance.opsuite.report_dict`) as a self-contained HTML page.
+    """The op suite's JSON report (:func:`portable_moe.conformance.ops.report_dict`) as a self-contained HTML page.
 
     Sections: the summary per backend with both pass rates and what each divides by; every case
     that passed only because of a tolerance override, with its raw error and the case's own

@@ -11,7 +11,7 @@ and each built-in preset one model-conformance test (``portable-moe-models::tiny
 preset is exported with the backend's preferred MoE lowering, which needs torch, and checked
 against its golden data). A case the runtime says it cannot run is a skip with the reason, a
 case in the backend's expected-failures file that fails an xfail, and one that passes (or times
-out, or fails unlisted) a failure; skips are never passes. Cases run in a worker process (see :mod:`portable_moe.conformance.opsuite`), so a
+out, or fails unlisted) a failure; skips are never passes. Cases run in a worker process (see :mod:`portable_moe.conformance.ops`), so a
 backend that crashes or hangs fails that one test, not the session.
 """
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from portable_moe.conformance.opsuite import CaseResult, OpCase, Task, WorkerPool
+    from portable_moe.conformance.ops import CaseResult, OpCase, OpPool, Task
 
 _SUITE_KEY = pytest.StashKey["_Suite"]()
 OPS_COLLECTOR, MODELS_COLLECTOR = "portable-moe-ops", "portable-moe-models"
@@ -74,7 +74,7 @@ class _Suite:
     """The session's state: the backends, the selected cases, the worker pool and exported bundles."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from portable_moe.conformance.opsuite import DEFAULT_TIMEOUT, resolve_backends
+        from portable_moe.conformance.ops import DEFAULT_TIMEOUT, resolve_backends
         from portable_moe.errors import PortableMoEError
 
         option = config.getoption
@@ -87,7 +87,7 @@ class _Suite:
         self.presets = self._presets(option("portable_moe_presets"))
         self.timeout = option("portable_moe_timeout") or DEFAULT_TIMEOUT
         self.cases: list[OpCase] = []
-        self._pool: WorkerPool | None = None
+        self._pool: OpPool | None = None
         self._bundles: dict[tuple[str, str], Path | Exception] = {}
         self._scratch: Path | None = None
 
@@ -110,7 +110,7 @@ class _Suite:
         return names
 
     def collect(self) -> None:
-        from portable_moe.conformance.opsuite import collect_cases, select_cases
+        from portable_moe.conformance.ops import collect_cases, select_cases
         from portable_moe.errors import PortableMoEError
 
         try:
@@ -119,10 +119,10 @@ class _Suite:
             raise pytest.UsageError(f"portable-moe: {error}") from None
 
     def run(self, task: Task) -> CaseResult:
-        from portable_moe.conformance.opsuite import DEFAULT_MODEL_TIMEOUT, WorkerPool
+        from portable_moe.conformance.ops import DEFAULT_MODEL_TIMEOUT, OpPool
 
         if self._pool is None:
-            self._pool = WorkerPool(self.cases, jobs=1, timeout=self.timeout)
+            self._pool = OpPool(self.cases, jobs=1, timeout=self.timeout)
         timeout = max(self.timeout, DEFAULT_MODEL_TIMEOUT) if task.kind == "model" else self.timeout
         return self._pool.run([task], timeout=timeout)[0]
 
@@ -156,7 +156,7 @@ class _Suite:
 
 def _report(result: CaseResult) -> None:
     """Turn a result into pytest's outcome: pass, skip (unsupported), xfail (expected failure) or failure."""
-    from portable_moe.conformance.opsuite import EXPECTED_FAILURE, PASSED, UNSUPPORTED
+    from portable_moe.conformance.ops import EXPECTED_FAILURE, PASSED, UNSUPPORTED
 
     if result.status == UNSUPPORTED:
         pytest.skip(f"unsupported on {result.backend} ({result.code}): {result.reason}")
@@ -186,7 +186,7 @@ class OpCaseItem(_SuiteItem):
     """One ONNX node test case on one backend."""
 
     def runtest(self) -> None:
-        from portable_moe.conformance.opsuite import Task
+        from portable_moe.conformance.ops import Task
 
         _report(self.suite.run(Task("op", self.backend, self.key)))
 
@@ -195,7 +195,7 @@ class ModelItem(_SuiteItem):
     """A preset exported with the backend's preferred MoE lowering, checked against its golden data."""
 
     def runtest(self) -> None:
-        from portable_moe.conformance.opsuite import Task
+        from portable_moe.conformance.ops import Task
 
         try:
             import torch  # noqa: F401 (only whether it imports matters)

@@ -170,7 +170,7 @@ def test_ray_is_imported_only_when_a_cluster_is_used():
 
 def test_junit_and_html_carry_the_node_of_each_result(tmp_path):
     from portable_moe.cluster.report import write_junit_with_nodes
-    from portable_moe.conformance.opsuite import CaseResult
+    from portable_moe.conformance.ops import CaseResult
     from portable_moe.conformance.report_html import render_html
 
     # Case-major, as a run orders them; JUnit groups them by backend.
@@ -340,7 +340,7 @@ def test_an_address_nothing_listens_on_is_a_one_line_error(tiny_bundle, capsys, 
 
 def test_op_suite_on_the_cluster_gives_the_local_verdicts_on_both_nodes(cluster_address, tmp_path, capsys):
     from portable_moe.cli import main
-    from portable_moe.conformance.opsuite import collect_cases, op_tasks, run_tasks, select_cases
+    from portable_moe.conformance.ops import collect_cases, op_tasks, run_tasks, select_cases
 
     include = r"^test_(relu|sigmoid|add|softmax_axis|gather_|topk|cast_FLOAT_to|sequence_insert)"
     cases = select_cases(collect_cases(), [include])
@@ -359,7 +359,7 @@ def test_op_suite_on_the_cluster_gives_the_local_verdicts_on_both_nodes(cluster_
 
 def test_op_shards_run_crash_isolated_in_a_worker_process_on_the_node(ray_cluster):
     from portable_moe.cluster.jobs import ops_on_cluster
-    from portable_moe.conformance.opsuite import collect_cases, op_tasks, run_tasks, select_cases
+    from portable_moe.conformance.ops import collect_cases, op_tasks, run_tasks, select_cases
 
     cases = select_cases(collect_cases(), [r"^test_(relu|topk|sequence_insert)"])
     local = run_tasks(op_tasks(cases, ["cpu"]), cases, jobs=0)

@@ -18,9 +18,10 @@ from rich.console import Console
 
 from portable_moe import BackendError, InputError, UnsupportedReason, registry
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ProbeResult, as_model_input
+from portable_moe.cli.ops_report import print_report
 from portable_moe.conformance.expected_failures import FailureCategory, expected_failures_of, load_expected_failures
 from portable_moe.conformance.junit import write_junit
-from portable_moe.conformance.opsuite import (
+from portable_moe.conformance.ops import (
     DEFAULT_EXCLUDES,
     ERROR,
     EXPECTED_FAILURE,
@@ -33,13 +34,11 @@ from portable_moe.conformance.opsuite import (
     UNSUPPORTED,
     CaseResult,
     OpCase,
+    OpPool,
     Task,
-    WorkerPool,
-    _read_cache,
     cache_file,
     collect_cases,
     op_tasks,
-    print_report,
     report_dict,
     run_case,
     run_tasks,
@@ -48,6 +47,7 @@ from portable_moe.conformance.opsuite import (
     summarize,
     tolerance_for_case,
 )
+from portable_moe.conformance.ops.cases import _read_cache
 
 SMALL_SUBSET = r"^test_(add|relu|matmul)"
 
@@ -263,7 +263,7 @@ def test_non_finite_values_must_match_in_kind():
     assert run_case(ConfigurableBackend(), case).status == PASSED
     flipped = run_case(ConfigurableBackend(output=np.array([np.nan, -np.inf, -np.inf], np.float32)), case)
     assert flipped.status == FAILED
-    assert "non-finite values differ at index [1]: expected inf, got -inf" in flipped.reason
+    assert "non-finite values differ, first at index [1]: expected inf, got -inf" in flipped.reason
 
 
 def test_a_dtype_missing_from_the_capabilities_is_unsupported(cases):
@@ -572,12 +572,15 @@ def flaky_vendor(tmp_path, monkeypatch, write_vendor_package):
 def test_a_crash_and_a_hang_lose_only_their_case(cases, flaky_vendor):
     names = ["test_abs", "test_add", "test_acos", "test_relu"]
     subset = [cases[name] for name in names]
-    with WorkerPool(subset, jobs=1, timeout=3) as pool:
+    with OpPool(subset, jobs=1, timeout=3) as pool:
         results = pool.run([Task("op", flaky_vendor, name) for name in names])
     by_case = {result.case: result for result in results}
     assert [result.case for result in results] == names
     assert by_case["test_abs"].status == ERROR
-    assert "the worker process was killed by signal SIGSEGV while running this case" in by_case["test_abs"].reason
+    assert (
+        "the worker process was killed by SIGSEGV (segmentation fault) while running this case"
+        in by_case["test_abs"].reason
+    )
     assert "flaky_vendor.py" in by_case["test_abs"].reason  # faulthandler's innermost frame
     assert by_case["test_abs"].op == "Abs"
     assert by_case["test_acos"].status == TIMEOUT and by_case["test_acos"].details == {"time_limit_s": 3}
@@ -596,10 +599,10 @@ def test_workers_that_cannot_start_stop_the_run_with_the_reason(cases, monkeypat
     monkeypatch.setitem(sys.modules, module.__name__, module)
     registry.register_backend("unimportable", module.Factory)
     try:
-        with WorkerPool([cases["test_relu"]], jobs=1, timeout=5) as pool:
+        with OpPool([cases["test_relu"]], jobs=1, timeout=5) as pool:
             with pytest.raises(
                 BackendError,
-                match=r"(?s)worker processes exited with code 1 before taking a case.*No module named 'portable_moe_test_only_module'",
+                match=r"(?s)worker processes exited with status 1 before taking a task.*No module named 'portable_moe_test_only_module'",
             ):
                 pool.run([Task("op", "unimportable", "test_relu")])
     finally:
@@ -609,7 +612,7 @@ def test_workers_that_cannot_start_stop_the_run_with_the_reason(cases, monkeypat
 def test_an_unpicklable_in_process_backend_is_refused_for_workers(cases):
     registry.register_backend("lambda-backend", lambda: ConfigurableBackend())
     try:
-        with WorkerPool([cases["test_relu"]], jobs=1) as pool:
+        with OpPool([cases["test_relu"]], jobs=1) as pool:
             with pytest.raises(BackendError, match="'lambda-backend' was registered in this process with a factory"):
                 pool.run([Task("op", "lambda-backend", "test_relu")])
         # In this process it runs (no isolation).
@@ -622,11 +625,11 @@ def test_an_unpicklable_in_process_backend_is_refused_for_workers(cases):
 @pytest.mark.parametrize(("jobs", "timeout", "message"), [(0, 5, "--jobs must be at least 1"), (1, 0, "--timeout")])
 def test_pool_arguments_are_checked(jobs, timeout, message):
     with pytest.raises(InputError, match=message):
-        WorkerPool([], jobs=jobs, timeout=timeout)
+        OpPool([], jobs=jobs, timeout=timeout)
 
 
 def test_model_conformance_runs_in_a_worker(tiny_bundle):
-    with WorkerPool([], jobs=1) as pool:
+    with OpPool([], jobs=1) as pool:
         [result] = pool.run([Task("model", "cpu", str(tiny_bundle.path))])
     assert result.status == PASSED and result.op == "(model)", result.reason
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from portable_moe import registry
-from portable_moe.conformance.opsuite import PASSED, UNSUPPORTED, collect_cases, run_case, select_cases
+from portable_moe.conformance.ops import PASSED, UNSUPPORTED, collect_cases, run_case, select_cases
 
 pytest_plugins = ["pytester"]
 
