@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters.layered import LayeredModel
 from exporters.lowerings import Lowering, get_lowering
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import compare_outputs
@@ -29,6 +30,10 @@ from portable_moe.errors import BundleError, ExportError
 from portable_moe.tensors import specs_from_onnx
 
 DEFAULT_OPSET = 20
+# Weights beyond 1 GiB go to external data: protobuf refuses messages over 2 GiB, and the margin
+# leaves room for the graph itself. Tensors under 1 KiB stay inline even then (shapes, small constants).
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 2**30
+_INLINE_TENSOR_BYTES = 1024
 Progress = Callable[[str], None]
 
 
@@ -50,7 +55,7 @@ def _import_torch() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [logger.level for logger in loggers]
@@ -133,7 +138,7 @@ def _save_onnx(
     import torch
 
     implementation = lowering.load()
-    with _quiet_exporter():
+    with quiet_exporter():
         program = torch.onnx.export(
             module,
             (example,),
@@ -151,6 +156,72 @@ def _save_onnx(
         program.save(str(path))
 
 
+def save_onnx_model(model: Any, path: Path, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> None:
+    """Write an ``onnx_ir`` model to ``path``; beyond ``external_data_threshold`` bytes of initializers,
+    the weights go to ``<path name>.data`` beside it (ONNX external data), small tensors stay inline.
+
+    Protobuf cannot hold a message over 2 GiB, so a model near that size must keep its weights
+    outside ``model.onnx``; below the threshold one self-contained file is simpler to handle.
+    """
+    import onnx_ir
+
+    weights = sum(
+        value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None
+    )
+    if weights > external_data_threshold:
+        onnx_ir.save(model, path, external_data=f"{path.name}.data", size_threshold_bytes=_INLINE_TENSOR_BYTES)
+    else:
+        onnx_ir.save(model, path)
+
+
+def export_model_to_onnx(
+    model: LayeredModel,
+    path: str | os.PathLike[str],
+    *,
+    lowering: Lowering | str = "dense",
+    opset: int = DEFAULT_OPSET,
+    progress: Progress | None = None,
+    example_ids: Any = None,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+) -> None:
+    """Export a layered model to one ONNX file, exporting each kind of decoder layer once.
+
+    The graph's input is ``input_ids [batch, seq]`` int64; its outputs are ``logits``, then
+    ``expert_ids_layer{N}`` for each MoE layer N, then ``dropped_slots_layer{N}`` when the lowering
+    reports drops (see :func:`output_names`). Nothing is validated here: :func:`export_bundle`
+    checks the graph and compares it with torch.
+
+    Args:
+        model: a :class:`~exporters.layered.LayeredModel` (a ``torch.nn.Module``) whose MoE blocks
+            already run ``lowering``'s routed experts.
+        path: the .onnx file to write.
+        lowering: the lowering (or its name) whose translation table and graph rewrite to apply.
+        opset: the ai.onnx opset.
+        progress: called with a short message at each step.
+        example_ids: ``input_ids [batch, seq]`` to trace with (seq >= 2); seeded random ids if None.
+        external_data_threshold: bytes of weights above which they are written as external data.
+
+    Raises:
+        ExportError: torch missing, an unknown lowering, the export failed, or the layers that
+            route are not ``model.config.moe_layer_indices``.
+    """
+    torch = _import_torch()
+    from exporters.layer_graphs import export_layered
+
+    lowering = get_lowering(lowering) if isinstance(lowering, str) else lowering
+    if example_ids is None:
+        generator = torch.Generator().manual_seed(0)
+        example_ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator, dtype=torch.int64)
+    try:
+        onnx_model = export_layered(model, example_ids, lowering=lowering, opset=opset, progress=progress)
+    except ExportError:
+        raise
+    except Exception as error:
+        name = getattr(model.config, "name", type(model).__name__)
+        raise ExportError(f"torch.onnx.export failed for {name} ({lowering.name} lowering): {error}") from error
+    save_onnx_model(onnx_model, Path(path), external_data_threshold)
+
+
 def export_bundle(
     output_dir: str | os.PathLike[str],
     preset: str | ModelConfig = "tiny",
@@ -163,6 +234,7 @@ def export_bundle(
     golden_seq: int = 16,
     overwrite: bool = False,
     progress: Progress | None = None,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
 ) -> Bundle:
     """Export a preset (or config) to a bundle directory.
 
@@ -176,6 +248,8 @@ def export_bundle(
         golden_batch / golden_seq: the shape of the golden inputs.
         overwrite: replace an existing bundle (atomically).
         progress: called with a short message at each step.
+        external_data_threshold: bytes of weights above which ``model.onnx`` keeps them in
+            ``model.onnx.data`` (ONNX external data, hashed in the manifest like every file).
 
     Returns:
         The written, verified bundle.
@@ -221,17 +295,18 @@ def export_bundle(
         golden_out.update({name: np.array(0, dtype=np.int64) for name in dropped})
     second_out = _torch_outputs(model, second_ids, names)
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=1, max=65536)
     with bundle_writer(output_dir, overwrite=overwrite) as staging:
         say(f"exporting to ONNX opset {opset} with the {lowering.name} MoE lowering")
         model_path = staging / MODEL_NAME
-        try:
-            _save_onnx(model, golden_ids, "input_ids", names, {0: batch, 1: seq}, opset, lowering, model_path)
-        except Exception as error:
-            raise ExportError(
-                f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}"
-            ) from error
+        export_model_to_onnx(
+            model,
+            model_path,
+            lowering=lowering,
+            opset=opset,
+            progress=say,
+            example_ids=golden_ids,
+            external_data_threshold=external_data_threshold,
+        )
 
         say("validating: ONNX checker (full check with shape inference)")
         import onnx

@@ -291,7 +291,21 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 def rerender(json_path: Path) -> None:
     """Rewrite the markdown from a saved JSON report (after a change to the text, not the figures)."""
     report = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render(report))
+    _write_keeping_export_speed(json_path.with_suffix(".md"), render(report))
+
+
+def _write_keeping_export_speed(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, keeping the section scripts/export_speed.py maintains there."""
+    # Run as a script, this file's folder is on sys.path.
+    from export_speed import BEGIN as EXPORT_SPEED_BEGIN
+    from export_speed import END as EXPORT_SPEED_END
+    from export_speed import write_block
+
+    previous = path.read_text() if path.exists() else ""
+    path.write_text(text)
+    if EXPORT_SPEED_BEGIN in previous and EXPORT_SPEED_END in previous:
+        block = previous.split(EXPORT_SPEED_BEGIN, 1)[1].split(EXPORT_SPEED_END, 1)[0]
+        write_block(path, EXPORT_SPEED_BEGIN + block + EXPORT_SPEED_END + "\n")
 
 
 def main() -> int:
@@ -355,7 +369,7 @@ def main() -> int:
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(report))
+    _write_keeping_export_speed(output, render(report))
     output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {output} and {output.with_suffix('.json')}")
     return 0
