@@ -186,7 +186,6 @@ def _find_kinds(model: LayeredModel, example_ids: torch.Tensor) -> tuple[dict[Ha
 class _Split:
     """The exported graph divided into the part every layer shares and one part per kind (and the head)."""
 
-    graph: ir.Graph
     shared_nodes: list[ir.Node] = field(default_factory=list)
     nodes: dict[Hashable, list[ir.Node]] = field(default_factory=dict)
     # Per part: the values its nodes read that are produced elsewhere (placeholders, shared values).
@@ -211,7 +210,7 @@ def _split(graph: ir.Graph, roots: Mapping[ir.Value, Hashable]) -> _Split:
         ExportError: if a node depends on the inputs of two parts (the exporter mixed them).
     """
     owner: dict[ir.Value, Hashable] = dict(roots)
-    split = _Split(graph)
+    split = _Split()
     produced_here: set[ir.Value] = set()
     main_values = {*graph.inputs, *graph.initializers.values(), *(out for node in graph for out in node.outputs)}
     for node in graph:
