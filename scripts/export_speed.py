@@ -89,6 +89,15 @@ def render(rows: list[dict], lowering: str, load: tuple[str, str]) -> str:
     for row in rows:
         cells = [f"{row[method]['wall']:.1f} s ({row[method]['cpu']:.1f} s)" for method in METHODS]
         lines.append(f"| {row['layers']} | " + " | ".join(cells) + " |")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        span = last["layers"] - first["layers"]
+        slopes = [(last[method]["cpu"] - first[method]["cpu"]) / span for method in METHODS]
+        lines += [
+            "",
+            f"CPU seconds per added layer ({first['layers']} to {last['layers']} layers): export_bundle "
+            f"{slopes[0]:.2f}, layer-wise trace {slopes[1]:.2f}, whole-model trace {slopes[2]:.2f}.",
+        ]
     lines += ["", "Produced by `python scripts/export_speed.py`.", END]
     return "\n".join(lines) + "\n"
 
