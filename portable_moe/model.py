@@ -292,11 +292,13 @@ class MoETransformer(nn.Module):
         ``cos``/``sin`` are the rotary tables of positions ``0..S-1`` and ``future`` marks the
         keys after each query (masked out); every layer takes them.
         """
-        seq = input_ids.shape[1]
-        positions = torch.arange(seq, device=input_ids.device, dtype=torch.float32)
+        # Positions 0..S-1 as a running count rather than arange: ONNX shape inference follows a
+        # CumSum's shape but not a Range's length, and static-shape tools (npu-sim's gears,
+        # bisection) need every shape to follow from the input's.
+        positions = torch.ones_like(input_ids[0], dtype=torch.float32).cumsum(0) - 1
         angles = positions[:, None] * self.inverse_frequency[None, :]
         angles = torch.cat((angles, angles), dim=-1)
-        future = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).triu(1)
+        future = positions[None, :] > positions[:, None]
         return self.embed_tokens(input_ids), angles.cos(), angles.sin(), future
 
     def layer_modules(self) -> list[nn.Module]:
