@@ -31,7 +31,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from exporters.layered import LayeredModel
+from exporters.layered import LayeredModel, quiet_exporter
 from exporters.lowerings import Lowering
 from portable_moe.errors import ExportError
 
@@ -330,7 +330,6 @@ def _export_pieces(
         hidden state, then the shared tensors) per kind, ``head.hidden``, then the weights:
         ``model.<name>`` for the prologue's and head's, ``kinds.<k>.<name>`` for each kind's.
     """
-    from exporters.torch_export import quiet_exporter
 
     example_ids, final_hidden = examples
     with torch.no_grad():

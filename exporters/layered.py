@@ -2,13 +2,17 @@
 
 The exporter exports each *kind* of decoder layer once and stamps it out per layer (see
 :mod:`exporters.layer_graphs`); any model that satisfies :class:`LayeredModel` can be exported that
-way: the reference ``portable_moe.model.MoETransformer``, or a Hugging Face checkpoint wrapped to
+way: the reference ``exporters.reference_model.MoETransformer``, or a Hugging Face checkpoint wrapped to
 fit. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -31,7 +35,7 @@ class LayeredModel(Protocol):
 
     def layer_modules(self) -> list[torch.nn.Module]:
         """One module per decoder layer; module(hidden, *shared) -> (hidden, expert_ids or None,
-        dropped or None), as portable_moe.model.DecoderLayer returns today: expert_ids is
+        dropped or None), as exporters.reference_model.DecoderLayer returns today: expert_ids is
         [B, S, top_k] int64 for MoE layers and None for dense ones; dropped is the int64 scalar count
         of dropped token-slots of a capacity-limited lowering, else None."""
 
@@ -43,3 +47,19 @@ class LayeredModel(Protocol):
         """Final norm and output projection: logits [B, S, vocab]."""
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

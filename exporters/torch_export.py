@@ -9,28 +9,25 @@ writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib.metadata
-import io
-import logging
 import os
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporters.layered import LayeredModel
+from exporters.layered import LayeredModel, quiet_exporter
 from exporters.lowerings import Lowering, get_lowering
+from exporters.sources import ExportSource, output_names
+from exporters.validation import Progress, validate_graph
 from exporters.weight_formats import plan_weights
 from exporters.weight_pass import apply_weight_plan
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
-from portable_moe.compare import compare_outputs, with_weights
+from portable_moe.compare import with_weights
 from portable_moe.config import ModelConfig, get_preset
-from portable_moe.errors import BundleError, ExportError, ExportParityError
+from portable_moe.errors import BundleError, ExportError
 from portable_moe.tensors import specs_from_onnx
 
 DEFAULT_OPSET = 20
@@ -38,7 +35,6 @@ DEFAULT_OPSET = 20
 # leaves room for the graph itself. Tensors under 1 KiB stay inline even then (shapes, small constants).
 DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES = 2**30
 _INLINE_TENSOR_BYTES = 1024
-Progress = Callable[[str], None]
 
 
 def _version(package: str) -> str | None:
@@ -56,29 +52,6 @@ def _import_torch() -> Any:
             "exporting needs torch and onnxscript; install them with: pip install 'portable-moe[export]'"
         ) from None
     return torch
-
-
-@contextlib.contextmanager
-def quiet_exporter() -> Iterator[None]:
-    """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def output_names(config: ModelConfig, reports_drops: bool = False) -> tuple[list[str], dict[str, int]]:
-    """The exported graph's output names, and which of them carry routing (name -> layer index)."""
-    routing = {f"expert_ids_layer{layer}": layer for layer in config.moe_layer_indices}
-    dropped = [f"dropped_slots_layer{layer}" for layer in config.moe_layer_indices] if reports_drops else []
-    return ["logits", *routing, *dropped], routing
 
 
 def _torch_outputs(model: Any, input_ids: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -105,61 +78,6 @@ def calibrate_capacity_factor(config: ModelConfig, routing: list[np.ndarray], he
         loads = np.bincount(expert_ids.reshape(-1), minlength=config.n_routed_experts)
         worst = max(worst, loads.max() / average)
     return float(np.ceil(worst * headroom * 4) / 4)
-
-
-def validate_graph(
-    model_path: Path,
-    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-    routing: dict[str, int],
-    precision: str = "exact",
-    say: Progress | None = None,
-    reference: str = "torch",
-) -> None:
-    """The checks every written graph passes: the ONNX checker's full check with shape inference,
-    then ONNX Runtime (CPU) against the expected outputs of ``cases`` under ``precision``'s tolerances.
-
-    Raises:
-        ExportError: naming the check that failed; the caller writes no bundle.
-    """
-    import onnx
-
-    (say or (lambda message: None))("validating: ONNX checker (full check with shape inference)")
-    try:
-        onnx.checker.check_model(str(model_path), full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise ExportError(f"the exported graph fails the ONNX checker: {error}") from None
-    (say or (lambda message: None))(f"validating: ONNX Runtime against {reference} on {len(cases)} input set(s)")
-    _check_parity(model_path, cases, routing, precision, reference)
-
-
-def _check_parity(
-    model_path: Path,
-    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-    routing: dict[str, int],
-    precision: str = "exact",
-    reference: str = "torch",
-) -> None:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    # The graph exactly as exported, and one copy of the weights: constant folding and pre-packing
-    # would hold two or three more copies of big models for a check that runs two small inputs.
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    options.enable_cpu_mem_arena = False  # return each run's temporaries (e.g. concatenated expert weights)
-    try:
-        session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
-        raise ExportError(f"ONNX Runtime cannot load the exported graph: {error}") from None
-    for feeds, expected in cases:
-        actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        failures = [c.message for c in compare_outputs(expected, actual, routing, precision) if not c.passed]
-        if failures:
-            shape = list(next(iter(feeds.values())).shape)
-            raise ExportParityError(
-                f"exported graph disagrees with {reference} on input shape {shape}: {failures[0]}; no bundle was written"
-            )
 
 
 def _save_onnx(
@@ -202,31 +120,8 @@ def _save_onnx(
         return save_onnx_model(program.model, path, external_data_threshold_bytes)
 
 
-@dataclass
-class ExportSource:
-    """What a bundle is exported from: a model and its golden data.
-
-    Attributes:
-        model: a :class:`~exporters.layered.LayeredModel` with ``set_routed_experts`` (the
-            reference model, or the Hugging Face wrapper).
-        config: its :class:`ModelConfig` (recorded in the manifest).
-        golden_ids / second_ids: the golden inputs and the second shape validation runs on.
-        golden_out: expected outputs on ``golden_ids`` (logits and expert ids).
-        second_out: expected outputs on ``second_ids``, or None to take them from the lowered model.
-        manifest: extra manifest entries describing the source.
-    """
-
-    model: Any
-    config: ModelConfig
-    golden_ids: Any
-    second_ids: Any
-    golden_out: dict[str, np.ndarray]
-    second_out: dict[str, np.ndarray] | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-
 def _preset_source(config: ModelConfig, seed: int, golden_batch: int, golden_seq: int, say: Progress) -> ExportSource:
-    from portable_moe.model import build_model, golden_inputs
+    from exporters.reference_model import build_model, golden_inputs
 
     say(f"building the {config.name} reference model (seed {seed})")
     model = build_model(config, seed)
@@ -511,7 +406,7 @@ def export_moe_layer(
         for side-by-side timing.
     """
     torch = _import_torch()
-    from portable_moe.model import build_model
+    from exporters.reference_model import build_model
 
     lowering = get_lowering(moe_lowering)
     model = build_model(config, seed)

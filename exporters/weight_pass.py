@@ -437,7 +437,7 @@ def convert_bundle(
             graph that fails validation.
         BundleError: a missing or damaged source, or an existing ``output_dir`` without ``overwrite``.
     """
-    from exporters.torch_export import validate_graph
+    from exporters.validation import validate_graph
 
     plan = plan_weights(weights, block_size, kernel)
     bundle = source if isinstance(source, Bundle) else load_bundle(source)

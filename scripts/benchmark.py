@@ -34,9 +34,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from exporters import LOWERINGS, export_bundle
+from exporters.reference_model import build_model, routed_experts_dense, routed_experts_loop
 from exporters.torch_export import export_moe_layer
 from portable_moe import get_backend, get_preset
-from portable_moe.model import build_model, routed_experts_dense, routed_experts_loop
 from portable_moe.perf.bench import BenchResult, time_callable, token_feeds
 
 ROOT = Path(__file__).resolve().parent.parent

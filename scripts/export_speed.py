@@ -35,9 +35,10 @@ import dataclasses, json, sys, tempfile, time
 from pathlib import Path
 method, layers, lowering, scratch = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 from exporters import export_bundle, get_lowering
-from exporters.torch_export import export_model_to_onnx, output_names, _save_onnx
+from exporters.sources import output_names
+from exporters.torch_export import _save_onnx, export_model_to_onnx
 from portable_moe import get_preset
-from portable_moe.model import build_model, golden_inputs
+from exporters.reference_model import build_model, golden_inputs
 config = dataclasses.replace(get_preset("tiny"), name=f"tiny-{layers}-layers", num_hidden_layers=layers)
 wall, cpu = time.perf_counter(), time.process_time()
 if method == "export_bundle":

@@ -38,7 +38,7 @@ def route_deepseek_v3(gate: Any, hidden: Any) -> tuple[Any, Any]:
     import torch
     from torch.nn import functional
 
-    from portable_moe.model import stable_topk_indices
+    from exporters.reference_model import stable_topk_indices
 
     logits = functional.linear(hidden.type(torch.float32), gate.weight.type(torch.float32))
     scores = logits.sigmoid()
@@ -62,7 +62,7 @@ def route_softmax_topk(gate: Any, hidden: Any) -> tuple[Any, Any]:
     import torch
     from torch.nn import functional
 
-    from portable_moe.model import stable_topk_indices
+    from exporters.reference_model import stable_topk_indices
 
     logits = functional.linear(hidden, gate.weight)
     probabilities = functional.softmax(logits, dtype=torch.float, dim=-1)
@@ -78,7 +78,7 @@ def route_mixtral(gate: Any, hidden: Any) -> tuple[Any, Any]:
     softmax over the top-k logits)."""
     from torch.nn import functional
 
-    from portable_moe.model import stable_topk_indices
+    from exporters.reference_model import stable_topk_indices
 
     logits = functional.linear(hidden, gate.weight)
     probabilities = functional.softmax(logits.float(), dim=-1)

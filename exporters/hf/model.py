@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from exporters.hf.architectures import Architecture
+from exporters.reference_model import RoutedExperts, routed_experts_dense
 from portable_moe.config import ModelConfig
-from portable_moe.model import RoutedExperts, routed_experts_dense
 
 
 class LoweredMoEBlock(nn.Module):

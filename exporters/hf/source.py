@@ -17,7 +17,7 @@ import numpy as np
 
 from exporters.hf.loading import LoadedCheckpoint, load_checkpoint
 from exporters.hf.model import HFLayeredModel
-from exporters.torch_export import ExportSource, output_names
+from exporters.sources import ExportSource, output_names
 
 
 def transformers_outputs(checkpoint: LoadedCheckpoint, input_ids: Any) -> dict[str, np.ndarray]:
@@ -63,7 +63,7 @@ def hf_source(
     Raises:
         ExportError: see :func:`exporters.hf.loading.load_checkpoint`.
     """
-    from portable_moe.model import golden_inputs
+    from exporters.reference_model import golden_inputs
 
     say(f"loading the Hugging Face checkpoint {path}")
     checkpoint = load_checkpoint(path)

@@ -454,7 +454,7 @@ def config_work(config: ModelConfig, batch: int, seq: int, moe_lowering: str = "
     """Count a model's work from its config alone, without building or exporting it.
 
     For presets too large to build (``deepseek-v3``). The layers are those of the reference model
-    (:mod:`portable_moe.model`): per layer RMSNorms, q/k/v/o projections, causal attention
+    (:mod:`exporters.reference_model`): per layer RMSNorms, q/k/v/o projections, causal attention
     scores, and a dense SwiGLU MLP or an MoE block (router, shared experts, routed experts). Each
     matrix product is counted as the exported graph counts it (2 FLOPs per multiply-add; its
     inputs, weights and output moved once); element-wise work (norms, activations, softmax) is

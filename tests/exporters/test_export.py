@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 
 
 from exporters import export_bundle  # noqa: E402
 from exporters.lowerings import LOWERINGS, Lowering  # noqa: E402
+from exporters.reference_model import build_model  # noqa: E402
 from portable_moe import BundleError, ConfigError, ExportError, compare_outputs, get_backend  # noqa: E402
-from portable_moe.model import build_model  # noqa: E402
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4])
@@ -40,7 +40,7 @@ def test_v4_routing_exports_and_matches(bundle_factory):
 
 
 def test_a_graph_that_breaks_parity_writes_no_bundle(tmp_path, monkeypatch):
-    from portable_moe.model import routed_experts_dense
+    from exporters.reference_model import routed_experts_dense
 
     module = types.ModuleType("broken_lowering")
     module.routed_experts = lambda *args: routed_experts_dense(*args) * 1.01

@@ -125,7 +125,7 @@ def test_cli_exports_a_checkpoint(hf_checkpoint, tmp_path, capsys):
 
 
 def test_a_graph_that_disagrees_with_transformers_fails_with_exit_code_1(hf_checkpoint, hf_bundle):
-    from exporters.torch_export import _check_parity
+    from exporters.validation import _check_parity
     from portable_moe.errors import ExportParityError
 
     bundle = hf_bundle(hf_checkpoint("Qwen2MoeForCausalLM"), "capacity")

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 
 
 from exporters.layer_graphs import export_layered  # noqa: E402
 from exporters.lowerings import get_lowering  # noqa: E402
+from exporters.reference_model import build_model, golden_inputs  # noqa: E402
 from exporters.torch_export import export_model_to_onnx  # noqa: E402
 from portable_moe import ExportError, compare_outputs, get_backend, get_preset  # noqa: E402
-from portable_moe.model import build_model, golden_inputs  # noqa: E402
 
 # Four layers (one dense, three MoE of one kind): the weights of the kind's one export are swapped per layer.
 FOUR_LAYERS = dataclasses.replace(get_preset("tiny"), name="tiny-4-layers", num_hidden_layers=4)

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 'portable-moe[export]')")
 
 from exporters import LOWERINGS  # noqa: E402
+from exporters.reference_model import build_model  # noqa: E402
 from portable_moe import compare_outputs, get_backend  # noqa: E402
-from portable_moe.model import build_model  # noqa: E402
 
 
 def _ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:

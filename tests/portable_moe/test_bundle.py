@@ -131,7 +131,7 @@ def test_writer_refuses_to_overwrite_and_replaces_atomically_when_told(tmp_path,
 
 def test_golden_outputs_match_the_reference(tiny_bundle):
     torch = pytest.importorskip("torch")
-    from portable_moe.model import build_model
+    from exporters.reference_model import build_model
 
     [(inputs, outputs)] = tiny_bundle.golden_sets()
     model = build_model(tiny_bundle.config, tiny_bundle.manifest["seed"])

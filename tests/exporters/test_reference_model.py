@@ -7,14 +7,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the reference model needs torch (pip install 'portable-moe[export]')")
 
-from portable_moe import ConfigError, get_preset  # noqa: E402
-from portable_moe.model import (  # noqa: E402
+from exporters.reference_model import (  # noqa: E402
     build_model,
     golden_inputs,
     route,
     routed_experts_dense,
     routed_experts_loop,
 )
+from portable_moe import ConfigError, get_preset  # noqa: E402
 
 
 def _router_config(**change):
