@@ -74,9 +74,7 @@ def test_importing_the_package_and_its_run_and_check_modules_imports_no_torch(to
 @pytest.mark.parametrize(
     "command",
     [
-        ["backends"],
-        ["check", "{bundle}", "--backend", "cpu,reference,npu-sim"],
-        ["check", "{bundle}", "--backend", "cpu", "--inputs", "random:2", "--bisect", "always"],
+        ["check", "{bundle}", "--backend", "cpu,reference,npu-sim", "--inputs", "random:2", "--bisect", "always"],
         ["run", "{bundle}", "--backend", "npu-sim,cpu", "--isolated"],
         ["bench", "{bundle}", "--backend", "cpu", "--warmup", "1", "--runs", "2"],
         ["conformance", "ops", "--backend", "cpu", "--include", "^test_abs$", "--jobs", "1"],
