@@ -1,12 +1,27 @@
-"""``reference``: onnx's own numpy evaluator, slow but the oracle for what each operator means."""
+"""``reference``: onnx's own numpy evaluator, slow but the oracle for what each operator means.
+
+The evaluator says itself what it cannot run: ``NotImplementedError`` (an operator, or a version
+or attribute of one, it has no implementation for) becomes
+:class:`~portable_moe.errors.UnsupportedError`, decided by the exception's class.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from portable_moe.backend import WEIGHT_FORMAT_KEYS, Backend, Capabilities, CompiledModel, ModelInput, ProbeResult
+from portable_moe.errors import UnsupportedError, UnsupportedReason
+
+
+def _unsupported(error: NotImplementedError) -> UnsupportedError:
+    return UnsupportedError(
+        # Its first line says what is missing; the lines after it list every operator it has.
+        UnsupportedReason.NO_KERNEL,
+        f"onnx.reference answered {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}",
+    )
 
 
 class ReferenceCompiledModel(CompiledModel):
@@ -17,7 +32,10 @@ class ReferenceCompiledModel(CompiledModel):
         self._node_count = len(model.proto.graph.node)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self.evaluator.run(None, feeds)))
+        try:
+            return dict(zip(self._output_names, self.evaluator.run(None, feeds)))
+        except NotImplementedError as error:
+            raise _unsupported(error) from error
 
     def placement(self) -> dict[str, int]:
         return {"onnx.reference": self._node_count}
@@ -27,6 +45,7 @@ class OnnxReferenceBackend(Backend):
     name = "reference"
     vendor = "ONNX (numpy)"
     description = "onnx.reference.ReferenceEvaluator: slow, the oracle for operator semantics"
+    expected_failures_file = Path(__file__).with_name("onnx_reference_expected_failures.toml")
 
     def probe(self) -> ProbeResult:
         import onnx
@@ -44,12 +63,17 @@ class OnnxReferenceBackend(Backend):
             dynamic_shapes=True,
             moe_lowerings=("dense", "sparse", "capacity"),
             weight_formats=WEIGHT_FORMAT_KEYS,
+            runtime_reports_unsupported=True,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
         from onnx.reference import ReferenceEvaluator
 
-        return ReferenceCompiledModel(self, model, ReferenceEvaluator(model.proto, new_ops=[gather_elements_op()]))
+        try:
+            evaluator = ReferenceEvaluator(model.proto, new_ops=[gather_elements_op()])
+        except NotImplementedError as error:
+            raise _unsupported(error) from error
+        return ReferenceCompiledModel(self, model, evaluator)
 
 
 def gather_elements_op() -> type:

@@ -1,10 +1,21 @@
-"""``cpu``: ONNX Runtime's CPU execution provider."""
+"""``cpu``: ONNX Runtime's CPU execution provider.
+
+ONNX Runtime says itself what it cannot run, and :func:`unsupported_answer` turns those answers
+into :class:`~portable_moe.errors.UnsupportedError` by the exception's class, never by its words:
+``NotImplemented`` (no kernel for an operator at this opset and dtype), ``Fail`` for an operator
+its own schema registry does not list, and a plain ``RuntimeError`` from ``run``, which comes from
+the Python binding converting a value (ORT's own failures come as its status exceptions).
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from portable_moe.backend import (
     WEIGHT_FORMAT_KEYS,
@@ -15,6 +26,8 @@ from portable_moe.backend import (
     Option,
     ProbeResult,
 )
+from portable_moe.errors import UnsupportedError, UnsupportedReason
+from portable_moe.tensors import outputs_not_carried
 
 # ORT's optimisation levels by the names users type.
 _OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -30,11 +43,88 @@ class OrtCompiledModel(CompiledModel):
         self._output_names = [output.name for output in session.get_outputs()]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
+        try:
+            results = dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
+        except Exception as error:
+            answer = unsupported_answer(error, None)
+            if answer is None:
+                raise
+            raise answer from error
+        not_carried = outputs_not_carried(self.outputs, results)
+        if not_carried:
+            raise UnsupportedError(
+                UnsupportedReason.DTYPE_NOT_CARRIED,
+                f"onnxruntime's Python binding has no numpy type for output(s) {'; '.join(not_carried)}",
+            )
+        return results
 
     def placement(self) -> dict[str, int]:
         # A session with the CPU provider alone runs every node there.
         return {"CPUExecutionProvider": self._node_count}
+
+
+@functools.cache
+def registered_operators() -> frozenset[tuple[str, str]]:
+    """``(domain, op_type)`` of every operator schema ONNX Runtime registers ("" for ai.onnx).
+
+    Empty when this build does not expose its registry (a minimal build): then nothing is
+    reported as unknown.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    schemas = getattr(ort_state, "get_all_operator_schema", None)
+    if schemas is None:
+        return frozenset()
+    return frozenset((schema.domain, schema.name) for schema in schemas())
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of its subgraphs (If, Loop, Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            yield from (sub for body in [attribute.g, *attribute.graphs] for sub in _nodes(body))
+
+
+def unregistered_operators(model: onnx.ModelProto) -> list[str]:
+    """Operators of ``model`` that ONNX Runtime's schema registry does not list (model-local functions aside)."""
+    registered = registered_operators()
+    if not registered:
+        return []
+    local = {(function.domain, function.name) for function in model.functions}
+    unknown = set()
+    for node in _nodes(model.graph):
+        key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+        if key not in registered and key not in local:
+            unknown.add(f"{key[0]}:{key[1]}" if key[0] else key[1])
+    return sorted(unknown)
+
+
+def unsupported_answer(error: BaseException, model: onnx.ModelProto | None) -> UnsupportedError | None:
+    """ONNX Runtime's ``error`` as an UnsupportedError when it says it cannot run the model, else None.
+
+    Args:
+        error: what ``InferenceSession`` (``model`` given) or ``session.run`` (``model`` None) raised.
+        model: the model a session was being created for; None for an error raised by ``run``.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    words = str(error).strip()
+    if isinstance(error, ort_state.NotImplemented):
+        return UnsupportedError(UnsupportedReason.NO_KERNEL, f"onnxruntime answered NotImplemented: {words}")
+    if model is None and type(error) is RuntimeError:
+        return UnsupportedError(
+            UnsupportedReason.DTYPE_NOT_CARRIED,
+            f"onnxruntime's Python binding could not convert a value (RuntimeError, not an ORT status): {words}",
+        )
+    if model is not None and isinstance(error, ort_state.Fail):
+        unknown = unregistered_operators(model)
+        if unknown:
+            return UnsupportedError(
+                UnsupportedReason.UNKNOWN_OPERATOR,
+                f"onnxruntime's operator registry has no {', '.join(unknown)}; it answered Fail: {words}",
+            )
+    return None
 
 
 def session_options(threads: int, optimization: str) -> Any:
@@ -70,6 +160,7 @@ class OnnxRuntimeCpuBackend(Backend):
         "threads": Option(0, int, "intra-op threads (0: ONNX Runtime decides)", minimum=0),
         "optimization": Option("all", str, "ONNX Runtime graph optimisation level", choices=_OPTIMIZATION_LEVELS),
     }
+    expected_failures_file = Path(__file__).with_name("onnxruntime_cpu_expected_failures.toml")
 
     def probe(self) -> ProbeResult:
         try:
@@ -105,14 +196,21 @@ class OnnxRuntimeCpuBackend(Backend):
             moe_lowerings=("fused", "sparse", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
             weight_formats=WEIGHT_FORMAT_KEYS,
+            runtime_reports_unsupported=True,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(
-            model_source(model),
-            sess_options=session_options(options["threads"], options["optimization"]),
-            providers=["CPUExecutionProvider"],
-        )
+        try:
+            session = onnxruntime.InferenceSession(
+                model_source(model),
+                sess_options=session_options(options["threads"], options["optimization"]),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as error:
+            answer = unsupported_answer(error, model.proto)
+            if answer is None:
+                raise
+            raise answer from error
         return OrtCompiledModel(self, model, session)

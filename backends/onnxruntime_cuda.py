@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from backends.onnxruntime_cpu import model_source, session_options
+from backends.onnxruntime_cpu import model_source, session_options, unsupported_answer
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError, InputError
 from portable_moe.tensors import TensorSpec
@@ -437,7 +437,13 @@ class CudaCompiledModel(CompiledModel):
         self._runner = IoBindingRunner(session, "cuda", settings.device_id, fixed_addresses=settings.enable_cuda_graph)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._runner.run(feeds)
+        try:
+            return self._runner.run(feeds)
+        except Exception as error:
+            answer = unsupported_answer(error, None)
+            if answer is None:
+                raise
+            raise answer from error
 
     def placement(self) -> dict[str, int]:
         return dict(self._placement)
@@ -504,11 +510,18 @@ class OnnxRuntimeCudaBackend(Backend):
                 "by this project; use int8 per-channel (--block-size 0) or run the bundle on cpu"
                 for key in ("int8/block", "int4/block")
             },
+            runtime_reports_unsupported=True,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
         settings = CudaSettings.from_options(options)
-        session = make_cuda_session(model, settings)
+        try:
+            session = make_cuda_session(model, settings)
+        except Exception as error:
+            answer = unsupported_answer(error, model.proto)
+            if answer is None:
+                raise
+            raise answer from error
         # Placement is measured on a twin session without CUDA graphs (a graph would be captured
         # for the synthetic shapes), with the same providers and placement rules.
         twin = replace(settings, enable_cuda_graph=False)

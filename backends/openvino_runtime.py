@@ -4,10 +4,17 @@ OpenVINO's ONNX frontend turns the graph into an OpenVINO model once (``Core.rea
 ``Core.compile_model`` builds it for one device. Dynamic input dimensions stay dynamic, so one
 compiled model takes any batch and sequence length. The runtime is imported lazily: without the
 ``openvino`` package this backend stays listed as unavailable, with the command that installs it.
+
+OpenVINO raises ``RuntimeError`` for everything, so its words cannot say why it refused a model
+without reading them. When reading a model fails, :func:`unconverted_operators` asks its ONNX
+frontend instead: a partial conversion leaves the operators it has no conversion rule for as
+nodes outside OpenVINO's opsets, and those make the model *unsupported*
+(:class:`~portable_moe.errors.UnsupportedError`, with OpenVINO's message quoted).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -25,7 +32,8 @@ from portable_moe.backend import (
     Option,
     ProbeResult,
 )
-from portable_moe.errors import BackendError
+from portable_moe.errors import BackendError, UnsupportedError, UnsupportedReason
+from portable_moe.tensors import NUMPY_NATIVE_DTYPES, outputs_not_carried
 
 INSTALL_HINT = 'pip install "portable-moe[openvino]"'
 
@@ -88,8 +96,13 @@ def expand_broadcast_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     for index in matmuls:
         activation, weights = model.graph.node[index].input
         batch = shapes.get(weights, ())[:-2]
+        activation_shape = shapes.get(activation)
+        # A 1-D activation is a vector, not a row of a batch: MatMul drops its axis from the
+        # result, which expanding it to [*batch, 1, K] would keep. Unknown ranks are left alone too.
+        if activation_shape is None or len(activation_shape) < 2:
+            continue
         if batch and all(isinstance(dim, int) for dim in batch) and math.prod(batch) > 1:
-            if shapes.get(activation, ())[:-2] != batch:
+            if activation_shape[:-2] != batch:
                 expand_to[index] = batch
     if not expand_to:
         return model, 0
@@ -147,6 +160,8 @@ class OpenVinoCompiledModel(CompiledModel):
     def __init__(self, backend: Backend, model: ModelInput, compiled: Any, node_count: int, expanded: int) -> None:
         super().__init__(backend, model)
         self.compiled = compiled
+        # OpenVINO drops graph inputs no output depends on; feeding one raises "Port ... was not found".
+        self._kept_inputs = {name for port in compiled.inputs for name in port.get_names()}
         self.expanded_matmuls = expanded
         self._request = compiled.create_infer_request()
         self._node_count = node_count
@@ -157,12 +172,145 @@ class OpenVinoCompiledModel(CompiledModel):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # share_outputs=False copies the outputs out of the request, which the next run overwrites.
-        results = self._request.infer(feeds, share_outputs=False)
-        return {spec.name: np.asarray(results[self.compiled.output(spec.name)]) for spec in self.outputs}
+        openvino = _import_openvino()
+        kept: dict[str, Any] = {}
+        for name, value in feeds.items():
+            if name not in self._kept_inputs:
+                continue
+            if isinstance(value, np.ndarray) and value.dtype.name not in NUMPY_NATIVE_DTYPES:
+                # infer() would take such an array's bytes for the port's type; a Tensor asks the binding first.
+                try:
+                    value = openvino.Tensor(value)
+                except Exception as error:
+                    raise UnsupportedError(
+                        UnsupportedReason.DTYPE_NOT_CARRIED,
+                        f"openvino's Python binding has no element type for input {name!r} of numpy dtype "
+                        f"{value.dtype.name}; it answered: {' '.join(str(error).split())}",
+                    ) from error
+            kept[name] = value
+        results = self._request.infer(kept, share_outputs=False)
+        outputs = {spec.name: np.asarray(results[self.compiled.output(spec.name)]) for spec in self.outputs}
+        not_carried = outputs_not_carried(self.outputs, outputs)
+        if not_carried:
+            raise UnsupportedError(
+                UnsupportedReason.DTYPE_NOT_CARRIED,
+                f"openvino's Python binding has no numpy type for output(s) {'; '.join(not_carried)}",
+            )
+        return outputs
 
     def placement(self) -> dict[str, int]:
         # Without HETERO, OpenVINO runs the whole graph on the one device it compiled for.
         return {f"openvino:{'+'.join(self.execution_devices)}": self._node_count}
+
+
+def _opset_nodes(model: Any) -> Any:
+    """Every operation of an OpenVINO model and of its bodies (If, Loop, TensorIterator)."""
+    for operation in model.get_ordered_ops():
+        yield operation
+        for index in range(getattr(operation, "get_internal_subgraphs_size", lambda: 0)()):
+            yield from _opset_nodes(operation.get_function(index))
+
+
+def unconverted_operators(path: str) -> list[str]:
+    """The operators of the ONNX file at ``path`` that OpenVINO's ONNX frontend has no conversion rule for.
+
+    The frontend's partial conversion keeps each of them as a node outside OpenVINO's opsets
+    (its type's version is not ``opsetN``): a framework node names the ONNX operator it stands
+    for (``ai.onnx.preview.training:Adagrad``), other leftovers are named as OpenVINO names them
+    (``util::SequenceInsert``).
+    """
+    from openvino.frontend import FrontEndManager
+
+    # Every object stays referenced until the walk ends: the unconverted nodes point into the
+    # frontend's input model, and reading them after it is freed crashes the process.
+    manager = FrontEndManager()
+    frontend = manager.load_by_framework("onnx")
+    input_model = frontend.load(path)
+    converted = frontend.convert_partially(input_model)
+    names = set()
+    for operation in _opset_nodes(converted):
+        version = operation.get_type_info().version_id
+        if not version.startswith("opset"):
+            # A framework node carries the ONNX operator it stands for; other leftovers have their own names.
+            attributes = operation.get_attributes()
+            onnx_type, domain = attributes.get("ONNX_META_type"), attributes.get("ONNX_META_domain")
+            if onnx_type:
+                names.add(f"{domain}:{onnx_type}" if domain else str(onnx_type))
+            else:
+                names.add(f"{version}::{operation.get_type_name()}")
+    del converted, input_model, frontend, manager  # in this order: nodes before what they point into
+    return sorted(names)
+
+
+@functools.cache
+def frontend_refuses_type(elem_type: int) -> str:
+    """OpenVINO's words when its ONNX frontend cannot load a tensor of ONNX type ``elem_type``, else "".
+
+    Asked with a one-node model (``Identity`` of that type), so the answer is about the type alone.
+    """
+    from openvino.frontend import FrontEndManager
+
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "type_probe",
+        [value("x", elem_type, [1])],
+        [value("y", elem_type, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    with tempfile.TemporaryDirectory(prefix="portable-moe-openvino-") as scratch:
+        path = Path(scratch) / "probe.onnx"
+        onnx.save_model(model, path)
+        manager = FrontEndManager()
+        frontend = manager.load_by_framework("onnx")
+        try:
+            frontend.load(str(path))
+        except Exception as error:
+            return " ".join(str(error).split())
+    return ""
+
+
+def _element_types(model: onnx.ModelProto) -> set[int]:
+    """The ONNX element types of a model's inputs, outputs, initializers and Cast targets."""
+    graph = model.graph
+    types = {tensor.data_type for tensor in graph.initializer}
+    for value in [*graph.input, *graph.output]:
+        if value.type.WhichOneof("value") == "tensor_type":
+            types.add(value.type.tensor_type.elem_type)
+    for node in graph.node:
+        types.update(attribute.i for attribute in node.attribute if node.op_type == "Cast" and attribute.name == "to")
+    return types - {onnx.TensorProto.UNDEFINED}
+
+
+def _read_model(core: Any, path: str, model: onnx.ModelProto) -> Any:
+    """``core.read_model``, or UnsupportedError when OpenVINO's ONNX frontend says it cannot take the model.
+
+    Two answers are asked for after a failure: an element type the frontend cannot load at all
+    (:func:`frontend_refuses_type`), and operators it has no conversion rule for
+    (:func:`unconverted_operators`).
+    """
+    try:
+        return core.read_model(path)
+    except Exception as error:
+        words = " ".join(str(error).split())
+        refused = {elem_type: frontend_refuses_type(elem_type) for elem_type in sorted(_element_types(model))}
+        refused = {elem_type: answer for elem_type, answer in refused.items() if answer}
+        if refused:
+            names = ", ".join(onnx.TensorProto.DataType.Name(elem_type).lower() for elem_type in refused)
+            raise UnsupportedError(
+                UnsupportedReason.DTYPE_NOT_CARRIED,
+                f"openvino's ONNX frontend cannot load a tensor of type {names}; it answered: {words}",
+            ) from error
+        try:
+            unconverted = unconverted_operators(path)
+        except Exception:  # the frontend cannot even load it: the original error says why
+            unconverted = []
+        if not unconverted:
+            raise
+        raise UnsupportedError(
+            UnsupportedReason.NO_KERNEL,
+            f"openvino's ONNX frontend has no conversion rule for {', '.join(unconverted)}; it answered: {words}",
+        ) from error
 
 
 def _precision_name(compiled: Any) -> str:
@@ -203,6 +351,7 @@ class OpenVinoBackend(Backend):
         "precision": Option("f32", str, "inference precision hint", choices=PRECISION_HINTS),
         "threads": Option(0, int, "inference threads (0: OpenVINO decides)", minimum=0),
     }
+    expected_failures_file = Path(__file__).with_name("openvino_runtime_expected_failures.toml")
 
     def probe(self) -> ProbeResult:
         try:
@@ -232,6 +381,7 @@ class OpenVinoBackend(Backend):
             # Checked on the tiny preset with every format (scripts/benchmark_weights.py): it imports
             # Cast from float16/bfloat16 and DequantizeLinear with int4 codes and block_size.
             weight_formats=WEIGHT_FORMAT_KEYS,
+            runtime_reports_unsupported=True,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
@@ -252,5 +402,5 @@ class OpenVinoBackend(Backend):
                 onnx.save_model(
                     proto, path, save_as_external_data=True, location="weights.bin", size_threshold=_SMALL_TENSOR
                 )
-            compiled = core.compile_model(core.read_model(str(path)), options["device"], config)
+            compiled = core.compile_model(_read_model(core, str(path), proto), options["device"], config)
         return OpenVinoCompiledModel(self, model, compiled, len(proto.graph.node), expanded)

@@ -5,7 +5,8 @@ Importing this package does not import torch; :func:`export_bundle` does, when c
 
 from exporters.lowerings import LOWERINGS, Lowering, get_lowering
 from exporters.torch_export import export_bundle
-from exporters.weight_formats import WEIGHT_FORMATS, WeightFormat, convert_bundle, get_weight_format
+from exporters.weight_formats import WEIGHT_FORMATS, WeightFormat, get_weight_format
+from exporters.weight_pass import convert_bundle
 
 __all__ = [
     "LOWERINGS",

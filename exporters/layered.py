@@ -1,7 +1,9 @@
 """The layered-model protocol: a decoder-only model seen as prologue -> layers -> head.
 
-Exporters that work layer by layer take any model that satisfies :class:`LayeredModel`: the
-project's reference model and the Hugging Face wrapper in :mod:`exporters.hf` both do.
+The exporter exports each *kind* of decoder layer once and stamps it out per layer (see
+:mod:`exporters.layer_graphs`); any model that satisfies :class:`LayeredModel` can be exported that
+way: the reference ``portable_moe.model.MoETransformer``, or a Hugging Face checkpoint wrapped to
+fit. Importing this module does not import torch.
 """
 
 from __future__ import annotations

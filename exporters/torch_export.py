@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from exporters.layered import LayeredModel
 from exporters.lowerings import Lowering, get_lowering
-from exporters.weight_formats import apply_weight_plan, plan_weights
+from exporters.weight_formats import plan_weights
+from exporters.weight_pass import apply_weight_plan
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import compare_outputs, with_weights
 from portable_moe.config import ModelConfig, get_preset
@@ -32,6 +34,10 @@ from portable_moe.errors import BundleError, ExportError, ExportParityError
 from portable_moe.tensors import specs_from_onnx
 
 DEFAULT_OPSET = 20
+# Weights beyond 1 GiB go to external data: protobuf refuses messages over 2 GiB, and the margin
+# leaves room for the graph itself. Tensors under 1 KiB stay inline even then (shapes, small constants).
+DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES = 2**30
+_INLINE_TENSOR_BYTES = 1024
 Progress = Callable[[str], None]
 
 
@@ -53,7 +59,7 @@ def _import_torch() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [logger.level for logger in loggers]
@@ -141,6 +147,7 @@ def _check_parity(
     # would hold two or three more copies of big models for a check that runs two small inputs.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False  # return each run's temporaries (e.g. concatenated expert weights)
     try:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -153,19 +160,6 @@ def _check_parity(
             raise ExportParityError(
                 f"exported graph disagrees with {reference} on input shape {shape}: {failures[0]}; no bundle was written"
             )
-
-
-DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30  # well under protobuf's 2 GiB message limit
-
-
-def _initializer_bytes(program: Any) -> int:
-    """Bytes of the exported graph's initializers (what would otherwise go inside model.onnx)."""
-    total = 0
-    for value in program.model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            total += tensor.nbytes
-    return total
 
 
 def _save_onnx(
@@ -189,13 +183,8 @@ def _save_onnx(
     """
     import torch
 
-    threshold = (
-        DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
-        if external_data_threshold_bytes is None
-        else external_data_threshold_bytes
-    )
     implementation = lowering.load()
-    with _quiet_exporter():
+    with quiet_exporter():
         program = torch.onnx.export(
             module,
             (example,),
@@ -210,9 +199,7 @@ def _save_onnx(
         )
         if hasattr(implementation, "after_export"):
             implementation.after_export(program)
-        external = _initializer_bytes(program) > threshold
-        program.save(str(path), external_data=external)
-    return external
+        return save_onnx_model(program.model, path, external_data_threshold_bytes)
 
 
 @dataclass
@@ -248,6 +235,90 @@ def _preset_source(config: ModelConfig, seed: int, golden_batch: int, golden_seq
     second_ids = golden_inputs(config, seed + 100, 1, max(1, golden_seq // 2 + 1))["input_ids"]
     golden_out = _torch_outputs(model, golden_ids, names)  # the reference routed experts (dense)
     return ExportSource(model, config, golden_ids, second_ids, golden_out, manifest={"preset": config.name})
+
+
+def save_onnx_model(model: Any, path: Path, external_data_threshold_bytes: int | None = None) -> bool:
+    """Write an ``onnx_ir`` model to ``path``; beyond ``external_data_threshold_bytes`` of initializers
+    (default :data:`DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES`), the weights go to ``<path name>.data``
+    beside it (ONNX external data), small tensors stay inline.
+
+    Protobuf cannot hold a message over 2 GiB, so a model near that size must keep its weights
+    outside ``model.onnx``; below the threshold one self-contained file is simpler to handle. After
+    saving, the in-memory model lets go of its weights (they may wrap the torch model's tensors), so
+    that memory is freed before ONNX Runtime loads the saved copy.
+
+    Returns:
+        True when the weights were written as external data.
+    """
+    import onnx_ir
+
+    threshold = (
+        DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
+        if external_data_threshold_bytes is None
+        else external_data_threshold_bytes
+    )
+    weights = sum(
+        value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None
+    )
+    external = weights > threshold
+    if external:
+        onnx_ir.save(model, path, external_data=f"{path.name}.data", size_threshold_bytes=_INLINE_TENSOR_BYTES)
+    else:
+        onnx_ir.save(model, path)
+    for value in model.graph.initializers.values():
+        value.const_value = None
+    return external
+
+
+def export_model_to_onnx(
+    model: LayeredModel,
+    path: str | os.PathLike[str],
+    *,
+    lowering: Lowering | str = "dense",
+    opset: int = DEFAULT_OPSET,
+    progress: Progress | None = None,
+    example_ids: Any = None,
+    external_data_threshold_bytes: int | None = None,
+) -> bool:
+    """Export a layered model to one ONNX file, exporting each kind of decoder layer once.
+
+    The graph's input is ``input_ids [batch, seq]`` int64; its outputs are ``logits``, then
+    ``expert_ids_layer{N}`` for each MoE layer N, then ``dropped_slots_layer{N}`` when the lowering
+    reports drops (see :func:`output_names`). Nothing is validated here: :func:`export_bundle`
+    checks the graph and compares it with torch.
+
+    Args:
+        model: a :class:`~exporters.layered.LayeredModel` (a ``torch.nn.Module``) whose MoE blocks
+            already run ``lowering``'s routed experts.
+        path: the .onnx file to write.
+        lowering: the lowering (or its name) whose translation table and graph rewrite to apply.
+        opset: the ai.onnx opset.
+        progress: called with a short message at each step.
+        example_ids: ``input_ids [batch, seq]`` to trace with (seq >= 2); seeded random ids if None.
+        external_data_threshold_bytes: bytes of weights above which they are written as external data.
+
+    Returns:
+        True when the weights were written as external data.
+
+    Raises:
+        ExportError: torch missing, an unknown lowering, the export failed, or the layers that
+            route are not ``model.config.moe_layer_indices``.
+    """
+    torch = _import_torch()
+    from exporters.layer_graphs import export_layered
+
+    lowering = get_lowering(lowering) if isinstance(lowering, str) else lowering
+    if example_ids is None:
+        generator = torch.Generator().manual_seed(0)
+        example_ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator, dtype=torch.int64)
+    try:
+        onnx_model = export_layered(model, example_ids, lowering=lowering, opset=opset, progress=progress)
+    except ExportError:
+        raise
+    except Exception as error:
+        name = getattr(model.config, "name", type(model).__name__)
+        raise ExportError(f"torch.onnx.export failed for {name} ({lowering.name} lowering): {error}") from error
+    return save_onnx_model(onnx_model, Path(path), external_data_threshold_bytes)
 
 
 def export_bundle(
@@ -356,27 +427,18 @@ def export_bundle(
     if source.second_out is not None:  # expected values from the source; drop counts from the lowered model
         second_out = {**second_out, **source.second_out}
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=1, max=65536)
     with bundle_writer(output_dir, overwrite=overwrite) as staging:
         say(f"exporting to ONNX opset {opset} with the {lowering.name} MoE lowering")
         model_path = staging / MODEL_NAME
-        try:
-            external = _save_onnx(
-                model,
-                golden_ids,
-                "input_ids",
-                names,
-                {0: batch, 1: seq},
-                opset,
-                lowering,
-                model_path,
-                external_data_threshold_bytes,
-            )
-        except Exception as error:
-            raise ExportError(
-                f"torch.onnx.export failed for {config.name} ({lowering.name} lowering): {error}"
-            ) from error
+        external = export_model_to_onnx(
+            model,
+            model_path,
+            lowering=lowering,
+            opset=opset,
+            progress=say,
+            example_ids=golden_ids,
+            external_data_threshold_bytes=external_data_threshold_bytes,
+        )
         if external:
             say("weights written as ONNX external data beside model.onnx")
         decoder = None

@@ -32,6 +32,8 @@ from portable_moe.errors import (
     ExportError,
     InputError,
     PortableMoEError,
+    UnsupportedError,
+    UnsupportedReason,
 )
 from portable_moe.fallback import FallbackResult, compile_with_fallback, run_with_fallback
 from portable_moe.registry import (
@@ -106,6 +108,8 @@ __all__ = [
     "ProbeResult",
     "TensorSpec",
     "Tolerance",
+    "UnsupportedError",
+    "UnsupportedReason",
     "__version__",
     "backend_names",
     "check_backend",

@@ -133,6 +133,10 @@ class Capabilities:
             "bfloat16", "int8/channel", "int8/block", "int4/channel", "int4/block"), each with why
             it is refused where it is not. Float32 weights are always taken.
         weight_format_refusals: format key -> why this backend does not take it (shown to users).
+        runtime_reports_unsupported: the runtime itself says what it cannot run (``compile`` or
+            ``run`` raise :class:`~portable_moe.errors.UnsupportedError` with its words). The op
+            suite then tries every case instead of deciding from the declared opsets, dtypes and
+            domains above, which stay for checking bundles before they are compiled.
     """
 
     min_opset: int = 7
@@ -143,6 +147,7 @@ class Capabilities:
     domains: frozenset[str] = frozenset()
     weight_formats: frozenset[str] = frozenset({"float32"})
     weight_format_refusals: Mapping[str, str] = field(default_factory=dict)
+    runtime_reports_unsupported: bool = False
 
     @property
     def preferred_lowering(self) -> str:
@@ -287,6 +292,8 @@ class Backend(abc.ABC):
             (:class:`Option`); checked before anything compiles.
         option_defaults: the options' defaults; derived from ``declared_options``. An adapter that
             declares only defaults gets its values unchecked (its ``_compile`` checks them).
+        expected_failures_file: a TOML file of op-suite cases this backend is known to fail, each
+            with its category and reason (see :mod:`portable_moe.expected_failures`); None if none.
     """
 
     name: str = ""
@@ -295,6 +302,7 @@ class Backend(abc.ABC):
     simulated: bool = False
     declared_options: Mapping[str, Option] = {}
     option_defaults: Mapping[str, Any] = {}
+    expected_failures_file: Path | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -321,7 +329,11 @@ class Backend(abc.ABC):
         return result
 
     def compile(
-        self, model: Bundle | onnx.ModelProto | str | os.PathLike[str], options: Mapping[str, Any] | None = None
+        self,
+        model: Bundle | onnx.ModelProto | str | os.PathLike[str],
+        options: Mapping[str, Any] | None = None,
+        *,
+        check_declared: bool = True,
     ) -> CompiledModel:
         """Compile a model for this backend.
 
@@ -330,11 +342,15 @@ class Backend(abc.ABC):
             options: backend options (see ``option_defaults``), plus the base option every
                 backend takes: ``nan_policy`` ("reject", the default, or "pass"). Unknown names
                 are refused.
+            check_declared: refuse a model outside the declared capabilities (``check_supported``)
+                before compiling. The op suite passes False for a backend whose runtime reports
+                what it cannot run, so that the runtime answers rather than a table.
 
         Raises:
             BackendUnavailableError: if ``probe()`` says the backend cannot run here.
             BackendError: if the model's MoE lowering or opset is outside the capabilities, an
-                option is unknown, or the backend fails to compile.
+                option is unknown, or the backend fails to compile (``UnsupportedError`` when its
+                runtime says it cannot run the model).
             BundleError: if the model fails a safety check.
             InputError: if ``nan_policy`` is not "reject" or "pass".
         """
@@ -345,7 +361,8 @@ class Backend(abc.ABC):
         nan_policy = check_nan_policy(adapter_options.pop("nan_policy", BASE_OPTION_DEFAULTS["nan_policy"]))
         resolved = self.resolve_options(adapter_options)
         prepared = model if isinstance(model, ModelInput) else as_model_input(model)
-        self.check_supported(prepared)
+        if check_declared:
+            self.check_supported(prepared)
         try:
             compiled = self._compile(prepared, resolved)
         except PortableMoEError:

@@ -265,7 +265,7 @@ def _weight_kernel(args: argparse.Namespace) -> str:
 
 
 def command_convert(args: argparse.Namespace) -> int:
-    from exporters.weight_formats import convert_bundle
+    from exporters.weight_pass import convert_bundle
 
     bundle = convert_bundle(
         args.bundle,

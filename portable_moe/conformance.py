@@ -274,6 +274,7 @@ class JunitCase:
     status: str
     seconds: float = 0.0
     reason: str = ""
+    code: str = ""
 
 
 def junit_cases(results: Sequence[BackendResult]) -> list[JunitCase]:

@@ -1,7 +1,8 @@
 """JUnit XML for the op suite, the format CI systems read: one testsuite per backend, one testcase per case.
 
-A failed case gets a ``<failure>``, an error an ``<error>``; an unsupported case, an unavailable
-backend and a backend that does not take the bundle get a ``<skipped>`` with the reason: CI shows
+A failed case and an unexpected pass get a ``<failure>``, an error and a timeout an ``<error>``;
+an unsupported case, an expected failure, an unavailable backend and a backend that does not take
+the bundle get a ``<skipped>`` whose message starts with the status and gives the reason: CI shows
 skips as skips, never as passes.
 """
 
@@ -17,8 +18,11 @@ if TYPE_CHECKING:
 
 _ELEMENTS = {
     "failed": "failure",
+    "unexpected-pass": "failure",
     "error": "error",
+    "timeout": "error",
     "unsupported": "skipped",
+    "expected-failure": "skipped",
     "unavailable": "skipped",
     "skipped": "skipped",
 }
@@ -49,9 +53,9 @@ def junit_tree(results: Sequence[CaseResult], suite_name: str = "portable-moe op
             element = _ELEMENTS.get(outcome.status)
             if element is not None:
                 # The message attribute holds one line for CI summaries; the text keeps it whole.
-                detail = ElementTree.SubElement(
-                    case, element, message=outcome.reason.splitlines()[0][:500] if outcome.reason else ""
-                )
+                first_line = outcome.reason.splitlines()[0] if outcome.reason else ""
+                label = f"{outcome.status} ({outcome.code})" if outcome.code else str(outcome.status)
+                detail = ElementTree.SubElement(case, element, message=f"{label}: {first_line}"[:500], type=label)
                 detail.text = outcome.reason
     ElementTree.indent(root)
     return ElementTree.ElementTree(root)

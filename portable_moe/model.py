@@ -16,7 +16,7 @@ else is compared against the reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
@@ -148,7 +148,9 @@ class Attention(nn.Module):
     """Causal multi-head self-attention with rotary position embeddings.
 
     DeepSeek-V3 uses MLA (low-rank compressed keys and values); the MoE plumbing this project is
-    about does not depend on it, so plain multi-head attention keeps the reference short.
+    about does not depend on it, so plain multi-head attention keeps the reference short. The
+    rotary tables and the causal mask are the same for every layer: the model computes them once
+    (:meth:`MoETransformer.prologue`) and passes them in.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -158,10 +160,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, hidden, bias=False)
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
-        inverse_frequency = 1.0 / (config.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+        """Attend over ``hidden [B, S, H]`` with rotary ``cos``/``sin [S, head_dim]`` and ``future [S, S]`` masked."""
         batch, seq, _ = hidden.shape
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
@@ -172,14 +173,9 @@ class Attention(nn.Module):
             split_heads(self.k_proj(hidden)),
             split_heads(self.v_proj(hidden)),
         )
-        positions = torch.arange(seq, device=hidden.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inverse_frequency[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
         query = query * cos + _rotate_half(query) * sin
         key = key * cos + _rotate_half(key) * sin
         scores = (query @ key.transpose(-1, -2)) * (self.head_dim**-0.5)
-        future = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
         attended = torch.softmax(scores, dim=-1) @ value
         return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, -1))
@@ -241,8 +237,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEBlock(config) if use_moe else DenseMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden = hidden + self.attention(self.input_norm(hidden))
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, future: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Return ``(hidden, expert_ids or None, dropped or None)``; the extra inputs come from the prologue."""
+        hidden = hidden + self.attention(self.input_norm(hidden), cos, sin, future)
         normed = self.post_attention_norm(hidden)
         if isinstance(self.mlp, MoEBlock):
             mlp_out, expert_ids, dropped = self.mlp(normed)
@@ -258,6 +257,10 @@ class MoETransformer(nn.Module):
     each token was routed to, a diagnostic output that conformance compares across backends. With
     a capacity-limited routed-experts implementation it returns a third item, a tuple with the
     number of dropped (token, slot) pairs per MoE layer.
+
+    It is an ``exporters.layered.LayeredModel``: :meth:`prologue`, :meth:`layer_modules`,
+    :meth:`layer_kind` and :meth:`head` split ``forward`` so that the exporter can export each kind
+    of layer once.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -270,6 +273,9 @@ class MoETransformer(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        head_dim = config.head_dim
+        inverse_frequency = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
@@ -280,16 +286,44 @@ class MoETransformer(nn.Module):
         for block in self.moe_blocks:
             block.routed_experts = implementation
 
+    def prologue(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(hidden [B, S, H], cos [S, head_dim], sin [S, head_dim], future [S, S] bool)``.
+
+        ``cos``/``sin`` are the rotary tables of positions ``0..S-1`` and ``future`` marks the
+        keys after each query (masked out); every layer takes them.
+        """
+        # Positions 0..S-1 as a running count rather than arange: ONNX shape inference follows a
+        # CumSum's shape but not a Range's length, and static-shape tools (npu-sim's gears,
+        # bisection) need every shape to follow from the input's.
+        positions = torch.ones_like(input_ids[0], dtype=torch.float32).cumsum(0) - 1
+        angles = positions[:, None] * self.inverse_frequency[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        future = positions[None, :] > positions[:, None]
+        return self.embed_tokens(input_ids), angles.cos(), angles.sin(), future
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The decoder layers: ``layer(hidden, cos, sin, future) -> (hidden, expert_ids, dropped)``."""
+        return list(self.layers)
+
+    def layer_kind(self, index: int) -> Hashable:
+        """``("dense",)`` or ``("moe", routed_experts)``: MoE layers sharing an implementation share a kind."""
+        mlp = self.layers[index].mlp
+        return ("moe", mlp.routed_experts) if isinstance(mlp, MoEBlock) else ("dense",)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: logits ``[B, S, vocab]``."""
+        return self.lm_head(self.norm(hidden))
+
     def forward(self, input_ids: torch.Tensor) -> tuple[tuple[torch.Tensor, ...] | torch.Tensor, ...]:
-        hidden = self.embed_tokens(input_ids)
+        hidden, *shared = self.prologue(input_ids)
         routing, dropped = [], []
         for layer in self.layers:
-            hidden, expert_ids, dropped_here = layer(hidden)
+            hidden, expert_ids, dropped_here = layer(hidden, *shared)
             if expert_ids is not None:
                 routing.append(expert_ids)
             if dropped_here is not None:
                 dropped.append(dropped_here)
-        logits = self.lm_head(self.norm(hidden))
+        logits = self.head(hidden)
         return (logits, tuple(routing), tuple(dropped)) if dropped else (logits, tuple(routing))
 
 

@@ -1,27 +1,36 @@
 """The op-level conformance suite: the node test cases that ship inside ``onnx``, run on any backend.
 
 Every case goes through the same path users take: ``get_backend(name).compile(model)`` and then
-``run(feeds)``. Each (case, backend) pair ends in exactly one status:
+``run(feeds)``. Each (case, backend) pair ends in exactly one :class:`CaseStatus`:
 
 - ``passed``: every output matches the case's expected output within tolerance.
 - ``failed``: an output differs (the message names the worst element and its error).
-- ``unsupported``: the backend declares it cannot run the case, decided before compiling, in order:
-  a graph input or output is not a tensor (sequences and optionals: the backend contract passes
-  numpy tensors only); a graph input or output has a dtype missing from the backend's
-  ``capabilities.dtypes``; or ``backend.check_supported(model)`` raises ``BackendError`` (opset,
-  operator domain, or whatever an adapter adds there, such as an operator table). An adapter that
-  knows it cannot run an op overrides ``check_supported`` (calling ``super()``): that method is the
-  "supports this model?" hook.
-- ``error``: anything else that goes wrong: compile or run raises, the worker process crashes
-  (the signal is recorded) or runs past the timeout.
+- ``unsupported``: the runtime itself says it cannot run the case. A backend whose capabilities
+  say ``runtime_reports_unsupported`` (cpu, cuda, openvino, reference) is compiled and run on
+  every case, and it is unsupported only when ``compile`` or ``run`` raises
+  :class:`~portable_moe.errors.UnsupportedError`, which carries a code
+  (:class:`~portable_moe.errors.UnsupportedReason`) and the runtime's own words. For any other
+  backend (npu-sim's simulated operator table) the declaration decides before compiling: a
+  non-tensor input or output, a dtype missing from ``capabilities.dtypes``, or
+  ``check_supported`` refusing the model (code ``declared``).
+- ``error``: anything else that goes wrong: compile or run raises, or the worker process crashes
+  (the signal is recorded).
+- ``timeout``: the case ran past the per-case time limit (the limit is in the reason and in
+  ``details["time_limit_s"]``); its worker was killed and replaced.
+- ``expected-failure`` / ``unexpected-pass``: the case is listed in the backend's expected-failures
+  file (:mod:`portable_moe.expected_failures`) and did not pass / passed.
 
-Unsupported is never counted as passed. Cases run in worker processes (``spawn``), so a backend
+Unsupported is never counted as passed; failed, error, timeout and unexpected pass make the
+command exit 1. Cases run in worker processes (``spawn``), so a backend
 that segfaults or hangs loses that one case: the parent records it, starts a new worker and goes on.
 
 Models are compiled with ``nan_policy="pass"`` (onnx's cases feed NaN and Inf on purpose). Outputs
-are compared in order (shape, dtype, then values; nan, +inf and -inf must match in kind) with the
-case's own rtol/atol unless an entry of :data:`TOLERANCE_OVERRIDES` matches. Cases whose expected
-output is a random draw are left out by default (:data:`DEFAULT_EXCLUDES`).
+are compared in order (shape, dtype, then values; nan, +inf and -inf must match in kind; sequences
+element by element, an absent optional must be absent) with the case's own rtol/atol unless an
+entry of :data:`TOLERANCE_OVERRIDES` matches (``strict`` turns the overrides off). A case that
+passed only because of an override records its raw error and the case's own tolerance in
+``CaseResult.tolerance_override``. Cases whose expected output is a random draw are left out by
+default (:data:`DEFAULT_EXCLUDES`).
 
 Used by ``portable-moe conformance ops``, the pytest plugin (:mod:`portable_moe.pytest_plugin`) and
 ``scripts/conformance_report.py``.
@@ -43,7 +52,7 @@ import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -52,16 +61,57 @@ import numpy as np
 import onnx
 
 from portable_moe import registry
+from portable_moe._compat import StrEnum
 from portable_moe.backend import Backend, as_model_input
 from portable_moe.compare import OutputComparison, Tolerance, compare_values
-from portable_moe.conformance import ERROR, FAILED, PASSED, UNAVAILABLE, check_backend
-from portable_moe.errors import BackendError, BackendUnavailableError, InputError
+from portable_moe.conformance import UNAVAILABLE, check_backend
+from portable_moe.errors import (
+    BackendError,
+    BackendUnavailableError,
+    InputError,
+    UnsupportedError,
+    UnsupportedReason,
+)
+from portable_moe.expected_failures import expected_failures_of
 from portable_moe.registry import get_backend
 
-UNSUPPORTED = "unsupported"
-STATUSES = (PASSED, FAILED, UNSUPPORTED, ERROR)
 
-DEFAULT_TIMEOUT = 60.0  # seconds per case; the slowest case on the reference evaluator takes ~2 s
+class CaseStatus(StrEnum):
+    """How a (case, backend) pair ended; the values are what JSON, JUnit and the CLI show."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    UNSUPPORTED = "unsupported"
+    EXPECTED_FAILURE = "expected-failure"
+    UNEXPECTED_PASS = "unexpected-pass"
+
+
+class ErrorKind(StrEnum):
+    """Where an error or failure happened (``CaseResult.code`` for those statuses)."""
+
+    BAD_CASE = "bad-case"  # the case's own model or data could not be read
+    COMPILE = "compile"
+    RUN = "run"
+    CRASH = "crash"  # the worker process died
+    TIMEOUT = "timeout"
+    MISMATCH = "mismatch"  # an output differs from the expected one
+
+
+PASSED, FAILED, ERROR, TIMEOUT = CaseStatus.PASSED, CaseStatus.FAILED, CaseStatus.ERROR, CaseStatus.TIMEOUT
+UNSUPPORTED, EXPECTED_FAILURE, UNEXPECTED_PASS = (
+    CaseStatus.UNSUPPORTED,
+    CaseStatus.EXPECTED_FAILURE,
+    CaseStatus.UNEXPECTED_PASS,
+)
+STATUSES = tuple(CaseStatus)
+# The statuses that make ``conformance ops`` exit 1: a backend that does not conform, or a list gone stale.
+NOT_CONFORMING = (FAILED, ERROR, TIMEOUT, UNEXPECTED_PASS)
+
+# Seconds per case. The slowest cases that finish (3-D pooling on the reference evaluator) take
+# 35-90 s on 2 cores; past this limit a case is reported as a timeout with the limit.
+DEFAULT_TIMEOUT = 20.0
 # A model check exports nothing but compiles a whole model (npu-sim: once per shape bucket) and
 # runs it: the small preset takes over a minute on npu-sim on 2 cores.
 DEFAULT_MODEL_TIMEOUT = 900.0
@@ -193,12 +243,20 @@ class CaseResult:
         case: the case name (a bundle name for model checks).
         op: the operator the case tests ("(model)" for model checks).
         backend: the backend's registry name.
-        status: one of ``STATUSES``.
-        reason: why it did not pass (empty when it passed).
-        seconds: compile plus run time (the timeout for a case that hung).
+        status: a :class:`CaseStatus`.
+        reason: why it did not pass (empty when it passed); the runtime's own words when it said so.
+        seconds: compile plus run time (the limit for a case that timed out).
         worst: the failing output's comparison (``OutputComparison.to_dict()``) when failed on values.
         placement: where the compiled model's nodes ran (``CompiledModel.placement()``), when it compiled.
-        details: for model checks, the largest errors and the routing agreement.
+        details: for model checks, the largest errors and the routing agreement; for a timeout,
+            ``time_limit_s``.
+        code: the reason as a code: an :class:`~portable_moe.errors.UnsupportedReason` when
+            unsupported, an :class:`ErrorKind` when failed, errored or timed out, the
+            :class:`~portable_moe.expected_failures.FailureCategory` when expected to fail.
+        tolerance_override: for a case that passed only because of an entry of
+            :data:`TOLERANCE_OVERRIDES`: that tolerance and its reason, the case's own tolerance,
+            and the raw error of the first output outside the case's own tolerance.
+        listed_outcome: for an expected failure or unexpected pass, the status the case really had.
     """
 
     case: str
@@ -210,6 +268,9 @@ class CaseResult:
     worst: dict[str, Any] | None = None
     placement: dict[str, int] = field(default_factory=dict)
     details: dict[str, float] = field(default_factory=dict)
+    code: str = ""
+    tolerance_override: dict[str, Any] | None = None
+    listed_outcome: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +283,7 @@ class Task:
     kind: str  # "op" or "model"
     backend: str
     key: str
+    strict: bool = False  # op cases: the case's own tolerances only (no TOLERANCE_OVERRIDES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,25 +445,51 @@ def select_cases(
 # Running one case in this process
 
 
-def tolerance_for_case(case: OpCase, backend_name: str, precision: str) -> Tolerance:
+def tolerance_for_case(case: OpCase, backend_name: str, precision: str, strict: bool = False) -> Tolerance:
     """The tolerance outputs of ``case`` get on a backend whose compiled model has ``precision``.
 
-    The first matching entry of :data:`TOLERANCE_OVERRIDES`, else the case's own rtol/atol. The
-    model-level table (``compare.TOLERANCES``) is not used: its reduced-precision rows are sized
-    for logits after several layers, far looser than one operator needs.
+    The first matching entry of :data:`TOLERANCE_OVERRIDES` (none when ``strict``), else the
+    case's own rtol/atol. The model-level table (``compare.TOLERANCES``) is not used: its
+    reduced-precision rows are sized for logits after several layers, far looser than one operator needs.
     """
-    for override in TOLERANCE_OVERRIDES:
+    for override in () if strict else TOLERANCE_OVERRIDES:
         if override.matches(backend_name, precision, case.name):
             return Tolerance(override.atol, override.rtol, 1.0, override.reason)
+    return _own_tolerance(case)
+
+
+def _own_tolerance(case: OpCase) -> Tolerance:
     return Tolerance(case.atol, case.rtol, 1.0, "the case's own tolerance")
 
 
-def _compare_output(name: str, expected: np.ndarray, actual: Any, tolerance: Tolerance) -> OutputComparison:
+def _compare_output(name: str, expected: Any, actual: Any, tolerance: Tolerance) -> OutputComparison:
+    """Compare one output: a tensor, a sequence (element by element) or an optional (None when absent)."""
+    if expected is None or actual is None:
+        if expected is None and actual is None:
+            return OutputComparison(name, "values", True)
+        missing = "absent" if actual is None else "present"
+        return OutputComparison(name, "values", False, f"{name}: the optional is {missing}, expected otherwise")
+    if isinstance(expected, list):
+        if not isinstance(actual, list | tuple) or len(actual) != len(expected):
+            got = f"a sequence of {len(actual)}" if isinstance(actual, list | tuple) else f"a {type(actual).__name__}"
+            return OutputComparison(name, "values", False, f"{name}: {got}, expected a sequence of {len(expected)}")
+        for index, (expected_item, actual_item) in enumerate(zip(expected, actual)):
+            comparison = _compare_output(f"{name}[{index}]", expected_item, actual_item, tolerance)
+            if not comparison.passed:
+                return comparison
+        return OutputComparison(name, "values", True)
+    return _compare_tensor(name, expected, actual, tolerance)
+
+
+def _compare_tensor(name: str, expected: np.ndarray, actual: Any, tolerance: Tolerance) -> OutputComparison:
     actual = np.asarray(actual)
     if actual.shape != expected.shape:
         return OutputComparison(
             name, "values", False, f"{name}: shape {list(actual.shape)}, expected {list(expected.shape)}"
         )
+    # ONNX strings: numpy holds them as objects or as fixed-width str; either is a string tensor.
+    if expected.dtype.kind in "OUS" and actual.dtype.kind in "OUS":
+        expected, actual = expected.astype(object), actual.astype(object)
     if actual.dtype != expected.dtype:
         return OutputComparison(name, "values", False, f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
     # numpy's floats and ml_dtypes' (bfloat16, float8 ...) are compared within tolerance.
@@ -438,7 +526,7 @@ def _compare_output(name: str, expected: np.ndarray, actual: Any, tolerance: Tol
     )
 
 
-def _unsupported_reason(backend: Backend, model: onnx.ModelProto) -> str:
+def _declared_unsupported(backend: Backend, model: onnx.ModelProto) -> str:
     """Why ``backend`` declares it cannot run ``model``, or "" when it declares nothing against it."""
     initializers = {init.name for init in model.graph.initializer}
     values = [("input", v) for v in model.graph.input if v.name not in initializers]
@@ -446,7 +534,7 @@ def _unsupported_reason(backend: Backend, model: onnx.ModelProto) -> str:
     for role, value in values:
         if value.type.WhichOneof("value") != "tensor_type":
             kind = (value.type.WhichOneof("value") or "untyped").removesuffix("_type").replace("_", " ")
-            return f"{role} {value.name!r} is a {kind}: the portable-moe backend contract passes numpy tensors only"
+            return f"{role} {value.name!r} is a {kind}: backend {backend.name!r} declares tensors only"
     declared = backend.capabilities.dtypes
     for role, value in values:
         elem_type = value.type.tensor_type.elem_type
@@ -465,53 +553,92 @@ def _unsupported_reason(backend: Backend, model: onnx.ModelProto) -> str:
     return ""
 
 
-def run_case(backend: Backend, case: OpCase) -> CaseResult:
-    """Run one case on ``backend`` in this process and classify it. Never raises for the backend's failures."""
-    started = time.perf_counter()
+def run_case(backend: Backend, case: OpCase, strict: bool = False) -> CaseResult:
+    """Run one case on ``backend`` in this process and classify it. Never raises for the backend's failures.
 
+    Args:
+        backend: the backend.
+        case: the case.
+        strict: compare with the case's own tolerances only (no :data:`TOLERANCE_OVERRIDES`).
+    """
+    started = time.perf_counter()
     placement: dict[str, int] = {}
 
-    def result(status: str, reason: str = "", worst: dict[str, Any] | None = None) -> CaseResult:
+    def result(status: str, code: str = "", reason: str = "", **extra: Any) -> CaseResult:
         seconds = time.perf_counter() - started
-        return CaseResult(case.name, case.op, backend.name, status, reason, seconds, worst, placement)
+        return CaseResult(
+            case.name, case.op, backend.name, status, reason, seconds, placement=placement, code=code, **extra
+        )
 
+    def refused(stage: ErrorKind, error: Exception) -> CaseResult:
+        if isinstance(error, UnsupportedError):
+            return result(UNSUPPORTED, error.code, str(error))
+        return result(ERROR, stage, f"{stage}: {_describe(error)}")
+
+    runtime_answers = backend.capabilities.runtime_reports_unsupported
     try:
         model = onnx.load_model_from_string(case.model)
-        unsupported = _unsupported_reason(backend, model)
+        declared = "" if runtime_answers else _declared_unsupported(backend, model)
     except Exception as error:
-        return result(ERROR, f"could not read the case's model: {type(error).__name__}: {error}")
-    if unsupported:
-        return result(UNSUPPORTED, unsupported)
+        return result(ERROR, ErrorKind.BAD_CASE, f"could not read the case's model: {type(error).__name__}: {error}")
+    if declared:
+        return result(UNSUPPORTED, UnsupportedReason.DECLARED, declared)
     try:
         prepared = as_model_input(model)
         # onnx's cases feed NaN and Inf on purpose (IsNaN, Cast, Mod edge cases).
-        compiled = backend.compile(prepared, {"nan_policy": "pass"})
+        compiled = backend.compile(prepared, {"nan_policy": "pass"}, check_declared=not runtime_answers)
     except Exception as error:
-        return result(ERROR, f"compile: {_describe(error)}")
+        return refused(ErrorKind.COMPILE, error)
     with contextlib.suppress(Exception):  # placement is a report, not a verdict
         placement.update(compiled.placement())
     input_names = [spec.name for spec in prepared.inputs]
     output_names = [spec.name for spec in prepared.outputs]
     precision = getattr(compiled, "precision", "exact")
-
-    tolerance = tolerance_for_case(case, backend.name, precision)
-
+    tolerance = tolerance_for_case(case, backend.name, precision, strict)
+    outputs_seen: list[tuple[str, Any, Any]] = []
     for inputs, expected in case.data_sets:
         if len(inputs) != len(input_names) or len(expected) != len(output_names):
             return result(
                 ERROR,
+                ErrorKind.BAD_CASE,
                 f"the case gives {len(inputs)} inputs and {len(expected)} outputs, the graph has "
                 f"{len(input_names)} and {len(output_names)}",
             )
         try:
             actual = compiled.run(dict(zip(input_names, inputs)))
         except Exception as error:
-            return result(ERROR, f"run: {_describe(error)}")
+            return refused(ErrorKind.RUN, error)
         for name, expected_value in zip(output_names, expected):
             comparison = _compare_output(name, expected_value, actual[name], tolerance)
             if not comparison.passed:
-                return result(FAILED, comparison.message, comparison.to_dict())
-    return result(PASSED)
+                return result(FAILED, ErrorKind.MISMATCH, comparison.message, worst=comparison.to_dict())
+            outputs_seen.append((name, expected_value, actual[name]))
+    override = None
+    if tolerance.reason != _own_tolerance(case).reason:
+        override = _override_record(case, tolerance, outputs_seen)
+    return result(PASSED, tolerance_override=override)
+
+
+def _override_record(
+    case: OpCase, tolerance: Tolerance, outputs: Sequence[tuple[str, Any, Any]]
+) -> dict[str, Any] | None:
+    """What a passing case owes to its tolerance override: None if it also passes with its own tolerance."""
+    own = _own_tolerance(case)
+    for name, expected, actual in outputs:
+        comparison = _compare_output(name, expected, actual, own)
+        if not comparison.passed:
+            return {
+                "rtol": tolerance.rtol,
+                "atol": tolerance.atol,
+                "reason": tolerance.reason,
+                "case_rtol": own.rtol,
+                "case_atol": own.atol,
+                "output": comparison.name,
+                "max_abs_error": comparison.max_abs_error,
+                "max_rel_error": comparison.max_rel_error,
+                "message": comparison.message,
+            }
+    return None
 
 
 def _describe(error: BaseException) -> str:
@@ -557,7 +684,33 @@ def run_task(task: Task, cases: dict[str, OpCase]) -> CaseResult:
     backend = get_backend(task.backend)
     if task.kind == "model":
         return run_model_check(backend, task.key)
-    return run_case(backend, cases[task.key])
+    return run_case(backend, cases[task.key], task.strict)
+
+
+def settle_expected(outcome: CaseResult) -> CaseResult:
+    """Apply the backend's expected-failures list to an op case's result.
+
+    A listed case that failed, errored or timed out becomes ``expected-failure``; one that passed
+    becomes ``unexpected-pass``. The status it really had stays in ``listed_outcome`` and its
+    reason after the listed one. Unlisted cases, unsupported ones and model checks are unchanged.
+
+    Raises:
+        BackendError: if the backend's expected-failures file is malformed.
+    """
+    if outcome.op == "(model)" or outcome.status not in (PASSED, FAILED, ERROR, TIMEOUT):
+        return outcome
+    listed = expected_failures_of(outcome.backend).get(outcome.case)
+    if listed is None:
+        return outcome
+    status = UNEXPECTED_PASS if outcome.status == PASSED else EXPECTED_FAILURE
+    got = "it passed: remove it from the list" if outcome.status == PASSED else f"{outcome.status}: {outcome.reason}"
+    return replace(
+        outcome,
+        status=status,
+        code=listed.category if status == EXPECTED_FAILURE else outcome.code,
+        reason=f"listed as {listed.describe()}; {got}",
+        listed_outcome=outcome.status,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +904,7 @@ class WorkerPool:
         results: list[CaseResult | None] = [None] * len(tasks)
 
         def record(index: int, outcome: CaseResult) -> None:
+            outcome = settle_expected(outcome)
             results[index] = outcome
             if on_result is not None:
                 on_result(outcome)
@@ -792,8 +946,8 @@ class WorkerPool:
                 if worker.task is None:
                     self._startup_failed(worker, f"did not start within {_STARTUP_TIMEOUT:.0f} s")
                     continue
-                reason = f"timed out after {worker.limit:g} s; the worker was killed and replaced"
-                record(worker.index, self._lost_task(worker.task, reason, worker.limit))
+                reason = f"ran past the time limit of {worker.limit:g} s; the worker was killed and replaced"
+                record(worker.index, self._lost_task(worker.task, TIMEOUT, reason, worker.limit))
                 self._replace(worker, kill=True)
         return [outcome for outcome in results if outcome is not None]
 
@@ -807,14 +961,15 @@ class WorkerPool:
             return
         frame = _last_frame(worker.log_path)
         reason = f"the worker process {how} while running this case" + (f" (at {frame})" if frame else "")
-        record(worker.index, self._lost_task(worker.task, reason, 0.0))
+        record(worker.index, self._lost_task(worker.task, ERROR, reason, 0.0))
         self._replace(worker, kill=True)
 
-    def _lost_task(self, task: Task, reason: str, seconds: float) -> CaseResult:
-        """The result of a task whose worker crashed or hung: an error."""
-        if task.kind == "op":
-            return CaseResult(task.key, self._ops.get(task.key, ""), task.backend, ERROR, reason, seconds)
-        return CaseResult(Path(task.key).name, "(model)", task.backend, ERROR, reason, seconds)
+    def _lost_task(self, task: Task, status: CaseStatus, reason: str, seconds: float) -> CaseResult:
+        """The result of a task whose worker crashed (an error) or ran past its limit (a timeout)."""
+        code = ErrorKind.TIMEOUT if status == TIMEOUT else ErrorKind.CRASH
+        details = {"time_limit_s": seconds} if status == TIMEOUT else {}
+        case, op = (task.key, self._ops.get(task.key, "")) if task.kind == "op" else (Path(task.key).name, "(model)")
+        return CaseResult(case, op, task.backend, status, reason, seconds, details=details, code=code)
 
     def _startup_failed(self, worker: _Worker, how: str) -> None:
         self._startup_failures += 1
@@ -844,13 +999,14 @@ def run_tasks(
     """Run tasks in ``jobs`` worker processes, or in this process when ``jobs`` is 0.
 
     In this process there is no crash isolation and no timeout (useful for debugging and for
-    backends registered in-process).
+    backends registered in-process). Either way each op case's result has its backend's expected
+    failures applied (:func:`settle_expected`).
     """
     if jobs == 0:
         by_name = {case.name: case for case in cases}
         results = []
         for task in tasks:
-            results.append(run_task(task, by_name))
+            results.append(settle_expected(run_task(task, by_name)))
             if on_result is not None:
                 on_result(results[-1])
         return results
@@ -858,9 +1014,12 @@ def run_tasks(
         return pool.run(tasks, on_result)
 
 
-def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str]) -> list[Task]:
-    """One task per (case, backend), case-major, so every backend advances together."""
-    return [Task("op", name, case.name) for case in cases for name in backend_names]
+def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str], strict: bool = False) -> list[Task]:
+    """One task per (case, backend), case-major, so every backend advances together.
+
+    With ``strict`` every case is judged by its own tolerance (no :data:`TOLERANCE_OVERRIDES`).
+    """
+    return [Task("op", name, case.name, strict) for case in cases for name in backend_names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -869,10 +1028,16 @@ def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str]) -> list[Task
 
 @dataclass
 class BackendSummary:
-    """Counts of one backend's results, and its pass rates."""
+    """Counts of one backend's results, and its pass rates over two denominators.
+
+    ``total`` is every case run; ``supported`` leaves out the cases the backend's runtime said it
+    cannot run (status unsupported). A case passed when its status is passed or unexpected pass.
+    Timeouts, errors, failures and expected failures count against both rates.
+    """
 
     backend: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    overridden: int = 0  # cases that passed only because of a tolerance override
 
     @property
     def total(self) -> int:
@@ -883,20 +1048,26 @@ class BackendSummary:
         return self.total - self.counts[UNSUPPORTED]
 
     @property
+    def passed(self) -> int:
+        return self.counts[PASSED] + self.counts[UNEXPECTED_PASS]
+
+    @property
     def pass_rate_supported(self) -> float:
-        """Passed over the cases the backend did not declare unsupported (NaN when there are none)."""
-        return self.counts[PASSED] / self.supported if self.supported else float("nan")
+        """Passed over the cases the runtime did not call unsupported (NaN when there are none)."""
+        return self.passed / self.supported if self.supported else float("nan")
 
     @property
     def pass_rate_all(self) -> float:
         """Passed over every case: unsupported ones count against it."""
-        return self.counts[PASSED] / self.total if self.total else float("nan")
+        return self.passed / self.total if self.total else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
-            **self.counts,
+            **{str(status): count for status, count in self.counts.items()},
             "total": self.total,
+            "supported": self.supported,
+            "passed_with_tolerance_override": self.overridden,
             "pass_rate_supported": self.pass_rate_supported,
             "pass_rate_all": self.pass_rate_all,
         }
@@ -906,7 +1077,9 @@ def summarize(results: Iterable[CaseResult], backend_names: Sequence[str]) -> di
     """One summary per backend, in the order of ``backend_names``."""
     summaries = {name: BackendSummary(name) for name in backend_names}
     for outcome in results:
-        summaries[outcome.backend].counts[outcome.status] += 1
+        summary = summaries[outcome.backend]
+        summary.counts[outcome.status] += 1
+        summary.overridden += outcome.tolerance_override is not None
     return summaries
 
 
@@ -937,7 +1110,11 @@ def report_dict(results: Sequence[CaseResult], backend_names: Sequence[str], com
     import onnxruntime
 
     return {
-        "format": "portable-moe-opsuite/1",
+        "format": "portable-moe-opsuite/2",
+        "denominators": {
+            "pass_rate_all": "passed (or unexpected pass) over every case run",
+            "pass_rate_supported": "passed (or unexpected pass) over the cases whose runtime did not say unsupported",
+        },
         "command": command,
         "onnx_version": onnx.__version__,
         "onnxruntime_version": onnxruntime.__version__,
@@ -945,6 +1122,11 @@ def report_dict(results: Sequence[CaseResult], backend_names: Sequence[str], com
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "tolerance_overrides": [asdict(override) for override in TOLERANCE_OVERRIDES],
         "default_excludes": [asdict(exclusion) for exclusion in DEFAULT_EXCLUDES],
+        "expected_failures": {
+            name: {case: {"category": str(entry.category), "reason": entry.reason} for case, entry in listed.items()}
+            for name in backend_names
+            for listed in [expected_failures_of(name)]
+        },
         "backends": {
             name: {**summary.to_dict(), "placement": placement_totals(results, name)}
             for name, summary in summarize(results, backend_names).items()
@@ -988,12 +1170,22 @@ def _percent(value: float) -> str:
     return "-" if value != value else f"{value:.1%}"
 
 
+# One letter per status in the op x backend matrix, after passed/total.
+_LETTERS = (
+    ("f", FAILED),
+    ("e", ERROR),
+    ("t", TIMEOUT),
+    ("u", UNSUPPORTED),
+    ("x", EXPECTED_FAILURE),
+    ("X", UNEXPECTED_PASS),
+)
+
+
 def _cell(counts: Counter[str]) -> str:
     total = sum(counts.values())
-    colour = "green" if counts[PASSED] == total else ("red" if counts[FAILED] or counts[ERROR] else "yellow")
-    extra = " ".join(
-        f"{letter}{counts[s]}" for letter, s in (("f", FAILED), ("e", ERROR), ("u", UNSUPPORTED)) if counts[s]
-    )
+    bad = any(counts[status] for status in NOT_CONFORMING)
+    colour = "green" if counts[PASSED] == total else ("red" if bad else "yellow")
+    extra = " ".join(f"{letter}{counts[s]}" for letter, s in _LETTERS if counts[s])
     return f"[{colour}]{counts[PASSED]}/{total}[/{colour}]" + (f" {extra}" if extra else "")
 
 
@@ -1009,30 +1201,31 @@ def print_report(
     from rich.table import Table
 
     summary = Table(title=f"ONNX node test cases (onnx {onnx.__version__})")
-    for column in (
-        "backend",
-        "passed",
-        "failed",
-        "unsupported",
-        "error",
-        "total",
-        "pass rate (supported)",
-        "pass rate (all)",
-    ):
-        summary.add_column(column, justify="left" if column == "backend" else "right")
-    for name, item in summarize(results, backend_names).items():
-        counts = item.counts
+    summary.add_column("backend")
+    for status in STATUSES:
+        summary.add_column(str(status).replace("-", " "), justify="right")
+    for column in ("total", "pass rate (all)", "pass rate (supported)"):
+        summary.add_column(column, justify="right")
+    summaries = summarize(results, backend_names)
+    for name, item in summaries.items():
         summary.add_row(
             name,
-            str(counts[PASSED]),
-            str(counts[FAILED]),
-            str(counts[UNSUPPORTED]),
-            str(counts[ERROR]),
+            *(str(item.counts[status]) for status in STATUSES),
             str(item.total),
-            _percent(item.pass_rate_supported),
             _percent(item.pass_rate_all),
+            _percent(item.pass_rate_supported),
         )
     console.print(summary)
+    console.print(
+        "pass rate (all): passed over every case; (supported): passed over the cases the runtime did not "
+        "call unsupported"
+    )
+    for name, item in summaries.items():
+        if item.overridden:
+            console.print(
+                f"{name}: {item.overridden} case(s) passed only because of a tolerance override (their raw errors "
+                "are in the JSON and HTML reports; --strict uses the cases' own tolerances)"
+            )
     for name in backend_names:
         totals = placement_totals(results, name)
         if len(totals) > 1:  # one place says nothing; several show what ran where (e.g. host fallback)
@@ -1056,15 +1249,19 @@ def print_report(
     if rows:
         console.print(table)
         shown = "every op" if full_matrix else "ops with a case not passed (--matrix shows every op)"
-        console.print(f"{shown}; f failed, e error, u unsupported")
+        legend = ", ".join(f"{letter} {status}" for letter, status in _LETTERS)
+        console.print(f"{shown}; {legend}")
     else:
         console.print(f"every case passed on every backend ({len(matrix)} ops)")
 
     for name in backend_names:
-        bad = [r for r in results if r.backend == name and r.status in (FAILED, ERROR)]
+        bad = [r for r in results if r.backend == name and r.status in NOT_CONFORMING]
         if not bad:
             continue
-        console.print(f"[bold]{name}[/bold]: {len(bad)} failed or errored; first {min(len(bad), shown_failures)}:")
+        console.print(
+            f"[bold]{name}[/bold]: {len(bad)} failed, errored, timed out or passed unexpectedly; "
+            f"first {min(len(bad), shown_failures)}:"
+        )
         for outcome in bad[:shown_failures]:
             reason = outcome.reason if len(outcome.reason) <= 200 else outcome.reason[:197] + "..."
             console.print(f"  {outcome.status:<6} {escape(outcome.case)}: {escape(reason)}", soft_wrap=True)
@@ -1084,7 +1281,7 @@ def run_with_progress(
 
 
 def command_ops(args: Any) -> int:
-    """``portable-moe conformance ops``: exit 0 when nothing failed or errored, 1 otherwise."""
+    """``portable-moe conformance ops``: exit 1 when a case failed, errored, timed out or passed unexpectedly."""
     import json
     import sys
 
@@ -1111,11 +1308,14 @@ def command_ops(args: Any) -> int:
                 f"[dim]·[/dim] {unfiltered - len(cases)} case(s) with random expected outputs left out "
                 "(--no-default-excludes runs them)"
             )
-    started = time.perf_counter()
-    results = run_with_progress(op_tasks(cases, names), cases, args.jobs, args.timeout, stderr)
-    elapsed = time.perf_counter() - started
+    started, cpu_before = time.perf_counter(), cpu_seconds()
+    results = run_with_progress(op_tasks(cases, names, args.strict), cases, args.jobs, args.timeout, stderr)
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     print_report(stdout, results, names, args.matrix)
-    stdout.print(f"{len(cases)} cases x {len(names)} backends in {elapsed:.1f} s ({args.jobs} jobs)")
+    stdout.print(
+        f"{len(cases)} cases x {len(names)} backends in {elapsed:.1f} s, {cpu:.0f} CPU-seconds ({args.jobs} jobs)"
+        + ("; tolerances: the cases' own (--strict)" if args.strict else "")
+    )
     command = " ".join(["portable-moe", *sys.argv[1:]]) if sys.argv else "portable-moe conformance ops"
     if args.json:
         Path(args.json).write_text(json.dumps(report_dict(results, names, command), indent=2, default=str))
@@ -1125,7 +1325,18 @@ def command_ops(args: Any) -> int:
 
         write_junit(results, args.junit)
         stderr.print(f"JUnit XML written to {escape(args.junit)}")
-    return EXIT_FAILED if any(r.status in (FAILED, ERROR) for r in results) else EXIT_OK
+    if args.html:
+        from portable_moe.report_html import write_opsuite_html
+
+        write_opsuite_html(report_dict(results, names, command), args.html)
+        stderr.print(f"HTML report written to {escape(args.html)}")
+    return EXIT_FAILED if any(r.status in NOT_CONFORMING for r in results) else EXIT_OK
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process and of its finished child processes (the workers)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def add_command(commands: Any) -> None:
@@ -1134,10 +1345,11 @@ def add_command(commands: Any) -> None:
     suites = conformance.add_subparsers(dest="suite", required=True, metavar="SUITE")
     ops = suites.add_parser(
         "ops",
-        help="run onnx's node test cases on backends (exit 1 if any failed or errored)",
+        help="run onnx's node test cases on backends (exit 1 if any failed, errored or timed out)",
         description="Run the node test cases that ship inside onnx on each backend, through the same compile and "
-        "run path users take. Each case ends passed, failed, unsupported (the backend declares it cannot run "
-        "it) or error (exception, crash, timeout).",
+        "run path users take. Each case ends passed, failed, error (exception or crash), timeout, unsupported "
+        "(the runtime itself says it cannot run it, quoted), or, for a case in the backend's expected-failures "
+        "file, expected-failure or unexpected-pass.",
     )
     ops.add_argument(
         "--backend",
@@ -1153,11 +1365,20 @@ def add_command(commands: Any) -> None:
     ops.add_argument("--json", metavar="FILE", help="write every result and the summaries as JSON")
     ops.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per case and backend)")
     ops.add_argument(
+        "--html", metavar="FILE", help="write a self-contained HTML report (summaries, tolerance overrides used, cases)"
+    )
+    ops.add_argument(
+        "--strict",
+        action="store_true",
+        help="judge every case by its own tolerance (the tolerance-override table is not used)",
+    )
+    ops.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"per case; a case that runs longer is an error and its worker is replaced (default: {DEFAULT_TIMEOUT:g})",
+        help=f"per case; a case that runs longer is reported as a timeout and its worker is replaced "
+        f"(default: {DEFAULT_TIMEOUT:g})",
     )
     ops.add_argument(
         "--jobs",

@@ -1,4 +1,4 @@
-"""A conformance report as one self-contained HTML file with inline SVG plots.
+"""Conformance reports as self-contained HTML files (the model check with inline SVG plots, the op suite).
 
 No JavaScript, no stylesheet or font from the network: the file opens the same offline. It is
 rendered from the JSON report (:func:`portable_moe.conformance.report_dict`), so a saved JSON
@@ -21,7 +21,8 @@ _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
 td, th { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
-.passed { color: #2a7d3f; } .failed, .error { color: #b3261e; } .unavailable, .skipped { color: #9a6b00; }
+.passed { color: #2a7d3f; } .failed, .error, .timeout, .unexpected-pass { color: #b3261e; }
+.unavailable, .skipped, .unsupported, .expected-failure { color: #9a6b00; }
 figure { display: inline-block; margin: 0 1.5em 1.5em 0; vertical-align: top; }
 figcaption { font-size: 0.9em; margin-bottom: 0.3em; }
 svg.plot { background: #fafafa; border: 1px solid #ddd; }
@@ -197,3 +198,85 @@ def render_html(report: Mapping[str, Any]) -> str:
 def write_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write :func:`render_html` of ``report`` to ``path``."""
     Path(path).write_text(render_html(report), encoding="utf-8")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], status_column: int | None = None) -> str:
+    """An HTML table; the cell in ``status_column`` gets its value as CSS class (colour by status)."""
+    lines = ["<table><tr>" + "".join(f"<th>{html.escape(str(name))}</th>" for name in header) + "</tr>"]
+    for row in rows:
+        cells = []
+        for index, value in enumerate(row):
+            text = html.escape(str(value))
+            css = f' class="{text}"' if index == status_column else ""
+            cells.append(f"<td{css}>{text}</td>")
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    return "".join(lines)
+
+
+def _rate(value: Any) -> str:
+    return "-" if not isinstance(value, float) or value != value else f"{value:.1%}"
+
+
+def render_opsuite_html(report: Mapping[str, Any]) -> str:
+    """The op suite's JSON report (:func:`portable_moe.opsuite.report_dict`) as a self-contained HTML page.
+
+    Sections: the summary per backend with both pass rates and what each divides by; every case
+    that passed only because of a tolerance override, with its raw error and the case's own
+    tolerance; every case that did not pass, with its status, code and reason.
+    """
+    backends = report.get("backends", {})
+    results = report.get("results", [])
+    statuses = ("passed", "failed", "error", "timeout", "unsupported", "expected-failure", "unexpected-pass")
+    title = f"ONNX op suite (onnx {report.get('onnx_version', '?')})"
+    summary_rows = [
+        [name, *(summary.get(status, 0) for status in statuses), summary.get("total", 0)]
+        + [_rate(summary.get("pass_rate_all")), _rate(summary.get("pass_rate_supported"))]
+        for name, summary in backends.items()
+    ]
+    denominators = report.get("denominators", {})
+    overridden = [r for r in results if r.get("tolerance_override")]
+    override_rows = [
+        [
+            r["backend"],
+            r["case"],
+            r["tolerance_override"]["output"],
+            f"{r['tolerance_override']['max_abs_error']:.3g}",
+            f"{r['tolerance_override']['max_rel_error']:.3g}",
+            f"rtol {r['tolerance_override']['case_rtol']:g}, atol {r['tolerance_override']['case_atol']:g}",
+            f"rtol {r['tolerance_override']['rtol']:g}, atol {r['tolerance_override']['atol']:g}",
+            r["tolerance_override"]["reason"],
+        ]
+        for r in overridden
+    ]
+    not_passed = [
+        [r["backend"], r["case"], r["op"], r["status"], r.get("code", ""), r["reason"]]
+        for r in results
+        if r["status"] != "passed"
+    ]
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(str(report.get('command', '')))}; onnxruntime {html.escape(str(report.get('onnxruntime_version')))}, "
+        f"{html.escape(str(report.get('machine', '')))}</p>",
+        _table(["backend", *statuses, "total", "pass rate (all)", "pass rate (supported)"], summary_rows),
+        "<p>" + "<br>".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in denominators.items()) + "</p>",
+        f"<h2>Passed only because of a tolerance override ({len(override_rows)})</h2>",
+        "<p>Each would fail with the case's own tolerance; the error shown is the raw one.</p>",
+        _table(
+            ["backend", "case", "output", "max abs error", "max rel error", "case's tolerance", "override", "why"],
+            override_rows,
+        ),
+        f"<h2>Cases not passed ({len(not_passed)})</h2>",
+        _table(["backend", "case", "op", "status", "code", "reason"], not_passed, status_column=3),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(sections)
+        + "</body></html>\n"
+    )
+
+
+def write_opsuite_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write :func:`render_opsuite_html` of ``report`` to ``path``."""
+    Path(path).write_text(render_opsuite_html(report), encoding="utf-8")

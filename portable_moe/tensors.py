@@ -49,18 +49,24 @@ class TensorSpec:
         name: the graph's input or output name.
         dtype: numpy dtype name, e.g. ``"int64"``.
         shape: one entry per axis: an int (fixed), a str (symbolic, e.g. ``"batch"``), or None.
+        containers: what holds the tensor, outermost first: ``()`` for a plain tensor,
+            ``("sequence",)`` for a list of such tensors, ``("optional",)`` for such a tensor or
+            None, ``("optional", "sequence")`` for a list or None (ONNX's sequence and optional
+            types; models exported by portable-moe only have plain tensors).
     """
 
     name: str
     dtype: str
     shape: tuple[Dim, ...]
+    containers: tuple[str, ...] = ()
 
     def describe(self) -> str:
         dims = ", ".join("?" if dim is None else str(dim) for dim in self.shape)
-        return f"{self.dtype} [{dims}]"
+        return " of ".join([*self.containers, f"{self.dtype} [{dims}]"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        data = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {**data, "containers": list(self.containers)} if self.containers else data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
@@ -77,17 +83,54 @@ class TensorSpec:
             raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_valid_dim(dim) for dim in shape):
             raise ValueError(f"tensor {name!r} has shape {shape!r}; give a list of sizes >= 0, names or null")
-        return cls(name=name, dtype=dtype, shape=tuple(shape))
+        containers = data.get("containers", [])
+        if not isinstance(containers, list) or not all(kind in CONTAINERS for kind in containers):
+            raise ValueError(f"tensor {name!r} has containers {containers!r}; each must be one of {CONTAINERS}")
+        return cls(name=name, dtype=dtype, shape=tuple(shape), containers=tuple(containers))
+
+
+# dtypes numpy has itself; the other ONNX tensor types (bfloat16, float8, int4 ...) exist in numpy
+# only through ml_dtypes, and a runtime's Python binding may not carry them.
+NUMPY_NATIVE_DTYPES = frozenset(
+    {"bool", "object", "float16", "float32", "float64", "complex64", "complex128"}
+    | {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
+)
+
+
+def outputs_not_carried(specs: Sequence[TensorSpec], results: Mapping[str, Any]) -> list[str]:
+    """Outputs whose spec has a dtype numpy lacks (bfloat16, float8, int4 ...) and came back as another.
+
+    A runtime's Python binding that has no numpy type for such an output hands back its raw bits
+    (uint8) or a converted copy (float16): the values cannot be compared. Each entry reads
+    ``"y: uint8 for float8_e4m3fn"``.
+    """
+    found = []
+    for spec in specs:
+        value = results.get(spec.name)
+        if spec.containers or spec.dtype in NUMPY_NATIVE_DTYPES or not isinstance(value, np.ndarray):
+            continue
+        if value.dtype.name != spec.dtype:
+            found.append(f"{spec.name}: {value.dtype.name} for {spec.dtype}")
+    return found
+
+
+# ONNX types that hold tensors, by the name a spec gives them (maps are not carried).
+CONTAINERS = ("sequence", "optional")
 
 
 def _spec_from_value_info(value: onnx.ValueInfoProto, source: str) -> TensorSpec:
-    kind = value.type.WhichOneof("value")
+    type_proto, containers = value.type, []
+    while type_proto.WhichOneof("value") in ("sequence_type", "optional_type"):
+        kind = type_proto.WhichOneof("value")
+        containers.append(kind.removesuffix("_type"))
+        type_proto = getattr(type_proto, kind).elem_type
+    kind = type_proto.WhichOneof("value")
     if kind != "tensor_type":
         raise BundleError(
             f"{source}: graph input/output {value.name!r} is {kind or 'untyped'}, not a tensor; "
-            "portable-moe passes tensors only"
+            "portable-moe passes tensors, and sequences and optionals of tensors, only"
         )
-    tensor_type = value.type.tensor_type
+    tensor_type = type_proto.tensor_type
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     except Exception:  # onnx raises KeyError (or ValueError in some versions) for an unknown type
@@ -102,7 +145,7 @@ def _spec_from_value_info(value: onnx.ValueInfoProto, source: str) -> TensorSpec
             shape.append(dim.dim_param)
         else:
             shape.append(None)
-    return TensorSpec(value.name, dtype, tuple(shape))
+    return TensorSpec(value.name, dtype, tuple(shape), tuple(containers))
 
 
 def specs_from_onnx(model: onnx.ModelProto, source: str = "the model") -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -165,7 +208,7 @@ def check_feeds(
     *,
     nan_policy: str = "reject",
     token_id_limits: Mapping[str, int] | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Check feeds against the input specs; return private copies the backend may use freely.
 
     Checks names, dtypes, ranks, fixed dimensions, that a symbolic dimension (``batch``) has the
@@ -176,7 +219,8 @@ def check_feeds(
 
     Args:
         specs: the model's input specs.
-        feeds: input name -> numpy array.
+        feeds: input name -> numpy array (a list of arrays for a sequence input, None for an
+            absent optional one).
         nan_policy: "reject" (default) refuses NaN/Inf in float inputs; "pass" lets them through.
         token_id_limits: input name -> vocabulary size, for inputs that carry token ids.
 
@@ -199,25 +243,15 @@ def check_feeds(
         expected = ", ".join(f"{spec.name!r}: {spec.describe()}" for spec in specs)
         raise InputError(f"{'; '.join(parts)}; the model takes {expected}")
 
-    checked: dict[str, np.ndarray] = {}
+    checked: dict[str, Any] = {}
     symbolic_sizes: dict[str, tuple[int, str]] = {}
     for spec in specs:
+        if spec.containers:
+            checked[spec.name] = _check_contained(spec, feeds[spec.name], spec.containers, nan_policy)
+            continue
         value = feeds[spec.name]
-        if not isinstance(value, np.ndarray):
-            raise InputError(
-                f"input {spec.name!r} is a {type(value).__name__}, expected a numpy array of {spec.describe()}"
-            )
-        if value.dtype.name != spec.dtype:
-            raise InputError(f"input {spec.name!r} has dtype {value.dtype.name}, expected {spec.describe()}")
-        if value.ndim != len(spec.shape):
-            raise InputError(
-                f"input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), expected {spec.describe()}"
-            )
+        _check_tensor(spec, value)
         for axis, (size, dim) in enumerate(zip(value.shape, spec.shape)):
-            if isinstance(dim, int) and size != dim:
-                raise InputError(
-                    f"input {spec.name!r} has size {size} on axis {axis}, expected {dim} ({spec.describe()})"
-                )
             if isinstance(dim, str):
                 if size == 0 and dim not in EMPTY_AXES:
                     raise InputError(f"input {spec.name!r} is empty on axis {axis} ({dim}); give at least one element")
@@ -261,3 +295,42 @@ def load_npz(path: str | os.PathLike[str], flag: str = "--input") -> dict[str, n
             return {name: data[name] for name in data.files}
     except Exception as error:
         raise InputError(f"{flag} {file}: not a readable .npz file ({error})") from None
+
+
+def _check_tensor(spec: TensorSpec, value: Any) -> None:
+    """Type, dtype, rank and fixed sizes of one tensor against its spec."""
+    if not isinstance(value, np.ndarray):
+        raise InputError(
+            f"input {spec.name!r} is a {type(value).__name__}, expected a numpy array of {spec.describe()}"
+        )
+    if value.dtype.name != spec.dtype:
+        raise InputError(f"input {spec.name!r} has dtype {value.dtype.name}, expected {spec.describe()}")
+    if value.ndim != len(spec.shape):
+        raise InputError(
+            f"input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), expected {spec.describe()}"
+        )
+    for axis, (size, dim) in enumerate(zip(value.shape, spec.shape)):
+        if isinstance(dim, int) and size != dim:
+            raise InputError(f"input {spec.name!r} has size {size} on axis {axis}, expected {dim} ({spec.describe()})")
+
+
+def _check_contained(spec: TensorSpec, value: Any, containers: tuple[str, ...], nan_policy: str) -> Any:
+    """A sequence (list of tensors) or optional (None or the value) input, checked and copied.
+
+    Symbolic sizes are not matched across a sequence's tensors: they may differ from one to the
+    next. ONNX often gives a contained tensor no shape at all: then only its dtype is checked.
+    """
+    if not containers:
+        if spec.shape:
+            _check_tensor(spec, value)
+        elif not isinstance(value, np.ndarray) or value.dtype.name != spec.dtype:
+            got = f"dtype {value.dtype.name}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+            raise InputError(f"input {spec.name!r} holds {got}, expected {spec.describe()}")
+        _check_values(spec.name, value, nan_policy, None)
+        return _private_copy(value)
+    kind, inner = containers[0], containers[1:]
+    if kind == "optional":
+        return None if value is None else _check_contained(spec, value, inner, nan_policy)
+    if not isinstance(value, list | tuple):
+        raise InputError(f"input {spec.name!r} is a {type(value).__name__}, expected a list: {spec.describe()}")
+    return [_check_contained(spec, item, inner, nan_policy) for item in value]

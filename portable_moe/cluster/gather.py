@@ -178,7 +178,6 @@ def _cancel_stranded(
     on_outcome: Callable[[Submitted, TaskOutcome], None],
     nodes_at_start: Sequence[ClusterNode],
 ) -> None:
-
     now = cluster_nodes()
     died = _died_since(nodes_at_start, now)
     if not died:

@@ -18,7 +18,7 @@ from backends.openvino_runtime import OpenVinoBackend, check_device, expand_broa
 from portable_moe.backend import as_model_input
 from portable_moe.compare import routing_agreement
 from portable_moe.conformance import check_backend
-from portable_moe.errors import BackendError
+from portable_moe.errors import BackendError, UnsupportedError, UnsupportedReason
 from portable_moe.registry import get_backend
 
 PROBE = OpenVinoBackend().probe()
@@ -168,7 +168,99 @@ def test_matmuls_that_need_no_broadcast_are_left_alone():
     assert expand_broadcast_matmuls(plain) == (plain, 0)
 
 
+def test_a_one_dimensional_activation_is_not_expanded():
+    """MatMul drops a 1-D operand's axis from the result; expanding it to [*batch, 1, K] would keep it."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "vector_matmul",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 4])],
+        [onnx.numpy_helper.from_array(BATCHED_WEIGHTS, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    assert expand_broadcast_matmuls(model) == (model, 0)
+
+
 # -- running (needs openvino) --
+
+
+@needs_openvino
+def test_matmul_of_a_vector_keeps_its_shape():
+    """As onnx's test_matmul_1d_3d: [3] @ [2, 3, 4] is [2, 4] (it came out [2, 1, 4] when the vector was expanded)."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        vector (float[3] a, float[2, 3, 4] b) => (float[2, 4] y) { y = MatMul(a, b) }
+        """
+    )
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(3).astype(np.float32), rng.standard_normal((2, 3, 4)).astype(np.float32)
+    y = get_backend("openvino").compile(model).run({"a": a, "b": b})["y"]
+    assert y.shape == (2, 4)
+    np.testing.assert_allclose(y, a @ b, rtol=1e-5, atol=1e-6)
+
+
+@needs_openvino
+def test_an_input_openvino_dropped_is_not_fed():
+    """CastLike reads only the type of its second input: OpenVINO drops that input, and feeding it raised."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        castlike (float[3] x, float16[0] like) => (float16[3] y) { y = CastLike(x, like) }
+        """
+    )
+    compiled = get_backend("openvino").compile(model)
+    feeds = {"x": np.array([-1.0, 0.5, 2.0], np.float32), "like": np.zeros(0, np.float16)}
+    y = compiled.run(feeds)["y"]
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y, [-1.0, 0.5, 2.0])
+
+
+@needs_openvino
+def test_an_operator_without_a_conversion_rule_is_unsupported_in_openvinos_words():
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 20]>
+        concat (string[2] a, string[2] b) => (string[2] y) { y = StringConcat(a, b) }
+        """
+    )
+    with pytest.raises(UnsupportedError, match=r"ONNX frontend has no conversion rule for StringConcat; it answered: "):
+        get_backend("openvino").compile(model, check_declared=False)
+
+
+@needs_openvino
+@pytest.mark.parametrize(
+    ("text", "stage", "message"),
+    [
+        (
+            "fnuz (float8e4m3fnuz[2] x) => (float8e4m3fnuz[2] y) { y = Identity(x) }",
+            "compile",
+            "ONNX frontend cannot load a tensor of type float8e4m3fnuz; it answered: ",
+        ),
+        (
+            "bf16 (bfloat16[2] x) => (bfloat16[2] y) { y = Identity(x) }",
+            "run",
+            "Python binding has no element type for input 'x' of numpy dtype bfloat16; it answered: ",
+        ),
+        (
+            "to_bf16 (float[2] x) => (bfloat16[2] y) { y = Cast<to = 16>(x) }",
+            "run",
+            r"Python binding has no numpy type for output\(s\) y: float16 for bfloat16",
+        ),
+    ],
+    ids=["type the frontend cannot load", "input the binding cannot carry", "output the binding cannot carry"],
+)
+def test_a_dtype_openvino_cannot_carry_is_unsupported(text, stage, message):
+    import ml_dtypes
+
+    model = onnx.parser.parse_model('<ir_version: 10, opset_import: ["" : 21]>\n' + text)
+    backend = get_backend("openvino")
+    with pytest.raises(UnsupportedError, match=message) as raised:
+        compiled = backend.compile(model, {"nan_policy": "pass"}, check_declared=False)
+        dtype = ml_dtypes.bfloat16 if text.startswith("bf16 (") else np.float32
+        assert stage == "run"
+        compiled.run({"x": np.ones(2, dtype)})
+    assert raised.value.code == UnsupportedReason.DTYPE_NOT_CARRIED
 
 
 @needs_openvino

@@ -11,8 +11,8 @@ from exporters.torch_export import calibrate_capacity_factor  # noqa: E402
 from portable_moe import ExportError, get_backend, get_preset  # noqa: E402
 
 
-def test_manifest_says_the_golden_data_is_dropless(tmp_path):
-    bundle = export_bundle(tmp_path / "capacity", "tiny", moe_lowering="capacity")
+def test_manifest_says_the_golden_data_is_dropless(bundle_factory):
+    bundle = bundle_factory("tiny", "capacity")
     assert bundle.manifest["dropless_on_golden"] is True
     options = bundle.manifest["moe_lowering_options"]
     assert options["capacity_factor"] > 1 and options["min_capacity"] == 8

@@ -31,8 +31,8 @@ def test_one_export_runs_every_batch_and_sequence_length(tiny_bundle, batch):
         assert all(r.passed for r in results), [r.message for r in results if not r.passed]
 
 
-def test_v4_routing_exports_and_matches(tmp_path):
-    bundle = export_bundle(tmp_path / "v4", "tiny-v4", seed=1)
+def test_v4_routing_exports_and_matches(bundle_factory):
+    bundle = bundle_factory("tiny-v4", "dense", seed=1)
     assert bundle.config.scoring_func == "sqrtsoftplus" and bundle.config.n_group == 1
     [(inputs, outputs)] = bundle.golden_sets()
     results = compare_outputs(outputs, get_backend("cpu").compile(bundle).run(inputs), bundle.routing_outputs)

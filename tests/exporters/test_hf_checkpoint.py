@@ -211,3 +211,15 @@ def test_cli_refuses_a_hub_id_in_one_line(tmp_path, capsys):
     assert error.startswith("error: --hf Qwen/Qwen3-30B-A3B: no such local directory") and len(error.splitlines()) == 1
     assert "downloads nothing" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_index_pointing_at_the_wrong_shard_is_named(fp8_deepseek_checkpoint, tmp_path):
+    directory = _copy(fp8_deepseek_checkpoint, tmp_path / "wrong-index")
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "model.embed_tokens.weight"
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][name] = next(shard for shard in shards if shard != index["weight_map"][name])
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ExportError, match=r"has no tensor 'model.embed_tokens.weight', which .* places there"):
+        load_checkpoint(directory)

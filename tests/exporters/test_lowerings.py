@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 'portable-moe[export]')")
 
-from exporters import LOWERINGS, export_bundle  # noqa: E402
+from exporters import LOWERINGS  # noqa: E402
 from portable_moe import compare_outputs, get_backend  # noqa: E402
 from portable_moe.model import build_model  # noqa: E402
 
@@ -35,8 +35,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=sorted(LOWERINGS))
-def lowered(request, tmp_path_factory):
-    bundle = export_bundle(tmp_path_factory.mktemp("lowerings") / request.param, "tiny", moe_lowering=request.param)
+def lowered(request, bundle_factory):
+    bundle = bundle_factory("tiny", request.param)
     reference = build_model(bundle.config, bundle.manifest["seed"])  # dense routed experts
     return bundle, reference, get_backend("cpu").compile(bundle)
 

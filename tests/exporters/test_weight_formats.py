@@ -12,13 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from exporters.fp8_sources import decode_float8_e4m3, dequantize_fp8_blocks, requantize_fp8_blocks
-from exporters.weight_formats import (
-    apply_weight_plan,
-    convert_bundle,
-    dequantize,
-    plan_weights,
-    quantize,
-)
+from exporters.weight_formats import dequantize, plan_weights, quantize
+from exporters.weight_pass import apply_weight_plan, convert_bundle
 from portable_moe import compare, get_backend
 from portable_moe.compare import compare_outputs, tolerance_for, with_weights
 from portable_moe.conformance import check_backend
@@ -456,7 +451,7 @@ def test_weights_prepared_from_initializers_are_folded_then_converted():
     """The sparse lowering's pattern: expert weights concatenated and split before each Gemm."""
     from onnx.reference import ReferenceEvaluator
 
-    from exporters.weight_formats import convert_weights
+    from exporters.weight_pass import convert_weights
 
     generator = np.random.default_rng(0)
     gate, up = (generator.standard_normal((2, 4, 32)).astype(np.float32) for _ in range(2))

@@ -162,3 +162,44 @@ def test_options_are_checked_before_the_backend_compiles():
         Recording().compile(TWO_INPUTS, {"threads": "abc"})
     assert compiled_models == []
     assert Recording.option_defaults == {"threads": 0, "optimization": "all"}  # derived from the declarations
+
+
+def _model(node: onnx.NodeProto, inputs: list, outputs: list, opset: int) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph([node], "containers", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
+
+
+FLOAT_TENSOR = onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None)
+SEQUENCE_MODEL = _model(
+    onnx.helper.make_node("SequenceAt", ["items", "position"], ["item"]),
+    [
+        onnx.helper.make_value_info("items", onnx.helper.make_sequence_type_proto(FLOAT_TENSOR)),
+        onnx.helper.make_tensor_value_info("position", onnx.TensorProto.INT64, []),
+    ],
+    [onnx.helper.make_tensor_value_info("item", onnx.TensorProto.FLOAT, None)],
+    17,
+)
+
+
+def test_sequence_inputs_are_lists_of_tensors_checked_one_by_one():
+    inputs, _ = specs_from_onnx(SEQUENCE_MODEL)
+    assert inputs[0].containers == ("sequence",) and inputs[0].describe() == "sequence of float32 []"
+    compiled = get_backend("cpu").compile(SEQUENCE_MODEL)
+    items = [np.arange(2, dtype=np.float32), np.arange(5, dtype=np.float32)]  # sizes may differ
+    np.testing.assert_array_equal(compiled.run({"items": items, "position": np.array(1)})["item"], items[1])
+    with pytest.raises(InputError, match=r"input 'items' is a ndarray, expected a list: sequence of float32 \[\]"):
+        compiled.run({"items": items[0], "position": np.array(1)})
+    with pytest.raises(InputError, match=r"input 'items' holds dtype float64, expected sequence of float32 \[\]"):
+        compiled.run({"items": [np.zeros(2)], "position": np.array(0)})
+
+
+def test_optional_inputs_take_none():
+    model = _model(
+        onnx.helper.make_node("OptionalHasElement", ["maybe"], ["present"]),
+        [onnx.helper.make_value_info("maybe", onnx.helper.make_optional_type_proto(FLOAT_TENSOR))],
+        [onnx.helper.make_tensor_value_info("present", onnx.TensorProto.BOOL, [])],
+        18,
+    )
+    compiled = get_backend("reference").compile(model)
+    assert not compiled.run({"maybe": None})["present"]
+    assert compiled.run({"maybe": np.ones(2, np.float32)})["present"]

@@ -16,15 +16,20 @@ import onnx.parser
 import pytest
 from rich.console import Console
 
-from portable_moe import BackendError, InputError, registry
-from portable_moe.backend import Backend, Capabilities, CompiledModel, ProbeResult
+from portable_moe import BackendError, InputError, UnsupportedReason, registry
+from portable_moe.backend import Backend, Capabilities, CompiledModel, ProbeResult, as_model_input
+from portable_moe.expected_failures import FailureCategory, expected_failures_of, load_expected_failures
 from portable_moe.junit import write_junit
 from portable_moe.opsuite import (
     DEFAULT_EXCLUDES,
     ERROR,
+    EXPECTED_FAILURE,
     FAILED,
     PASSED,
+    STATUSES,
+    TIMEOUT,
     TOLERANCE_OVERRIDES,
+    UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
     OpCase,
@@ -39,6 +44,7 @@ from portable_moe.opsuite import (
     run_case,
     run_tasks,
     select_cases,
+    settle_expected,
     summarize,
     tolerance_for_case,
 )
@@ -209,11 +215,11 @@ def test_a_subset_passes_on_cpu_and_reference_in_worker_processes(cases):
     for backend in ("cpu", "reference"):
         for name in ("test_add", "test_add_bcast", "test_relu", "test_matmul_2d"):
             assert by_key[(backend, name)].status == PASSED, by_key[(backend, name)]
-    # Nothing fails or errors: what is not passed is declared unsupported, with the reason.
+    # Nothing fails or errors: what is not passed the runtime itself called unsupported, with a code.
     assert {r.status for r in results} <= {PASSED, UNSUPPORTED}
-    assert by_key[("cpu", "test_add_uint8")].status == PASSED  # cpu declares every integer type ORT runs
+    assert by_key[("cpu", "test_add_uint8")].status == PASSED
     unsupported = [r for r in results if r.status == UNSUPPORTED]
-    assert all(r.reason for r in unsupported)
+    assert all(r.reason and r.code in set(UnsupportedReason) for r in unsupported)
 
 
 def test_wrong_values_fail_with_the_worst_element():
@@ -270,10 +276,86 @@ def test_a_dtype_missing_from_the_capabilities_is_unsupported(cases):
     )
 
 
-def test_non_tensor_inputs_are_unsupported(cases):
+def test_non_tensor_inputs_are_unsupported_where_only_a_declaration_answers(cases):
     result = run_case(ConfigurableBackend(), cases["test_identity_sequence"])
-    assert result.status == UNSUPPORTED
-    assert "input 'x' is a sequence: the portable-moe backend contract passes numpy tensors only" in result.reason
+    assert result.status == UNSUPPORTED and result.code == UnsupportedReason.DECLARED
+    assert "input 'x' is a sequence: backend 'test-backend' declares tensors only" in result.reason
+
+
+@pytest.mark.parametrize(
+    "name", ["test_identity_sequence", "test_identity_opt", "test_sequence_insert_at_back", "test_if_opt"]
+)
+def test_sequences_and_optionals_run_through_the_contract(cases, name):
+    assert run_case(registry.get_backend("cpu"), cases[name]).status == PASSED
+
+
+# Each answer ONNX Runtime gives for what it cannot run, and the code it becomes.
+ORT_ANSWERS = {
+    "no kernel": (
+        """
+        <ir_version: 11, opset_import: ["" : 25]>
+        int4_identity (int4[2] x) => (int4[2] y) { y = Identity(x) }
+        """,
+        UnsupportedReason.NO_KERNEL,
+        "onnxruntime answered NotImplemented: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED",
+    ),
+    "unknown operator": (
+        """
+        <ir_version: 8, opset_import: ["" : 17, "ai.onnx.preview.training" : 1]>
+        step (float r, int64 t, float[2] x, float[2] g, float[2] h) => (float[2] x2, float[2] h2) {
+            x2, h2 = ai.onnx.preview.training.Adagrad(r, t, x, g, h)
+        }
+        """,
+        UnsupportedReason.UNKNOWN_OPERATOR,
+        "onnxruntime's operator registry has no ai.onnx.preview.training:Adagrad; it answered Fail",
+    ),
+    "dtype its binding cannot carry": (
+        """
+        <ir_version: 8, opset_import: ["" : 21]>
+        bf16_identity (bfloat16[2] x) => (bfloat16[2] y) { y = Identity(x) }
+        """,
+        UnsupportedReason.DTYPE_NOT_CARRIED,
+        "onnxruntime's Python binding could not convert a value (RuntimeError, not an ORT status): Numpy_type",
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(ORT_ANSWERS))
+def test_cpu_is_unsupported_only_where_onnxruntime_says_so(answer):
+    import ml_dtypes
+
+    text, code, words = ORT_ANSWERS[answer]
+    model = onnx.parser.parse_model(text)
+    vector = np.ones(2, np.float32)
+    inputs, outputs = {
+        "no kernel": ([np.zeros(2, ml_dtypes.int4)], [np.zeros(2, ml_dtypes.int4)]),
+        "unknown operator": ([np.float32(0.1), np.int64(0), vector, vector, vector], [vector, vector]),
+        "dtype its binding cannot carry": ([np.zeros(2, ml_dtypes.bfloat16)], [np.zeros(2, ml_dtypes.bfloat16)]),
+    }[answer]
+    data = ((tuple(np.asarray(value) for value in inputs), tuple(outputs)),)
+    case = OpCase("test_inline", "Op", model.SerializeToString(), data, 1e-3, 1e-7)
+    result = run_case(registry.get_backend("cpu"), case)
+    assert (result.status, result.code) == (UNSUPPORTED, code), result
+    assert words in result.reason
+
+
+def test_cpu_runs_opsets_and_domains_it_never_declared():
+    """The declared range (opsets up to 23, no ai.onnx.ml) stays for bundles; the op suite asks ONNX Runtime."""
+    cpu = registry.get_backend("cpu")
+    assert cpu.capabilities.max_opset < 24 and "ai.onnx.ml" not in cpu.capabilities.domains
+    newer = make_case(RELU_TEXT.replace('"" : 17', '"" : 24'), *RELU.data_sets[0])
+    assert run_case(cpu, newer).status == PASSED
+    with pytest.raises(BackendError, match="the model uses opset 24"):
+        cpu.check_supported(as_model_input(onnx.load_model_from_string(newer.model)))
+
+
+def test_the_reference_evaluator_answers_for_itself(cases):
+    result = run_case(registry.get_backend("reference"), cases["test_scatter_with_axis"])
+    assert (result.status, result.code) == (UNSUPPORTED, UnsupportedReason.NO_KERNEL)
+    assert result.reason.startswith(
+        "onnx.reference answered RuntimeImplementationError: No registered implementation for operator 'Scatter'"
+    )
+    assert "\n" not in result.reason  # its list of every operator it has is left out
 
 
 def test_check_supported_is_the_backends_hook_for_unsupported_ops_and_opsets():
@@ -314,12 +396,134 @@ def test_tolerance_comes_from_the_case_unless_an_entry_of_the_table_matches(case
         assert (reduced.rtol, reduced.atol) == (1e-3, 5e-3) and "float16" in reduced.reason
 
 
+def test_a_pass_owed_to_an_override_shows_its_raw_error_and_strict_fails_it(cases):
+    cpu = registry.get_backend("cpu")
+    result = run_case(cpu, cases["test_dft"])
+    assert result.status == PASSED
+    owed = result.tolerance_override
+    assert (owed["case_rtol"], owed["case_atol"], owed["rtol"], owed["atol"]) == (1e-3, 1e-7, 1e-3, 1e-3)
+    assert owed["output"] == "y" and 1e-7 < owed["max_abs_error"] < 1e-3 and "float64 FFT" in owed["reason"]
+    strict = run_case(cpu, cases["test_dft"], strict=True)
+    assert strict.status == FAILED and "atol=1e-07 rtol=0.001" in strict.reason
+    assert run_case(cpu, cases["test_relu"]).tolerance_override is None  # its own tolerance: nothing to show
+
+
 def test_every_tolerance_override_has_a_reason_and_matches_a_case(cases):
     known = registry.backend_names()
     for override in TOLERANCE_OVERRIDES:
         assert override.backend == "*" or override.backend in known
         assert len(override.reason) > 40
         assert any(re.search(override.case_pattern, name) for name in cases)
+
+
+def test_the_crosscheck_against_raw_onnxruntime_counts_both_sides(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "ort_crosscheck.py"
+    spec = importlib.util.spec_from_file_location("ort_crosscheck", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    arguments = ["--include", "^test_(relu|dft|cast_FLOAT_to_BFLOAT16)$", "--jobs", "0"]
+    # test_dft passes in the op suite only through its tolerance override: 1 of 3 cases differ.
+    assert script.main(arguments) == 1
+    output = capsys.readouterr().out
+    assert "raw onnxruntime loop: 1 passed" in output and "--backend cpu: 2 passed" in output
+    assert "op suite only test_dft: passed" in output and "(33.33% of the cases; limit 1%)" in output
+    assert script.main([*arguments, "--strict"]) == 0
+    assert "cases on which they disagree: 0 (0.00% of the cases" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected failures
+
+
+class ListingBackend(ConfigurableBackend):
+    """A backend whose expected-failures file is given by the test (through a class attribute)."""
+
+    name = "listing-backend"
+
+
+@pytest.fixture
+def listing_backend(tmp_path):
+    def register(text: str) -> str:
+        path = tmp_path / "expected.toml"
+        path.write_text(text)
+        ListingBackend.expected_failures_file = path
+        registry.register_backend(ListingBackend.name, ListingBackend)
+        expected_failures_of.cache_clear()
+        return ListingBackend.name
+
+    yield register
+    registry.unregister_backend(ListingBackend.name)
+    expected_failures_of.cache_clear()
+
+
+LISTED = """
+[[case]]
+name = "test_relu"
+category = "runtime-bug"
+reason = "a symptom"
+
+[[case]]
+name = "test_abs"
+category = "platform-limit"
+reason = "a machine without it"
+"""
+
+
+def test_a_listed_failure_is_expected_and_a_listed_pass_is_unexpected(listing_backend):
+    name = listing_backend(LISTED)
+    failing = settle_expected(
+        CaseResult("test_abs", "Abs", name, FAILED, "y: 1 of 3 elements outside", code="mismatch")
+    )
+    assert (failing.status, failing.code, failing.listed_outcome) == (EXPECTED_FAILURE, "platform-limit", FAILED)
+    assert failing.reason == "listed as platform-limit: a machine without it; failed: y: 1 of 3 elements outside"
+    passing = settle_expected(CaseResult("test_relu", "Relu", name, PASSED))
+    assert (passing.status, passing.listed_outcome) == (UNEXPECTED_PASS, PASSED)
+    assert passing.reason == "listed as runtime-bug: a symptom; it passed: remove it from the list"
+    timed_out = settle_expected(CaseResult("test_abs", "Abs", name, TIMEOUT, "ran past the time limit of 3 s"))
+    assert timed_out.status == EXPECTED_FAILURE and timed_out.listed_outcome == TIMEOUT
+    unlisted = CaseResult("test_add", "Add", name, FAILED, "differs")
+    assert settle_expected(unlisted) is unlisted
+
+
+def test_expected_failures_apply_in_the_runner(listing_backend):
+    name = listing_backend(LISTED)
+    [result] = run_tasks([Task("op", name, RELU.name)], [RELU], jobs=0)
+    assert result.status == PASSED  # test_inline_relu is not listed
+    relu = OpCase("test_relu", "Relu", RELU.model, RELU.data_sets, RELU.rtol, RELU.atol)
+    [result] = run_tasks([Task("op", name, "test_relu")], [relu], jobs=0)
+    assert result.status == UNEXPECTED_PASS
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[case]]\nname = "test_relu"\ncategory = "runtime-bug"\n', r"entry 1: give reason \(non-empty strings\)"),
+        (
+            '[[case]]\nname = "test_relu"\ncategory = "flaky"\nreason = "x"\n',
+            r"entry 1: unknown category 'flaky'; use one of runtime-bug, platform-limit",
+        ),
+        (LISTED + '[[case]]\nname = "test_relu"\ncategory = "runtime-bug"\nreason = "again"\n', "listed twice"),
+        ("[[case]\n", "cannot be read"),
+        ('case = "test_relu"\n', r"'case' must be an array of tables"),
+    ],
+    ids=["missing field", "unknown category", "duplicate", "bad toml", "not a table array"],
+)
+def test_a_malformed_expected_failures_file_is_refused(tmp_path, text, message):
+    path = tmp_path / "expected.toml"
+    path.write_text(text)
+    with pytest.raises(BackendError, match=message):
+        load_expected_failures(path)
+
+
+def test_every_shipped_expected_failure_names_a_case_with_a_category_and_reason(cases):
+    for name in ("cpu", "reference", "openvino", "npu-sim"):
+        listed = expected_failures_of(name)
+        for case, entry in listed.items():
+            assert case in cases, f"{name}: {case} is not a case of onnx {onnx.__version__}"
+            assert isinstance(entry.category, FailureCategory) and len(entry.reason) > 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,8 +580,8 @@ def test_a_crash_and_a_hang_lose_only_their_case(cases, flaky_vendor):
     assert "the worker process was killed by signal SIGSEGV while running this case" in by_case["test_abs"].reason
     assert "flaky_vendor.py" in by_case["test_abs"].reason  # faulthandler's innermost frame
     assert by_case["test_abs"].op == "Abs"
-    assert by_case["test_acos"].status == ERROR
-    assert by_case["test_acos"].reason == "timed out after 3 s; the worker was killed and replaced"
+    assert by_case["test_acos"].status == TIMEOUT and by_case["test_acos"].details == {"time_limit_s": 3}
+    assert by_case["test_acos"].reason == "ran past the time limit of 3 s; the worker was killed and replaced"
     assert by_case["test_add"].status == PASSED and by_case["test_relu"].status == PASSED
 
 
@@ -445,7 +649,7 @@ RESULTS = [
 def test_summary_never_counts_unsupported_as_passed():
     summaries = summarize(RESULTS, ["cpu", "reference"])
     cpu = summaries["cpu"]
-    assert cpu.counts == {PASSED: 1, FAILED: 1, UNSUPPORTED: 1, ERROR: 1}
+    assert cpu.counts == {**dict.fromkeys(STATUSES, 0), PASSED: 1, FAILED: 1, UNSUPPORTED: 1, ERROR: 1}
     assert cpu.pass_rate_supported == pytest.approx(1 / 3)
     assert cpu.pass_rate_all == pytest.approx(1 / 4)
     assert summaries["reference"].pass_rate_supported == 1.0 and summaries["reference"].pass_rate_all == 0.75
@@ -453,7 +657,9 @@ def test_summary_never_counts_unsupported_as_passed():
 
 def test_json_report_structure():
     report = json.loads(json.dumps(report_dict(RESULTS, ["cpu", "reference"], "portable-moe conformance ops")))
-    assert report["format"] == "portable-moe-opsuite/1"
+    assert report["format"] == "portable-moe-opsuite/2"
+    assert set(report["denominators"]) == {"pass_rate_all", "pass_rate_supported"}
+    assert report["backends"]["cpu"]["supported"] == 3
     assert report["onnx_version"] == onnx.__version__
     assert report["backends"]["cpu"]["failed"] == 1 and report["backends"]["cpu"]["total"] == 4
     assert report["results"][1] == {
@@ -466,6 +672,9 @@ def test_json_report_structure():
         "worst": {"name": "z"},
         "placement": {},
         "details": {},
+        "code": "",
+        "tolerance_override": None,
+        "listed_outcome": "",
     }
     assert all(entry["reason"] for entry in report["tolerance_overrides"])
 
@@ -481,9 +690,25 @@ def test_junit_has_one_testcase_per_result_with_outcomes_marked(tmp_path):
     cases = {case.get("name"): case for case in cpu.findall("testcase")}
     assert len(root.findall(".//testcase")) == len(RESULTS)
     assert list(cases["test_relu"]) == []
-    assert cases["test_add"].find("failure").get("message") == "z: 1 of 3 elements outside"
+    assert cases["test_add"].find("failure").get("message") == "failed: z: 1 of 3 elements outside"
     assert cases["test_abs"].find("error").text == "timed out after 3 s"
     assert cases["test_cast"].find("skipped") is not None and cases["test_cast"].get("classname") == "cpu.Cast"
+
+
+def test_junit_marks_timeouts_as_errors_and_listed_cases_by_their_outcome(tmp_path):
+    path = tmp_path / "ops.xml"
+    write_junit(
+        [
+            CaseResult("test_abs", "Abs", "cpu", TIMEOUT, "ran past the time limit of 3 s", 3.0, code="timeout"),
+            CaseResult("test_add", "Add", "cpu", EXPECTED_FAILURE, "listed as runtime-bug: x", code="runtime-bug"),
+            CaseResult("test_relu", "Relu", "cpu", UNEXPECTED_PASS, "listed as runtime-bug: x; it passed"),
+        ],
+        path,
+    )
+    cases = {case.get("name"): case for case in ElementTree.parse(path).getroot().iter("testcase")}
+    assert cases["test_abs"].find("error").get("message") == "timeout (timeout): ran past the time limit of 3 s"
+    assert cases["test_add"].find("skipped").get("type") == "expected-failure (runtime-bug)"
+    assert cases["test_relu"].find("failure").get("message").startswith("unexpected-pass: listed as")
 
 
 def test_matrix_shows_only_ops_with_a_non_pass_unless_asked():
@@ -503,32 +728,36 @@ def test_matrix_shows_only_ops_with_a_non_pass_unless_asked():
 
 
 def test_cli_runs_the_suite_and_writes_reports(tmp_path):
-    report, junit = tmp_path / "ops.json", tmp_path / "ops.xml"
+    report, junit, page = tmp_path / "ops.json", tmp_path / "ops.xml", tmp_path / "ops.html"
     command = [sys.executable, "-m", "portable_moe.cli", "conformance", "ops", "--backend", "cpu,reference"]
-    command += [
-        "--include",
-        "^test_relu$",
-        "--include",
-        "^test_equal_string$",
-        "--json",
-        str(report),
-        "--junit",
-        str(junit),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"}, timeout=300)
+    command += ["--include", "^test_relu$", "--include", "^test_cast_FLOAT_to_BFLOAT16$", "--include", "^test_dft$"]
+    command += ["--json", str(report), "--junit", str(junit), "--html", str(page)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ONNX node test cases" in result.stdout and "2 cases x 2 backends" in result.stdout
-    assert "Equal" in result.stdout and "Relu" not in result.stdout.split("op x backend")[1]
-    assert "cpu" in result.stderr and "2/2" in result.stderr  # the progress bars
+    assert "ONNX node test cases" in result.stdout and "3 cases x 2 backends" in result.stdout
+    assert "CPU-seconds" in result.stdout
+    assert "Cast" in result.stdout and "Relu" not in result.stdout.split("op x backend")[1]
+    assert "cpu: 1 case(s) passed only because of a tolerance override" in result.stdout
     data = json.loads(report.read_text())
-    assert {(r["backend"], r["case"], r["status"]) for r in data["results"]} == {
-        ("cpu", "test_relu", PASSED),
-        ("reference", "test_relu", PASSED),
-        ("cpu", "test_equal_string", UNSUPPORTED),
-        ("reference", "test_equal_string", UNSUPPORTED),
-    }
+    statuses = {(r["backend"], r["case"]): (r["status"], r["code"]) for r in data["results"]}
+    assert statuses[("cpu", "test_relu")] == statuses[("reference", "test_relu")] == (PASSED, "")
+    assert statuses[("cpu", "test_cast_FLOAT_to_BFLOAT16")] == (UNSUPPORTED, UnsupportedReason.DTYPE_NOT_CARRIED)
+    assert statuses[("cpu", "test_dft")] == (PASSED, "")
     assert data["command"].startswith("portable-moe conformance ops")
-    assert len(ElementTree.parse(junit).getroot().findall(".//testcase")) == 4
+    assert data["backends"]["cpu"]["passed_with_tolerance_override"] == 1
+    assert len(ElementTree.parse(junit).getroot().findall(".//testcase")) == 6
+    html_text = page.read_text()
+    assert "Passed only because of a tolerance override (1)" in html_text and "test_dft" in html_text
+
+
+def test_cli_strict_uses_the_cases_own_tolerances(capsys):
+    from portable_moe.cli import main
+
+    arguments = ["conformance", "ops", "--backend", "cpu", "--include", "^test_dft$", "--jobs", "0"]
+    assert main(arguments) == 0
+    assert main([*arguments, "--strict"]) == 1
+    output = capsys.readouterr().out
+    assert "tolerances: the cases' own (--strict)" in output and "failed test_dft: y:" in output
 
 
 @pytest.mark.parametrize(

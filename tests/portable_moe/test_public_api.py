@@ -29,6 +29,8 @@ PUBLIC = {
     "ProbeResult",
     "TensorSpec",
     "Tolerance",
+    "UnsupportedError",
+    "UnsupportedReason",
     "__version__",
     "backend_names",
     "check_backend",

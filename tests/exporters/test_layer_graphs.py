@@ -1,0 +1,143 @@
+"""Layer-wise export: the reference model as a LayeredModel, and the full graph stamped from one export per kind."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 'portable-moe[export]')")
+
+from exporters.layer_graphs import export_layered  # noqa: E402
+from exporters.lowerings import get_lowering  # noqa: E402
+from exporters.torch_export import export_model_to_onnx  # noqa: E402
+from portable_moe import ExportError, compare_outputs, get_backend, get_preset  # noqa: E402
+from portable_moe.model import build_model, golden_inputs  # noqa: E402
+
+# Four layers (one dense, three MoE of one kind): the weights of the kind's one export are swapped per layer.
+FOUR_LAYERS = dataclasses.replace(get_preset("tiny"), name="tiny-4-layers", num_hidden_layers=4)
+
+
+def _ids(batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
+
+
+def test_prologue_layers_and_head_compose_to_forward_exactly():
+    model = build_model(FOUR_LAYERS, seed=3)
+    ids = golden_inputs(FOUR_LAYERS, seed=3)["input_ids"]
+    with torch.no_grad():
+        logits, routing = model(ids)
+        hidden, *shared = model.prologue(ids)
+        composed_routing = []
+        for layer in model.layer_modules():
+            hidden, expert_ids, dropped = layer(hidden, *shared)
+            assert dropped is None
+            if expert_ids is not None:
+                composed_routing.append(expert_ids)
+        composed_logits = model.head(hidden)
+    assert torch.equal(logits, composed_logits)
+    assert all(torch.equal(a, b) for a, b in zip(routing, composed_routing))
+    assert len(composed_routing) == len(FOUR_LAYERS.moe_layer_indices) == 3
+
+
+def test_layer_kinds_tell_dense_from_moe_and_follow_the_lowering():
+    model = build_model(FOUR_LAYERS)
+    kinds = [model.layer_kind(index) for index in range(4)]
+    assert kinds[0] == ("dense",) and kinds[1] == kinds[2] == kinds[3] != kinds[0]
+    model.layers[3].mlp.routed_experts = get_lowering("sparse").routed_experts({})
+    assert model.layer_kind(3) != model.layer_kind(1)
+
+
+@pytest.fixture(scope="module")
+def four_layer_bundle(bundle_factory):
+    """Four layers with the weights forced into external data (threshold 1 KiB)."""
+    return bundle_factory(FOUR_LAYERS, "sparse", 0, external_data_threshold=1024)
+
+
+def test_four_layers_export_with_weights_in_external_data(four_layer_bundle):
+    import onnx
+
+    files = set(four_layer_bundle.manifest["files"])
+    assert {"model.onnx", "model.onnx.data"} <= files
+    proto = onnx.load(str(four_layer_bundle.model_path), load_external_data=False)
+    external = [tensor.name for tensor in proto.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL]
+    assert "layers.3.mlp.w1" in external and "embed_tokens.weight" in external
+    assert four_layer_bundle.routing_outputs == {f"expert_ids_layer{index}": index for index in (1, 2, 3)}
+
+
+def test_each_layer_of_a_kind_runs_its_own_weights(four_layer_bundle):
+    """Three MoE layers from one exported graph: a swapped or shared weight would break these."""
+    reference = build_model(FOUR_LAYERS, seed=0)
+    compiled = get_backend("cpu").compile(four_layer_bundle)
+    for batch, seq in ((1, 1), (3, 7), (2, 40)):
+        ids = _ids(batch, seq)
+        with torch.no_grad():
+            logits, routing = reference(ids)
+        expected = {
+            "logits": logits.numpy(),
+            **{name: r.numpy() for name, r in zip(four_layer_bundle.routing_outputs, routing)},
+        }
+        results = compare_outputs(expected, compiled.run({"input_ids": ids.numpy()}), four_layer_bundle.routing_outputs)
+        assert all(result.passed for result in results), [result.message for result in results if not result.passed]
+    # The layers really differ: the same kind with one layer's weights everywhere would not match.
+    assert not np.array_equal(routing[1].numpy(), routing[2].numpy())
+
+
+def test_no_node_computes_from_weights_alone(four_layer_bundle):
+    """Weights are bound after export and folded once over the full graph, as the monolithic export did."""
+    proto = four_layer_bundle.load_onnx(load_external_data=False)
+    weights = {
+        tensor.name for tensor in proto.graph.initializer if tensor.name.startswith(("layers.", "embed", "lm_head"))
+    }
+    weight_only = [
+        node.op_type for node in proto.graph.node if node.input and all(name in weights for name in node.input)
+    ]
+    # The sparse lowering leaves its per-expert Concat/Split of weights to the runtime (ORT folds
+    # them at session start; see exporters/lowering_sparse.py); nothing else reads weights alone.
+    assert set(weight_only) <= {"Concat", "Split"}, weight_only
+
+
+class _NotAModule:
+    config = get_preset("tiny")
+
+
+class _FlattenedPrologue(torch.nn.Module):
+    """A prologue that returns [batch * seq, hidden]: one graph per kind cannot serve every shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = build_model(get_preset("tiny"))
+        self.config = self.inner.config
+
+    def prologue(self, input_ids):
+        hidden, *shared = self.inner.prologue(input_ids)
+        return (hidden.reshape(-1, hidden.shape[-1]), *shared)
+
+
+def test_models_that_cannot_be_exported_layer_wise_are_refused():
+    ids = _ids(2, 5)
+    dense = get_lowering("dense")
+    with pytest.raises(ExportError, match="layer-wise export needs a torch.nn.Module, got _NotAModule"):
+        export_layered(_NotAModule(), ids, lowering=dense, opset=20)
+    with pytest.raises(ExportError, match=r"prologue output 0 \(shape \[10, 64\]\) has an axis \(0\) that grows by 2"):
+        export_layered(_FlattenedPrologue(), ids, lowering=dense, opset=20)
+
+
+def test_layers_of_one_kind_must_have_the_same_parameters(tmp_path):
+    model = build_model(get_preset("tiny"))
+    model.layers[2].mlp.shared_experts = None  # layer 2 still claims the kind of layer 1
+    with pytest.raises(
+        ExportError, match=r"layers 1 and 2 have the same kind .* but different parameters \(mlp.shared"
+    ):
+        export_model_to_onnx(model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_config_must_name_the_layers_that_route(tmp_path):
+    model = build_model(get_preset("tiny"))
+    model.config = dataclasses.replace(model.config, first_k_dense_replace=2)
+    with pytest.raises(
+        ExportError, match=r"layers \[1, 2\] return expert ids but the config's moe_layer_indices are \[2\]"
+    ):
+        export_model_to_onnx(model, tmp_path / "model.onnx")
