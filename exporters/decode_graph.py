@@ -71,7 +71,11 @@ def cached_decoder(model: Any) -> Any:
             present, routing = [], []
             for index, layer in enumerate(self.model.layers):
                 attended, key, value = _cached_attention(
-                    layer.attention, layer.input_norm(hidden), past[2 * index], past[2 * index + 1]
+                    layer.attention,
+                    self.model.inverse_frequency,
+                    layer.input_norm(hidden),
+                    past[2 * index],
+                    past[2 * index + 1],
                 )
                 hidden = hidden + attended
                 normed = layer.post_attention_norm(hidden)
@@ -88,7 +92,9 @@ def cached_decoder(model: Any) -> Any:
     return CachedDecoder().eval()
 
 
-def _cached_attention(attention: Any, hidden: Any, past_key: Any, past_value: Any) -> tuple[Any, Any, Any]:
+def _cached_attention(
+    attention: Any, inverse_frequency: Any, hidden: Any, past_key: Any, past_value: Any
+) -> tuple[Any, Any, Any]:
     """The reference attention on new positions after ``past``: (output, present key, present value).
 
     Rotary positions continue from the past length; a new query attends every past position and
@@ -107,7 +113,7 @@ def _cached_attention(attention: Any, hidden: Any, past_key: Any, past_value: An
     value = split_heads(attention.v_proj(hidden))
     past_length = past_key.shape[2]
     positions = torch.arange(new, dtype=torch.float32) + past_length
-    angles = positions[:, None] * attention.inverse_frequency[None, :]
+    angles = positions[:, None] * inverse_frequency[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos(), angles.sin()
     query = query * cos + _rotate_half(query) * sin
@@ -233,7 +239,7 @@ def export_decoder(
     """
     import torch
 
-    from exporters.torch_export import _quiet_exporter
+    from exporters.torch_export import quiet_exporter
 
     if not hasattr(model, "embed_tokens") or not hasattr(model, "layers"):
         raise ExportError(
@@ -258,7 +264,7 @@ def export_decoder(
     implementation = lowering.load()
     path = directory / DECODER_NAME
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.onnx.export(
                 decoder,
                 (example_ids, *example_past),
@@ -297,7 +303,7 @@ def finish_decoder(
     import onnx
 
     from exporters.torch_export import validate_graph
-    from exporters.weight_formats import apply_weight_plan
+    from exporters.weight_pass import apply_weight_plan
     from portable_moe.bundle import write_tensors
     from portable_moe.tensors import specs_from_onnx
 

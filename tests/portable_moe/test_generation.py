@@ -15,12 +15,9 @@ from portable_moe.generation import Cache, Generator, check_sampling, choose_tok
 
 
 @pytest.fixture(scope="module")
-def generation_bundle(tmp_path_factory):
-    """The tiny preset with its decoder graph, exported once for this module."""
-    pytest.importorskip("torch", reason="exporting needs torch (pip install 'portable-moe[export]')")
-    from exporters import export_bundle
-
-    return export_bundle(tmp_path_factory.mktemp("generation") / "tiny", "tiny", seed=0, generation=True)
+def generation_bundle(bundle_factory):
+    """The tiny preset (seed 2: its own weights) with its decoder graph, from the shared factory."""
+    return bundle_factory("tiny", "dense", 2, generation=True)
 
 
 @pytest.fixture(scope="module")
