@@ -67,9 +67,11 @@ class Option:
             return "true or false"
         if self.kind in (int, float):
             noun = "an integer" if self.kind is int else "a number"
-            bounds = [f">= {self.minimum:g}" if self.minimum is not None else "", ""]
-            bounds[1] = f"<= {self.maximum:g}" if self.maximum is not None else ""
-            return " ".join([noun, *filter(None, bounds)])
+            if self.minimum is not None and self.maximum is not None:
+                return f"{noun} from {self.minimum:g} to {self.maximum:g}"
+            if self.minimum is not None:
+                return f"{noun} >= {self.minimum:g}"
+            return f"{noun} <= {self.maximum:g}" if self.maximum is not None else noun
         return ""  # text, or a value the backend's parse checks: the help says what it takes
 
     def check(self, backend: str, name: str, value: Any) -> Any:

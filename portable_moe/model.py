@@ -295,10 +295,11 @@ class MoETransformer(nn.Module):
         # Positions 0..S-1 as a running count rather than arange: ONNX shape inference follows a
         # CumSum's shape but not a Range's length, and static-shape tools (npu-sim's gears,
         # bisection) need every shape to follow from the input's.
-        positions = torch.ones_like(input_ids[0], dtype=torch.float32).cumsum(0) - 1
-        angles = positions[:, None] * self.inverse_frequency[None, :]
+        seq = input_ids.shape[1]
+        positions = torch.ones(seq, 1, dtype=torch.float32, device=input_ids.device).cumsum(0) - 1  # [S, 1]
+        angles = positions * self.inverse_frequency[None, :]
         angles = torch.cat((angles, angles), dim=-1)
-        future = positions[None, :] > positions[:, None]
+        future = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).triu(1)
         return self.embed_tokens(input_ids), angles.cos(), angles.sin(), future
 
     def layer_modules(self) -> list[nn.Module]:

@@ -134,5 +134,5 @@ def test_a_graph_that_disagrees_with_transformers_fails_with_exit_code_1(hf_chec
     with pytest.raises(
         ExportParityError, match=r"disagrees with transformers on input shape \[2, 16\].*no bundle was written"
     ):
-        _check_parity(bundle.model_path, [(feeds, wrong)], bundle.routing_outputs, "transformers")
+        _check_parity(bundle.model_path, [(feeds, wrong)], bundle.routing_outputs, reference="transformers")
     assert ExportParityError.exit_code == 1
