@@ -52,7 +52,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
 # subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
-COMMAND_MODULES: list[str] = ["portable_moe.opsuite", "portable_moe.cluster.command"]
+COMMAND_MODULES: list[str] = ["portable_moe.opsuite", "portable_moe.cluster.command", "portable_moe.generate_command"]
 
 
 # How long steps show their progress (set by main from the terminal and --verbose): None is silent.
@@ -240,6 +240,7 @@ def command_export(args: argparse.Namespace) -> int:
         weights=args.weights,
         block_size=args.block_size,
         weight_kernel=kernel,
+        generation=args.generation,
     )
     _print(
         f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {bundle.weight_format} "
@@ -508,16 +509,25 @@ def _finish_check(
     expected_from: str = GOLDEN,
     junit_path: str | None = None,
     html_path: str | None = None,
+    generation: list[Any] | None = None,
 ) -> int:
     _print_results(bundle, results, expected_from)
     report = report_dict(bundle, results, expected_from)
+    cases = junit_cases(results)
+    if generation is not None:
+        from portable_moe.generate_command import print_generation_checks
+        from portable_moe.generation_check import generation_junit_cases
+
+        print_generation_checks(generation)
+        report["generation"] = [check.to_dict() for check in generation]
+        cases += generation_junit_cases(generation)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=float))
         stderr.print(f"report written to {escape(json_path)}")
     if junit_path:
         from portable_moe.junit import write_junit
 
-        write_junit(junit_cases(results), junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
+        write_junit(cases, junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
         stderr.print(f"JUnit XML written to {escape(junit_path)}")
     if html_path:
         from portable_moe.report_html import write_html
@@ -525,7 +535,9 @@ def _finish_check(
         write_html(report, html_path)
         stderr.print(f"HTML report written to {escape(html_path)}")
     # Naming backends requires each to pass; "all" means every backend that can run here and takes the bundle.
-    considered = results if require_all else [r for r in results if r.status not in NOT_CHECKED]
+    considered = [*results, *(generation or [])]
+    if not require_all:
+        considered = [r for r in considered if r.status not in NOT_CHECKED]
     if not considered:
         stderr.print("[red]no backend could be checked[/red]")
         return EXIT_FAILED
@@ -542,6 +554,10 @@ def command_check(args: argparse.Namespace) -> int:
 
         return command_check_on_cluster(args)
     bundle = load_bundle(args.bundle)
+    if args.generate is not None:
+        from portable_moe.generation_check import check_generate_steps
+
+        check_generate_steps(bundle, args.generate)  # before the slow part
     from portable_moe.fallback import spread_options
 
     names = _backend_names(args.backend)
@@ -558,6 +574,12 @@ def command_check(args: argparse.Namespace) -> int:
         bisect=args.bisect,
         skip_unaccepted=checks_all,
     )
+    generation = None
+    if args.generate is not None:
+        from portable_moe.generation_check import check_generation
+
+        checked = [r.backend for r in results if r.status not in NOT_CHECKED]
+        generation = [check_generation(bundle, name, args.generate, (options or {}).get(name)) for name in checked]
     return _finish_check(
         bundle,
         results,
@@ -566,6 +588,7 @@ def command_check(args: argparse.Namespace) -> int:
         expected_from=expected_from,
         junit_path=args.junit,
         html_path=args.html,
+        generation=generation,
     )
 
 
@@ -663,6 +686,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity lowering: fewest slots per expert (default: 8, decode stays dropless)",
     )
     export.add_argument("--opset", type=int, default=20, help="ai.onnx opset to export to (default: 20)")
+    export.add_argument(
+        "--generation",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also export the cache-carrying decoder graph and a golden greedy continuation, for 'generate' and "
+        "'check --generate' (presets; default: off, it about doubles the export time)",
+    )
     _add_weight_options(export)
     export.set_defaults(handler=command_export)
 
@@ -732,6 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["always", "failed", "never"],
         help="find the first graph node that leaves tolerance: --bisect for every backend, --bisect failed "
         "only for failing ones (default: never)",
+    )
+    check.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="also compare each backend's greedy continuation with the golden one over N steps, token by token "
+        "(bundles exported with --generation)",
     )
     add_option_flag(check)
     add_cluster_flag(check)
