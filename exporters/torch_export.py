@@ -233,6 +233,7 @@ def export_bundle(
     weights: str = "float32",
     block_size: int | None = None,
     weight_kernel: str = "dequantize",
+    generation: bool = False,
 ) -> Bundle:
     """Export a preset (or config), or a local Hugging Face checkpoint, to a bundle directory.
 
@@ -257,6 +258,9 @@ def export_bundle(
             The golden data stay the float32 torch outputs.
         block_size: int8/int4 inputs per scale (0: per output channel); None: the format's default.
         weight_kernel: "dequantize" (standard ONNX) or "matmulnbits" (ONNX Runtime's fused node).
+        generation: also export the cache-carrying decoder graph and the golden greedy
+            continuation (``exporters.decode_graph``; presets only). Off by default: it roughly
+            doubles the export time.
 
     Returns:
         The written, verified bundle.
@@ -271,6 +275,8 @@ def export_bundle(
     say = progress or (lambda message: None)
     if hf is not None and preset is not None:
         raise ExportError("pass either a preset or an hf checkpoint directory, not both")
+    if generation and hf is not None:
+        raise ExportError("the generation graph is exported for presets only so far; export --hf without --generation")
     config = None
     if hf is None:
         config = preset if isinstance(preset, ModelConfig) else get_preset(preset or "tiny")
@@ -330,6 +336,11 @@ def export_bundle(
         )
         if external:
             say("weights written as ONNX external data beside model.onnx")
+        decoder = None
+        if generation:
+            from exporters.decode_graph import export_decoder
+
+            decoder = export_decoder(model, golden_ids, staging, lowering, opset, say)
         # The torch model is no longer needed: free its weights before ONNX Runtime loads its own copy.
         source = model = None
         gc.collect()
@@ -347,6 +358,11 @@ def export_bundle(
             "transformers" if hf is not None else "torch",
         )
 
+        if decoder is not None:
+            from exporters.decode_graph import finish_decoder
+
+            precision = with_weights("exact", weights_record["key"])
+            extra_generation = {"generation": finish_decoder(decoder, config, weight_plan, precision, say)}
         proto = onnx.load(str(model_path), load_external_data=False)
         inputs, outputs = specs_from_onnx(proto)
         extra: dict[str, Any] = {
@@ -362,6 +378,8 @@ def export_bundle(
         }
         if reports_drops:
             extra["dropless_on_golden"] = True
+        if decoder is not None:
+            extra.update(extra_generation)
         extra["versions"] = {
             package: _version(package)
             for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "transformers")

@@ -68,6 +68,8 @@ def _router_weights(proto: onnx.ModelProto, routing_outputs: Sequence[str]) -> s
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
+            if node.op_type in ("Shape", "Size"):
+                continue  # sizes, not values: the walk would climb the residual stream into other layers
             if node.op_type in ("MatMul", "Gemm"):
                 found.update(name for name in node.input if name in initializers)
                 continue  # the router's product: its activation input is the hidden state, not the router's

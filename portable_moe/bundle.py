@@ -202,7 +202,7 @@ class Bundle:
         for entry in self.manifest.get("golden", []):
             where = f"{self.path / MANIFEST_NAME}: golden-data directory"
             directory = safety.resolve_inside(self.path, entry.get("dir"), where)
-            sets.append((_read_tensors(directory, "input"), _read_tensors(directory, "output")))
+            sets.append((read_tensors(directory, "input"), read_tensors(directory, "output")))
         return sets
 
 
@@ -210,7 +210,12 @@ def _describe_specs(specs: list[TensorSpec]) -> str:
     return ", ".join(f"{spec.name!r}: {spec.describe()}" for spec in specs) or "none"
 
 
-def _read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
+def read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
+    """The TensorProto files ``PREFIX_0.pb, PREFIX_1.pb ...`` of a directory, by tensor name, each checked as untrusted.
+
+    Raises:
+        BundleError: if a file is not a sane, inline TensorProto.
+    """
     tensors: dict[str, np.ndarray] = {}
     index = 0
     while (path := directory / f"{prefix}_{index}.pb").exists():
@@ -229,7 +234,8 @@ def _read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_tensors(directory: Path, prefix: str, tensors: Mapping[str, np.ndarray]) -> None:
+def write_tensors(directory: Path, prefix: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write ``tensors`` as ``PREFIX_0.pb, PREFIX_1.pb ...`` (ONNX's test-data layout) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     for index, (name, value) in enumerate(tensors.items()):
         (directory / f"{prefix}_{index}.pb").write_bytes(
@@ -348,8 +354,8 @@ def write_manifest(
     golden_entries = []
     for index, (golden_inputs, golden_outputs) in enumerate(golden):
         directory = f"test_data_set_{index}"
-        _write_tensors(staging / directory, "input", golden_inputs)
-        _write_tensors(staging / directory, "output", golden_outputs)
+        write_tensors(staging / directory, "input", golden_inputs)
+        write_tensors(staging / directory, "output", golden_outputs)
         golden_entries.append({"dir": directory, "inputs": len(golden_inputs), "outputs": len(golden_outputs)})
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,

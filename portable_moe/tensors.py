@@ -31,6 +31,10 @@ DTYPE_NAMES = frozenset(
 )
 
 
+# Dynamic axes that may be empty: a key/value cache holds no positions before the first token.
+EMPTY_AXES = frozenset({"past"})
+
+
 def _valid_dim(dim: object) -> bool:
     if isinstance(dim, bool):
         return False
@@ -249,7 +253,7 @@ def check_feeds(
         _check_tensor(spec, value)
         for axis, (size, dim) in enumerate(zip(value.shape, spec.shape)):
             if isinstance(dim, str):
-                if size == 0:
+                if size == 0 and dim not in EMPTY_AXES:
                     raise InputError(f"input {spec.name!r} is empty on axis {axis} ({dim}); give at least one element")
                 seen = symbolic_sizes.setdefault(dim, (size, spec.name))
                 if seen[0] != size:

@@ -38,6 +38,7 @@ from portable_moe.cli.console import (
 )
 from portable_moe.config import PRESETS
 from portable_moe.conformance.model_check import (
+    NOT_CHECKED,
     check_bundle,
     input_sets_for,
 )
@@ -47,7 +48,11 @@ from portable_moe.tensors import NAN_POLICIES, check_nan_policy, load_npz
 
 # Modules that add a subcommand: each has ``add_command(commands)``, which adds a parser to the
 # subparsers and sets its ``handler`` (a function of the parsed args returning the exit code).
-COMMAND_MODULES: list[str] = ["portable_moe.cli.ops_command", "portable_moe.cli.cluster_commands"]
+COMMAND_MODULES: list[str] = [
+    "portable_moe.cli.ops_command",
+    "portable_moe.cli.cluster_commands",
+    "portable_moe.cli.generate_command",
+]
 
 
 def _print_backends() -> None:
@@ -145,6 +150,7 @@ def command_export(args: argparse.Namespace) -> int:
         weights=args.weights,
         block_size=args.block_size,
         weight_kernel=kernel,
+        generation=args.generation,
     )
     print_result(
         f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {bundle.weight_format} "
@@ -410,6 +416,10 @@ def command_check(args: argparse.Namespace) -> int:
 
         return command_check_on_cluster(args)
     bundle = load_bundle(args.bundle)
+    if args.generate is not None:
+        from portable_moe.conformance.generation_check import check_generate_steps
+
+        check_generate_steps(bundle, args.generate)  # before the slow part
     from portable_moe.run.fallback import spread_options
 
     names = _backend_names(args.backend)
@@ -426,6 +436,12 @@ def command_check(args: argparse.Namespace) -> int:
         bisect=args.bisect,
         skip_unaccepted=checks_all,
     )
+    generation = None
+    if args.generate is not None:
+        from portable_moe.conformance.generation_check import check_generation
+
+        checked = [r.backend for r in results if r.status not in NOT_CHECKED]
+        generation = [check_generation(bundle, name, args.generate, (options or {}).get(name)) for name in checked]
     return finish_check(
         bundle,
         results,
@@ -434,6 +450,7 @@ def command_check(args: argparse.Namespace) -> int:
         expected_from=expected_from,
         junit_path=args.junit,
         html_path=args.html,
+        generation=generation,
     )
 
 
@@ -531,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="capacity lowering: fewest slots per expert (default: 8, decode stays dropless)",
     )
     export.add_argument("--opset", type=int, default=20, help="ai.onnx opset to export to (default: 20)")
+    export.add_argument(
+        "--generation",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also export the cache-carrying decoder graph and a golden greedy continuation, for 'generate' and "
+        "'check --generate' (presets; default: off, it about doubles the export time)",
+    )
     _add_weight_options(export)
     export.set_defaults(handler=command_export)
 
@@ -600,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["always", "failed", "never"],
         help="find the first graph node that leaves tolerance: --bisect for every backend, --bisect failed "
         "only for failing ones (default: never)",
+    )
+    check.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="also compare each backend's greedy continuation with the golden one over N steps, token by token "
+        "(bundles exported with --generation)",
     )
     add_option_flag(check)
     add_cluster_flag(check)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -60,16 +61,26 @@ def finish_check(
     expected_from: str = GOLDEN,
     junit_path: str | None = None,
     html_path: str | None = None,
+    generation: list[Any] | None = None,
 ) -> int:
+    """Print the check's table, write the reports asked for, and return the exit code."""
     print_results(bundle, results, expected_from)
     report = report_dict(bundle, results, expected_from)
+    cases = junit_cases(results)
+    if generation is not None:
+        from portable_moe.cli.generate_command import print_generation_checks
+        from portable_moe.conformance.generation_check import generation_junit_cases
+
+        print_generation_checks(generation)
+        report["generation"] = [check.to_dict() for check in generation]
+        cases += generation_junit_cases(generation)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=float))
         stderr.print(f"report written to {escape(json_path)}")
     if junit_path:
         from portable_moe.conformance.junit import write_junit
 
-        write_junit(junit_cases(results), junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
+        write_junit(cases, junit_path, suite_name=f"portable-moe check {bundle.name}")  # type: ignore[arg-type]
         stderr.print(f"JUnit XML written to {escape(junit_path)}")
     if html_path:
         from portable_moe.conformance.report_html import write_html
@@ -77,7 +88,9 @@ def finish_check(
         write_html(report, html_path)
         stderr.print(f"HTML report written to {escape(html_path)}")
     # Naming backends requires each to pass; "all" means every backend that can run here and takes the bundle.
-    considered = results if require_all else [r for r in results if r.status not in NOT_CHECKED]
+    considered = [*results, *(generation or [])]
+    if not require_all:
+        considered = [r for r in considered if r.status not in NOT_CHECKED]
     if not considered:
         stderr.print("[red]no backend could be checked[/red]")
         return EXIT_FAILED

@@ -52,7 +52,7 @@ def test_layer_kinds_tell_dense_from_moe_and_follow_the_lowering():
 @pytest.fixture(scope="module")
 def four_layer_bundle(bundle_factory):
     """Four layers with the weights forced into external data (threshold 1 KiB)."""
-    return bundle_factory(FOUR_LAYERS, "sparse", 0, external_data_threshold=1024)
+    return bundle_factory(FOUR_LAYERS, "sparse", 0, external_data_threshold_bytes=1024)
 
 
 def test_four_layers_export_with_weights_in_external_data(four_layer_bundle):
