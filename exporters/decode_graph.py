@@ -53,7 +53,7 @@ def decoder_output_names(config: ModelConfig) -> tuple[list[str], dict[str, int]
 
 
 def cached_decoder(model: Any) -> Any:
-    """Wrap the reference :class:`~portable_moe.model.MoETransformer` as a one-step decoder with a cache.
+    """Wrap the reference :class:`~exporters.reference_model.MoETransformer` as a one-step decoder with a cache.
 
     The wrapper reuses the model's modules and weights (nothing is copied). Its
     ``forward(input_ids, *past)`` takes ``past_key/past_value`` per layer, flattened in layer order,
@@ -226,7 +226,7 @@ def export_decoder(
     """Export the cache-carrying decoder of the reference model (its MoE lowering already set).
 
     Args:
-        model: the reference :class:`~portable_moe.model.MoETransformer`.
+        model: the reference :class:`~exporters.reference_model.MoETransformer`.
         golden_ids: the bundle's golden inputs (``[batch, seq]`` int64 tensor).
         directory: the staged bundle; ``decoder.onnx`` goes there.
         lowering: the :class:`~exporters.lowerings.Lowering` the model uses.

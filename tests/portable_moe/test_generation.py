@@ -27,9 +27,8 @@ def cpu_generator(generation_bundle):
 
 def test_cached_decode_equals_full_sequence_recomputation_in_torch():
     torch = pytest.importorskip("torch")
-    from portable_moe.model import build_model, golden_inputs
-
     from exporters.decode_graph import cache_names, cached_decoder, empty_cache
+    from exporters.reference_model import build_model, golden_inputs
     from portable_moe.config import get_preset
 
     config = get_preset("tiny")
