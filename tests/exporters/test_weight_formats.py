@@ -335,7 +335,7 @@ def _synthetic_fp8(rows: int = 256, columns: int = 384) -> tuple[np.ndarray, np.
 
 
 def test_e4m3_decoding_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="needs torch (pip install 'portable-moe[export]')")
     codes = np.arange(256, dtype=np.uint8)
     expected = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
     np.testing.assert_array_equal(decode_float8_e4m3(codes), expected)  # NaN positions compare equal too

@@ -26,7 +26,7 @@ def cpu_generator(generation_bundle):
 
 
 def test_cached_decode_equals_full_sequence_recomputation_in_torch():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="needs torch (pip install 'portable-moe[export]')")
     from exporters.decode_graph import cache_names, cached_decoder, empty_cache
     from exporters.reference_model import build_model, golden_inputs
     from portable_moe.config import get_preset
