@@ -42,9 +42,17 @@ from backends.npu_sim.partition import (
     plan_graph,
 )
 from backends.npu_sim.precision import PRECISION_MODES, TOLERANCES, apply_precision, float16_nodes, float16_tensors
+from backends.npu_sim.static_cache import (
+    DEFAULT_CACHE_POSITIONS,
+    StaticCacheDecoder,
+    decoder_gears,
+    find_cache_pairs,
+    static_cache_graph,
+)
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError
 from portable_moe.perf.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
+from portable_moe.tensors import specs_from_onnx
 
 GIB = 1 << 30
 # Bump when the artifact or its analysis changes meaning, so old cache entries are not reused.
@@ -113,6 +121,7 @@ class NpuSimReport:
 
     def format(self) -> str:
         """The report as text for a terminal."""
+        width = max([18, *(len(row.gear) for row in self.gears)])
         lines = [
             f"npu-sim compile report ({self.note})",
             f"precision mode: {self.precision}",
@@ -120,12 +129,12 @@ class NpuSimReport:
             f"rebuilt {self.cache['rebuilt']}; compile {self.cache['seconds']:.3f} s",
             "",
             f"gears ({len(self.gears)}; estimate = {self.cost_estimate['label']} on {self.cost_estimate['chip_name']}):",
-            f"  {'gear':<18} {'cache':<8} {'device':>6} {'host':>5} {'fp16':>5} {'parts':>5} {'xfers':>5} "
+            f"  {'gear':<{width}} {'cache':<8} {'device':>6} {'host':>5} {'fp16':>5} {'parts':>5} {'xfers':>5} "
             f"{'xfer KiB':>9} {'act MiB':>8} {'estimate':>10}",
         ]
         for row in self.gears:
             lines.append(
-                f"  {row.gear:<18} {row.cache.split(' ')[0]:<8} {row.device_nodes:>6} {row.host_nodes:>5} "
+                f"  {row.gear:<{width}} {row.cache.split(' ')[0]:<8} {row.device_nodes:>6} {row.host_nodes:>5} "
                 f"{row.float16_nodes:>5} {row.partitions:>5} {row.transfers:>5} {row.transfer_bytes / 1024:>9.1f} "
                 f"{row.activation_bytes / 2**20:>8.2f} {row.estimate_seconds * 1e6:>8.2f} us"
             )
@@ -164,6 +173,9 @@ class NpuSimReport:
         if self.runs.get("total"):
             per_gear = ", ".join(f"{gear}: {count}" for gear, count in self.runs["per_gear"].items())
             lines.append(f"runs: {self.runs['total']} ({per_gear}), {self.runs['transferred_bytes']} bytes transferred")
+            if self.runs.get("cache_gears"):
+                chosen = ", ".join(f"{gear}: {count}" for gear, count in self.runs["cache_gears"].items())
+                lines.append(f"  cache gears chosen per request: {chosen}")
             if self.runs["padded_runs_with_dropped_slots"]:
                 lines.append(
                     f"  {self.runs['padded_runs_with_dropped_slots']} padded run(s) dropped expert slots: padding "
@@ -255,6 +267,20 @@ class NpuSimCompiledModel(CompiledModel):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sizes = gear_module.feed_sizes(self.inputs, feeds)
         gear = gear_module.select_gear(self.gears, sizes)
+        padded = gear_module.pad_feeds(self.inputs, feeds, gear)
+        return gear_module.unpad_outputs(self.outputs, self.run_gear(gear, padded, gear.as_dict != sizes), sizes)
+
+    def run_gear(self, gear: Gear, feeds: Mapping[str, np.ndarray], padded: bool) -> dict[str, np.ndarray]:
+        """Run one gear on feeds already at its sizes; every output at the gear's sizes.
+
+        Args:
+            gear: one of ``self.gears``.
+            feeds: every input, shaped to the gear.
+            padded: whether the feeds were padded (the capacity lowering's dropped slots are counted then).
+
+        Raises:
+            BackendError: for an injected fault (``fail_on_run``).
+        """
         with self._lock:
             self._runs[gear.describe()] += 1
             run_number = sum(self._runs.values())
@@ -264,17 +290,14 @@ class NpuSimCompiledModel(CompiledModel):
                 f"simulated device error on run {run_number} (fault injected by fail_on_run={self._fail_on_run})"
             )
         session = self._session(gear)
-        padded = gear_module.pad_feeds(self.inputs, feeds, gear)
         names = [output.name for output in session.get_outputs()]
-        results = dict(zip(names, session.run(names, padded)))
-        if gear.as_dict != sizes and any(
-            np.any(value) for name, value in results.items() if name.startswith(_DROPPED_SLOTS_PREFIX)
-        ):
+        results = dict(zip(names, session.run(names, dict(feeds))))
+        if padded and any(np.any(value) for name, value in results.items() if name.startswith(_DROPPED_SLOTS_PREFIX)):
             # A capacity-lowered MoE dropped (token, slot) pairs on a padded input: padding tokens may
             # have taken slots that real tokens needed, so this run may differ from an unpadded one.
             with self._lock:
                 self._padded_drops += 1
-        return gear_module.unpad_outputs(self.outputs, results, sizes)
+        return results
 
 
 def _directory_path(value: Any) -> str | os.PathLike[str]:
@@ -309,6 +332,12 @@ class NpuSimBackend(Backend):
             None,
             "sequence lengths to compile gears for, e.g. '16,64,256'",
             parse=lambda value: gear_module.int_list(value, "seq_lengths"),
+        ),
+        "cache_positions": Option(
+            DEFAULT_CACHE_POSITIONS,
+            None,
+            "a decoder graph's cache sizes (positions) to compile gears for, e.g. '128,512,2048'",
+            parse=lambda value: gear_module.int_list(value, "cache_positions"),
         ),
         "gears": Option(None, None, "explicit gears, e.g. ['2x128', '4x64'] (replace batch_sizes x seq_lengths)"),
         "strict": Option(False, bool, "refuse a model that needs host (CPU) fallback"),
@@ -366,11 +395,21 @@ class NpuSimBackend(Backend):
             raise BackendError("simulated device error while compiling (fault injected by fail_on_compile=True)")
         budget = int(options["memory_gib"] * GIB)
         chip = get_chip(str(options["chip"]))
-        gears = gear_module.build_gears(model.inputs, options)
-        gear_module.check_unpaddable(model.outputs, gear_module.dynamic_dims(model.inputs))
+        cache_pairs = find_cache_pairs(model.proto)
+        # A decoder graph's cache stays in device memory between steps: no transfer per run.
+        resident = frozenset(name for pair in cache_pairs for name in (pair.past, pair.present))
+        if cache_pairs:  # a decoder graph: its growing cache becomes a preallocated one, in gears
+            proto = static_cache_graph(model.proto, cache_pairs)
+            inputs, outputs = specs_from_onnx(proto, "the static-cache decoder graph")
+            device_model = ModelInput(proto, model.path, inputs, outputs, model.moe_lowering, model.bundle)
+            gears = decoder_gears(inputs, options)
+        else:
+            device_model = model
+            gears = gear_module.build_gears(model.inputs, options)
+        gear_module.check_unpaddable(device_model.outputs, gear_module.dynamic_dims(device_model.inputs))
         table = load_optable()
         cache = ArtifactCache(options["cache_dir"] or default_cache_dir())
-        model_digest = hashlib.sha256(model.proto.SerializeToString(deterministic=True)).hexdigest()
+        model_digest = hashlib.sha256(device_model.proto.SerializeToString(deterministic=True)).hexdigest()
         options_digest = hashlib.sha256(
             json.dumps(
                 {
@@ -392,7 +431,7 @@ class NpuSimBackend(Backend):
             key = f"{gear.key()}-{options_digest[:16]}"
             status, entry = cache.load(model_digest, key)
             if entry is None:
-                analysis, data = _build_gear(model.proto, gear, options, table)
+                analysis, data = _build_gear(device_model.proto, gear, options, table, resident)
                 entry = cache.store(model_digest, key, data, {"gear": gear.as_dict, "analysis": analysis})
                 status = "miss" if status == "miss" else f"rebuilt ({status})"
             entries[gear] = entry
@@ -437,7 +476,7 @@ class NpuSimBackend(Backend):
                 "rebuilt": sum(status.startswith("rebuilt") for status in statuses),
                 "seconds": time.perf_counter() - started,
             },
-            notes=_notes(model, options),
+            notes=_notes(model, options) + (_STATIC_CACHE_NOTE if cache_pairs else []),
             cost_estimate={
                 "label": "roofline estimate (not a measurement)",
                 "chip": chip.key,
@@ -445,13 +484,18 @@ class NpuSimBackend(Backend):
                 "seconds_per_gear": {rows[gear].gear: rows[gear].estimate_seconds for gear in gears},
             },
         )
-        return NpuSimCompiledModel(self, model, gears, entries, report, options)
+        compiled = NpuSimCompiledModel(self, device_model, gears, entries, report, options)
+        return StaticCacheDecoder(self, model, compiled, cache_pairs) if cache_pairs else compiled
 
 
 def _build_gear(
-    proto: onnx.ModelProto, gear: Gear, options: Mapping[str, Any], table: OpTable
+    proto: onnx.ModelProto, gear: Gear, options: Mapping[str, Any], table: OpTable, resident: frozenset[str]
 ) -> tuple[dict[str, Any], bytes]:
-    """Compile one gear: static shapes, folding, placement, precision; return its analysis and artifact."""
+    """Compile one gear: static shapes, folding, placement, precision; return its analysis and artifact.
+
+    ``resident`` names graph inputs and outputs that stay in device memory between runs (a
+    decoder's cache): they are not counted as transfers.
+    """
     opset = ai_onnx_opset(proto)
     static = gear_module.infer_shapes(gear_module.static_model(proto, gear))
     folded: list[onnx.NodeProto] = []
@@ -474,7 +518,7 @@ def _build_gear(
             {"index": p.index, "nodes": len(p.nodes), "op_types": p.op_types, "first": p.nodes[0], "last": p.nodes[-1]}
             for p in plan.partitions
         ],
-        "transfers": [transfer.to_dict() for transfer in plan.transfers],
+        "transfers": [transfer.to_dict() for transfer in plan.transfers if transfer.tensor not in resident],
         "weight_bytes": weights,
         "activation_bytes": activations,
         "work": [[item.name, item.op_type, item.flops, item.float_elements, item.other_bytes] for item in work],
@@ -485,6 +529,12 @@ def _build_gear(
     except ValueError as error:  # protobuf refuses messages over 2 GiB
         raise BackendError(f"npu-sim cannot serialise the {gear.describe()} artifact: {error}") from None
     return analysis, data
+
+
+_STATIC_CACHE_NOTE = [
+    "decoder graph: the key/value cache is preallocated at a gear size (positions), written in place at the "
+    "current position (ScatterElements) and masked beyond it; each request's cache gear is listed under runs"
+]
 
 
 def _notes(model: ModelInput, options: Mapping[str, Any]) -> list[str]:

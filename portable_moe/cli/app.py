@@ -281,10 +281,16 @@ def _time_bundle(bundle: Bundle, backend: Any, feeds: Any, args: argparse.Namesp
 def command_bench(args: argparse.Namespace) -> int:
     from portable_moe.perf.bench import changing_token_feeds, model_bytes
 
+    if args.decode:
+        from portable_moe.cli.decode_bench_command import command_bench_decode
+
+        return command_bench_decode(args)
     if args.cluster:
         from portable_moe.cli.cluster_commands import command_bench_on_cluster
 
         return command_bench_on_cluster(args)
+    if args.context is not None:
+        raise InputError("--context is for --decode (e.g. bench BUNDLE --decode --context 128,1024)")
     if args.preset is not None or args.bundle is None:
         return _estimate_preset(args)
     bundle = load_bundle(args.bundle)
@@ -667,6 +673,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimate",
         action="store_true",
         help="also estimate the latency on named chips (Ascend 910B/910C, H100, H200, H20, this CPU) with a roofline model",
+    )
+    bench.add_argument(
+        "--decode",
+        action="store_true",
+        help="time generation with the bundle's cache-carrying decoder (--generation bundles): prefill and decode "
+        "tokens/s per --context, against torch eager with a cache, and the bandwidth floor",
+    )
+    bench.add_argument(
+        "--context", metavar="N,N", help="with --decode: context lengths, e.g. 128,1024 (default: 128,1024)"
+    )
+    bench.add_argument(
+        "--steps", type=int, default=16, help="with --decode: decode steps timed per context (default: 16)"
+    )
+    bench.add_argument(
+        "--numpy-cache",
+        action="store_true",
+        help="with --decode: also time the backend with its cache copied through numpy (no IOBinding)",
     )
     add_option_flag(bench)
     add_cluster_flag(bench)

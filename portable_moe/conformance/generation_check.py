@@ -127,8 +127,8 @@ def check_generation(
     expected = golden_logits(bundle, bundle.manifest["generation"])
     result = GenerationCheck(backend, PASSED, steps=steps, golden=list(golden["tokens"][:steps]))
     feed = np.array([golden["prompt_ids"]], dtype=np.int64)
-    cache = generator.empty_cache()
     try:
+        cache = generator.empty_cache(positions=len(golden["prompt_ids"]) + steps)
         for step in range(steps):
             output = generator.step(feed, cache)
             cache = output.cache

@@ -8,7 +8,9 @@ present cache back as the next step's past.
 
 On backends whose compiled model exposes an ONNX Runtime session, the cache stays in ONNX Runtime's
 own values between steps (IOBinding): each step binds the previous step's present outputs as its
-past inputs, so the cache is never copied through numpy. Other backends take the numpy path.
+past inputs, so the cache is never copied through numpy. A compiled model that keeps the cache
+itself (:class:`CacheKeepingModel`: npu-sim's cache preallocated at a static gear) is handed its
+own cache back each step. Other backends take the numpy path.
 
 Needs no torch.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -80,6 +82,20 @@ def decoder_spec(bundle: Bundle) -> DecoderSpec:
         raise InputError(
             f"{bundle.path}: malformed generation entry in the manifest ({type(error).__name__}: {error}); re-export"
         ) from None
+
+
+@runtime_checkable
+class CacheKeepingModel(Protocol):
+    """A compiled decoder that keeps the cache in its own form (e.g. preallocated at a static gear)."""
+
+    def cache_gear(self, batch: int, positions: int) -> Any:
+        """What a request of ``positions`` positions is given; raises InputError when nothing holds it."""
+
+    def new_cache(self, batch: int, positions: int) -> Any:
+        """An empty cache for a request of ``positions`` positions."""
+
+    def run_with_cache(self, input_ids: np.ndarray, cache: Any, length: int) -> tuple[dict[str, np.ndarray], Any]:
+        """One step after ``length`` cached positions: (outputs other than the cache, the cache after it)."""
 
 
 @dataclass
@@ -202,7 +218,10 @@ class Generator:
         self.compiled: CompiledModel = self.backend.compile(self._model_input(), options)
         self.decoder_sha256 = sha256_of(bundle.path / self.spec.file)
         session = getattr(self.compiled, "session", None)
-        self.io = "iobinding" if io_binding and hasattr(session, "io_binding") else "numpy"
+        if isinstance(self.compiled, CacheKeepingModel):
+            self.io = "backend-kept cache"
+        else:
+            self.io = "iobinding" if io_binding and hasattr(session, "io_binding") else "numpy"
         self._device = self._ort_device(session) if self.io == "iobinding" else None
 
     def _model_input(self) -> ModelInput:
@@ -222,8 +241,19 @@ class Generator:
         """Where ONNX Runtime should keep the cache: the device of the session's first provider."""
         return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
-    def empty_cache(self, batch: int = 1) -> Cache:
-        """A cache holding no positions (what prefill starts from)."""
+    def empty_cache(self, batch: int = 1, positions: int = 1) -> Cache:
+        """A cache holding no positions (what prefill starts from).
+
+        Args:
+            batch: sequences in the batch.
+            positions: the positions the request will need (prompt plus new tokens): a backend that
+                preallocates its cache sizes it from this.
+
+        Raises:
+            InputError: when the backend's preallocated caches cannot hold ``positions``.
+        """
+        if isinstance(self.compiled, CacheKeepingModel):
+            return Cache([self.compiled.new_cache(batch, positions)], 0, self.decoder_sha256)
         heads, head_dim = self.spec.cache_shape[1], self.spec.cache_shape[3]
         values = [np.zeros((batch, heads, 0, head_dim), dtype=np.float32) for _ in self.spec.past]
         return Cache(values, 0, self.decoder_sha256)
@@ -250,6 +280,8 @@ class Generator:
                 f"the prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens needs {total} positions; "
                 f"this bundle's decoder takes at most {self.spec.max_positions}: shorten the prompt or generate fewer"
             )
+        if isinstance(self.compiled, CacheKeepingModel):
+            self.compiled.cache_gear(1, total)
 
     def step(self, input_ids: np.ndarray, cache: Cache) -> StepOutput:
         """Run the decoder on ``input_ids [1, new]`` after ``cache``; return the last position's results.
@@ -268,7 +300,10 @@ class Generator:
             raise InputError(
                 f"the cache holds {cache.length} positions; {new} more exceed the decoder's {self.spec.max_positions}"
             )
-        if self.io == "iobinding":
+        if isinstance(self.compiled, CacheKeepingModel):
+            outputs, kept = self.compiled.run_with_cache(input_ids, cache.values[0], cache.length)
+            present = [kept]
+        elif self.io == "iobinding":
             outputs, present = self._run_bound(input_ids, cache.values)
         else:
             feeds = {"input_ids": input_ids, **dict(zip(self.spec.past, cache.values))}
@@ -327,7 +362,8 @@ class Generator:
         self.check_prompt(prompt_ids, max_new_tokens)
         rng = np.random.default_rng(seed)
         started = time.perf_counter()
-        output = self.step(np.array([list(prompt_ids)], dtype=np.int64), self.empty_cache())
+        prompt = np.array([list(prompt_ids)], dtype=np.int64)
+        output = self.step(prompt, self.empty_cache(positions=len(prompt_ids) + max_new_tokens))
         prefill_seconds = time.perf_counter() - started
         tokens, routing, logits = [], [], []
         decode_started = time.perf_counter()

@@ -1,0 +1,129 @@
+"""``portable-moe bench BUNDLE --decode``: prefill and decode tokens/s with a cache, against torch eager."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from portable_moe.errors import InputError
+
+
+class _GeneratorEngine:
+    """A backend's compiled decoder graph as a decode engine."""
+
+    def __init__(self, generator: Any, name: str) -> None:
+        self.generator = generator
+        self.name = name
+
+    def empty_cache(self, batch: int, positions: int) -> Any:
+        return self.generator.empty_cache(batch, positions)
+
+    def step(self, input_ids: Any, cache: Any) -> Any:
+        return self.generator.step(input_ids, cache).cache
+
+
+def _torch_engine(bundle: Any, threads: int) -> tuple[Any | None, str]:
+    """The torch reference as an engine, or None and why not."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "torch eager: not timed (torch is not installed; pip install 'portable-moe[export]')"
+    if not bundle.manifest.get("preset"):
+        return None, "torch eager: not timed (the reference model is built for preset bundles only)"
+    from exporters.reference_decoding import TorchEagerDecoder
+
+    return TorchEagerDecoder(bundle.config, int(bundle.manifest.get("seed", 0)), threads), ""
+
+
+def command_bench_decode(args: argparse.Namespace) -> int:
+    """Run ``bench --decode``; returns the exit code."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from portable_moe.bundle import load_bundle
+    from portable_moe.cli.console import EXIT_OK, finish_steps, parse_options, print_result, show_step, stderr
+    from portable_moe.perf.decode_bench import (
+        bench_decode,
+        cache_read_bytes,
+        check_decode_request,
+        decode_weight_bytes,
+        measure_matvec_bandwidth,
+        parse_contexts,
+    )
+    from portable_moe.run.generation import Generator, decoder_spec
+
+    if args.bundle is None or args.seq is not None or args.compare or args.estimate or args.cluster:
+        raise InputError(
+            "--decode times one bundle with --context, --batch and --steps; leave out --seq, --compare, --estimate "
+            "and --cluster"
+        )
+    contexts = parse_contexts(args.context or "128,1024")
+    batch = 1 if args.batch is None else args.batch
+    bundle = load_bundle(args.bundle)
+    spec = decoder_spec(bundle)
+    check_decode_request(contexts, batch, args.steps, spec.max_positions)
+    options = parse_options(args.option)
+    show_step(f"compiling the decoder graph for {args.backend}")
+    generator = Generator(bundle, args.backend, options)
+    engines: list[Any] = [_GeneratorEngine(generator, f"{generator.backend.name} ({generator.io})")]
+    if args.numpy_cache:
+        plain = Generator(bundle, args.backend, options, io_binding=False)
+        engines.append(_GeneratorEngine(plain, f"{plain.backend.name} ({plain.io})"))
+    torch_engine, torch_note = _torch_engine(bundle, int(options.get("threads", 0) or 0))
+    if torch_engine is not None:
+        engines.append(torch_engine)
+    show_step("measuring this machine's matrix-vector bandwidth")
+    bandwidth = measure_matvec_bandwidth()
+    config = bundle.config
+    weights = decode_weight_bytes(config, batch, bundle.weight_format)
+    timings = bench_decode(engines, config.vocab_size, contexts, batch, args.steps, show_step)
+    finish_steps()
+
+    floor_ms = weights / bandwidth * 1000.0
+    table = Table(
+        title=f"{bundle.name}: prefill context - {args.steps} random tokens, then {args.steps} decode steps of new "
+        f"random tokens (batch {batch})"
+    )
+    for column in ("context", "engine", "prefill tok/s", "decode ms/step", "decode tok/s", "vs torch", "vs floor"):
+        table.add_column(column, justify="left" if column == "engine" else "right")
+    torch_ms = {t.context: t.decode_step_ms for t in timings if torch_engine is not None and t.engine == "torch eager"}
+    for timing in timings:
+        versus_torch = torch_ms.get(timing.context)
+        table.add_row(
+            str(timing.context),
+            escape(timing.engine),
+            f"{timing.prefill_tokens_per_second:,.0f}",
+            f"{timing.decode_step_ms:.2f}",
+            f"{timing.decode_tokens_per_second:,.1f}",
+            "-" if versus_torch is None else f"{versus_torch / timing.decode_step_ms:.2f}x",
+            f"{timing.decode_step_ms / floor_ms:.2f}x",
+        )
+    print_result(table)
+    print_result(
+        f"bandwidth floor: {weights / 2**20:.1f} MiB of weights per decode step / {bandwidth / 1e9:.1f} GB/s "
+        f"measured matrix-vector bandwidth = {floor_ms:.2f} ms/step; 'vs torch' is torch's time over this "
+        "engine's, 'vs floor' this engine's time over the floor"
+    )
+    for context in contexts:
+        read = cache_read_bytes(config, context, batch)
+        print_result(
+            f"  at context {context} a step also reads {read / 2**20:.1f} MiB of cache: floor with it "
+            f"{(weights + read) / bandwidth * 1000.0:.2f} ms/step"
+        )
+    if torch_note:
+        stderr.print(torch_note)
+    if args.json:
+        report = {
+            "bundle": str(bundle.path),
+            "batch": batch,
+            "steps": args.steps,
+            "weight_bytes_per_step": weights,
+            "matvec_bandwidth_bytes_per_second": bandwidth,
+            "floor_ms_per_step": floor_ms,
+            "cache_bytes_per_step": {str(context): cache_read_bytes(config, context, batch) for context in contexts},
+            "timings": [timing.to_dict() for timing in timings],
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        stderr.print(f"report written to {escape(args.json)}")
+    return EXIT_OK

@@ -1,0 +1,100 @@
+"""``bench --decode`` (portable_moe/perf/decode_bench.py, cli/decode_bench_command.py) on the shared tiny
+generation bundle: the command path, the bytes a decode step reads, and bad input. No timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from portable_moe.config import get_preset
+from portable_moe.errors import InputError
+from portable_moe.perf.decode_bench import (
+    cache_read_bytes,
+    check_decode_request,
+    decode_weight_bytes,
+    measure_matvec_bandwidth,
+    parse_contexts,
+)
+
+
+@pytest.fixture(scope="module")
+def generation_bundle(bundle_factory):
+    return bundle_factory("tiny", "dense", 2, generation=True)
+
+
+def test_cli_bench_decode_times_each_context_against_torch(generation_bundle, tmp_path, capsys):
+    from portable_moe.cli import main
+
+    report = tmp_path / "decode.json"
+    arguments = ["bench", str(generation_bundle.path), "--decode", "--context", "6,10", "--steps", "2"]
+    code = main([*arguments, "--numpy-cache", "--json", str(report)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "bandwidth floor:" in out and "matrix-vector bandwidth" in out
+    written = json.loads(report.read_text())
+    engines = ["cpu (iobinding)", "cpu (numpy)"]
+    if importlib.util.find_spec("torch") is not None:
+        engines.append("torch eager")
+    assert [(t["context"], t["engine"]) for t in written["timings"]] == [(c, e) for c in (6, 10) for e in engines]
+    for timing in written["timings"]:
+        assert timing["prefill_tokens"] == timing["context"] - 2 and timing["decode_steps"] == 2
+        assert timing["decode_step_ms"] > 0 and timing["decode_tokens_per_second"] > 0
+    config = generation_bundle.config
+    assert written["weight_bytes_per_step"] == decode_weight_bytes(config, 1)
+    assert written["floor_ms_per_step"] == pytest.approx(
+        written["weight_bytes_per_step"] / written["matvec_bandwidth_bytes_per_second"] * 1000
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        (["--decode", "--context", "5000"], "context 5000 is longer than the decoder's 4096 positions"),
+        (["--decode", "--context", "4", "--steps", "4"], "context 4 leaves nothing to prefill before 4 decode steps"),
+        (["--decode", "--context", "12,x"], "--context takes comma-separated positive integers"),
+        (["--decode", "--seq", "4"], "--decode times one bundle with --context"),
+        (["--context", "128"], "--context is for --decode"),
+    ],
+)
+def test_cli_bench_decode_bad_input_exits_2(generation_bundle, capsys, arguments, match):
+    from portable_moe.cli import main
+
+    code = main(["bench", str(generation_bundle.path), *arguments])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert match in err
+
+
+def test_decode_weight_bytes_agree_with_the_configs_active_parameters():
+    """One token reads the active parameters, less the embedding table but one row of it."""
+    for name in ("tiny", "small"):
+        config = get_preset(name)
+        active = config.parameter_count()["active_per_token"]
+        expected = 4 * (active - config.vocab_size * config.hidden_size + config.hidden_size)
+        assert decode_weight_bytes(config, 1) == pytest.approx(expected)
+
+
+def test_a_batch_reads_more_experts_and_smaller_formats_fewer_bytes():
+    config = get_preset("small")
+    expert = 4 * 3 * config.hidden_size * config.moe_intermediate_size
+    one, two = decode_weight_bytes(config, 1), decode_weight_bytes(config, 2)
+    extra = config.n_routed_experts * ((1 - 6 / 64) - (1 - 6 / 64) ** 2)  # expected new experts for a 2nd token
+    assert two - one == pytest.approx(extra * expert + 4 * config.hidden_size)
+    assert decode_weight_bytes(config, 1, "int4/block") < decode_weight_bytes(config, 1, "float16") < one
+    assert cache_read_bytes(config, 1024) == 4 * 2 * 2 * 1024 * 8 * 128
+
+
+def test_matvec_bandwidth_is_measured():
+    assert measure_matvec_bandwidth(megabytes=8, repeats=2) > 0
+
+
+def test_bad_decode_requests_are_refused():
+    with pytest.raises(InputError, match="--batch and --steps must be at least 1"):
+        check_decode_request([128], 0, 4, 4096)
+    with pytest.raises(InputError, match="--context takes comma-separated positive integers"):
+        parse_contexts("0,128")
+    with pytest.raises(InputError, match="no byte size known for weight format 'fp8'"):
+        decode_weight_bytes(get_preset("tiny"), 1, "fp8")
