@@ -3,7 +3,8 @@
 No JavaScript, no stylesheet or font from the network: the file opens the same offline. It is
 rendered from the JSON report (:func:`portable_moe.conformance.model_check.report_dict`), so a saved JSON
 report can be turned into HTML later. Plots: routing agreement per layer per backend, the
-distribution of log10 absolute error per backend and output, the expert load per backend and layer.
+distribution of log10 absolute error per backend and output, the expert load per backend and layer,
+and with ``check --generate`` the logit error and routing agreement per generation step.
 Every plot is an ``<svg class="plot">`` whose bars carry their value in ``data-value``.
 """
 
@@ -162,6 +163,41 @@ def _skew_section(cluster: Mapping[str, Any]) -> list[str]:
     return ["<h2>Version skew between nodes</h2>", f"<ul>{''.join(items)}</ul>"] if items else []
 
 
+def _generation_section(checks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``check --generate``: a table per backend, then logit error and routing agreement per step."""
+    if not checks:
+        return []
+    rows = "".join(
+        f"<tr><td>{html.escape(check['backend'])}</td>"
+        f'<td class="{html.escape(check["status"])}">{html.escape(check["status"])}</td>'
+        f"<td>{check['steps']}</td><td>{check['token_agreement']:.0%}</td>"
+        f"<td>{'-' if check['first_divergence'] is None else check['first_divergence']}</td>"
+        f"<td>{html.escape(check.get('reason', ''))}</td></tr>"
+        for check in checks
+    )
+    table = (
+        "<table><tr><th>backend</th><th>status</th><th>steps</th><th>tokens agree</th><th>first divergence</th>"
+        f"<th>reason</th></tr>{rows}</table>"
+    )
+    plotted = [check for check in checks if check.get("logit_error_per_step")]
+    if not plotted:
+        return ["<h2>Generation (greedy, teacher-forced)</h2>", table]
+    steps = [str(step) for step in range(max(len(check["logit_error_per_step"]) for check in plotted))]
+
+    def per_step(key: str) -> dict[str, list[float]]:
+        return {check["backend"]: [*check[key], *[0.0] * (len(steps) - len(check[key]))] for check in plotted}
+
+    errors = _figure(
+        "Logit error per step (largest error relative to the golden logits' largest magnitude)",
+        _bar_chart("generation-logit-error", steps, per_step("logit_error_per_step")),
+    )
+    routing = _figure(
+        "Routing agreement per step (share of the golden experts chosen, averaged over MoE layers)",
+        _bar_chart("generation-routing-agreement", steps, per_step("routing_agreement_per_step"), y_max=1.0),
+    )
+    return ["<h2>Generation (greedy, teacher-forced)</h2>", table, errors, routing]
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The report as a self-contained HTML page.
 
@@ -187,6 +223,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     loads = _load_plots(results)
     if loads:
         sections += ["<h2>Expert load</h2>", *loads]
+    sections += _generation_section(report.get("generation") or [])
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"

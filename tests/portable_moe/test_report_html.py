@@ -87,3 +87,28 @@ def test_renders_in_headless_chromium(report, tmp_path):
     parser.feed(dom)
     assert set(parser.plots) == _expected_plots(report)
     assert all(parser.plots.values())
+
+
+def test_generation_steps_are_plotted_per_backend():
+    """``check --generate``'s per-step logit error and routing agreement become two plots, one bar per step."""
+    checks = [
+        {
+            "backend": name,
+            "status": "passed",
+            "reason": "",
+            "steps": 3,
+            "token_agreement": 1.0,
+            "first_divergence": None,
+            "logit_error_per_step": errors,
+            "routing_agreement_per_step": routing,
+        }
+        for name, errors, routing in [
+            ("cpu", [1e-7, 2e-7, 3e-7], [1.0, 1.0, 1.0]),
+            ("npu-sim", [1e-3, 4e-3, 2e-3], [1.0, 0.5, 1.0]),
+        ]
+    ]
+    parser = _Plots()
+    parser.feed(render_html({"results": [], "generation": checks}))
+    assert parser.external == []
+    assert parser.plots["generation-logit-error"] == pytest.approx([1e-7, 1e-3, 2e-7, 4e-3, 3e-7, 2e-3])
+    assert parser.plots["generation-routing-agreement"] == [1.0, 1.0, 1.0, 0.5, 1.0, 1.0]
