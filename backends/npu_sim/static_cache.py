@@ -354,6 +354,13 @@ class StaticCacheDecoder(CompiledModel):
         Raises:
             InputError: when ``positions`` exceeds the largest cache gear.
         """
+        largest = max(gear.as_dict[POSITIONS_DIM] for gear in self.gears)
+        if positions > largest:
+            raise InputError(
+                f"the request needs {positions} cache positions (prompt plus new tokens); npu-sim's largest cache gear "
+                f"holds {largest}: shorten the prompt or generate fewer tokens, or compile with larger cache_positions "
+                "(-O cache_positions=...)"
+            )
         return select_cache_gear(self.gears, batch, 1, positions - 1)
 
     def new_cache(self, batch: int, positions: int) -> GearCache:

@@ -187,7 +187,7 @@ def test_a_prompt_longer_than_every_prompt_gear_is_prefilled_in_chunks(npu_gener
 
 
 def test_a_prompt_longer_than_the_largest_gear_is_refused(npu_generator):
-    with pytest.raises(InputError, match=r"do not fit npu-sim's cache gears \(largest: 64 positions\)"):
+    with pytest.raises(InputError, match="the request needs 68 cache positions .*largest cache gear holds 64"):
         npu_generator.generate(list(range(60)), 8)
 
 
@@ -200,7 +200,7 @@ def test_cli_generate_past_the_largest_gear_exits_2(generation_bundle, npu_cache
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1
-    assert "do not fit npu-sim's cache gears (largest: 64 positions)" in err
+    assert "the request needs 86 cache positions (prompt plus new tokens); npu-sim's largest cache gear holds 64" in err
 
 
 def test_the_rewrite_writes_in_place_and_reads_the_position():
