@@ -87,7 +87,8 @@ def command_bench_decode(args: argparse.Namespace) -> int:
     )
     for column in ("context", "engine", "prefill tok/s", "decode ms/step", "decode tok/s", "vs torch", "vs floor"):
         table.add_column(column, justify="left" if column == "engine" else "right")
-    torch_ms = {t.context: t.decode_step_ms for t in timings if torch_engine is not None and t.engine == "torch eager"}
+    torch_name = torch_engine.name if torch_engine is not None else None
+    torch_ms = {timing.context: timing.decode_step_ms for timing in timings if timing.engine == torch_name}
     for timing in timings:
         versus_torch = torch_ms.get(timing.context)
         table.add_row(

@@ -98,3 +98,23 @@ def test_bad_decode_requests_are_refused():
         parse_contexts("0,128")
     with pytest.raises(InputError, match="no byte size known for weight format 'fp8'"):
         decode_weight_bytes(get_preset("tiny"), 1, "fp8")
+
+
+def test_torch_eager_is_left_out_with_the_reason_when_it_cannot_run(generation_bundle, monkeypatch):
+    from types import SimpleNamespace
+
+    from portable_moe.cli import decode_bench_command
+
+    not_a_preset = SimpleNamespace(manifest={"preset": None}, config=generation_bundle.config)
+    assert decode_bench_command._torch_engine(not_a_preset, 0) == (
+        None,
+        "torch eager: not timed (the reference model is built for preset bundles only)",
+    )
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        decode_bench_command.importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "torch" else real_find_spec(name, *rest),
+    )
+    engine, reason = decode_bench_command._torch_engine(generation_bundle, 0)
+    assert engine is None and "torch is not installed" in reason
