@@ -42,16 +42,11 @@ from backends.npu_sim.partition import (
     plan_graph,
 )
 from backends.npu_sim.precision import PRECISION_MODES, TOLERANCES, apply_precision, float16_nodes, float16_tensors
-from backends.npu_sim.static_cache import (
-    DEFAULT_CACHE_POSITIONS,
-    StaticCacheDecoder,
-    decoder_gears,
-    find_cache_pairs,
-    static_cache_graph,
-)
+from backends.npu_sim.static_cache import DEFAULT_CACHE_POSITIONS, StaticCacheDecoder, decoder_gears
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError
 from portable_moe.perf.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
+from portable_moe.run.preallocated_cache import find_cache_pairs, static_cache_graph
 from portable_moe.tensors import specs_from_onnx
 
 GIB = 1 << 30

@@ -26,7 +26,7 @@ import numpy as np
 
 from portable_moe.backend import CompiledModel, ModelInput
 from portable_moe.bundle import Bundle, sha256_of
-from portable_moe.errors import InputError
+from portable_moe.errors import InputError, PortableMoEError
 from portable_moe.tensors import TensorSpec
 
 
@@ -215,7 +215,8 @@ class Generator:
             raise InputError(f"{bundle.path}: the manifest has no model config; re-export the bundle")
         self.config = bundle.config
         self.backend = registry.get_backend(backend) if isinstance(backend, str) else backend
-        self.compiled: CompiledModel = self.backend.compile(self._model_input(), options)
+        decoder = self._model_input()
+        self.compiled: CompiledModel = self.backend.compile(decoder, options)
         self.decoder_sha256 = sha256_of(bundle.path / self.spec.file)
         session = getattr(self.compiled, "session", None)
         if isinstance(self.compiled, CacheKeepingModel):
@@ -223,6 +224,8 @@ class Generator:
         else:
             self.io = "iobinding" if io_binding and hasattr(session, "io_binding") else "numpy"
         self._device = self._ort_device(session) if self.io == "iobinding" else None
+        # On the CPU the cache is preallocated and written in place (no copy of it per step).
+        self._in_place = self._compile_in_place(decoder, options) if self._device == "cpu" else None
 
     def _model_input(self) -> ModelInput:
         # The decoder file goes through the same safety checks as any model file of a bundle.
@@ -234,6 +237,26 @@ class Generator:
             self.spec.outputs,
             self.bundle.moe_lowering,
             self.bundle,
+        )
+
+    def _compile_in_place(self, decoder: ModelInput, options: Mapping[str, Any] | None) -> Any:
+        """The decoder rewritten for a preallocated cache, compiled for this backend; None where that
+        graph cannot be made (the grown cache of the decoder graph is used then)."""
+        from portable_moe.run.preallocated_cache import InPlaceCacheSession, find_cache_pairs, static_cache_graph
+        from portable_moe.tensors import specs_from_onnx
+
+        try:
+            pairs = find_cache_pairs(decoder.proto)
+            if not pairs:
+                return None
+            proto = static_cache_graph(decoder.proto, pairs)
+            inputs, outputs = specs_from_onnx(proto, "the preallocated-cache decoder graph")
+            rewritten = ModelInput(proto, None, inputs, outputs, decoder.moe_lowering, self.bundle)
+            compiled = self.backend.compile(rewritten, options)
+        except PortableMoEError:
+            return None
+        return (
+            InPlaceCacheSession(compiled, pairs) if hasattr(getattr(compiled, "session", None), "io_binding") else None
         )
 
     @staticmethod
@@ -255,6 +278,8 @@ class Generator:
         if isinstance(self.compiled, CacheKeepingModel):
             return Cache([self.compiled.new_cache(batch, positions)], 0, self.decoder_sha256)
         heads, head_dim = self.spec.cache_shape[1], self.spec.cache_shape[3]
+        if self._in_place is not None:
+            return Cache(self._in_place.allocate((batch, heads, positions, head_dim)), 0, self.decoder_sha256)
         values = [np.zeros((batch, heads, 0, head_dim), dtype=np.float32) for _ in self.spec.past]
         return Cache(values, 0, self.decoder_sha256)
 
@@ -303,6 +328,9 @@ class Generator:
         if isinstance(self.compiled, CacheKeepingModel):
             outputs, kept = self.compiled.run_with_cache(input_ids, cache.values[0], cache.length)
             present = [kept]
+        elif self._in_place is not None:
+            present = self._in_place_values(cache, new)
+            outputs = self._in_place.run(input_ids, present, cache.length)
         elif self.io == "iobinding":
             outputs, present = self._run_bound(input_ids, cache.values)
         else:
@@ -315,6 +343,14 @@ class Generator:
         return StepOutput(
             np.asarray(outputs["logits"])[0, -1], routing, Cache(present, cache.length + new, self.decoder_sha256)
         )
+
+    def _in_place_values(self, cache: Cache, new: int) -> list[Any]:
+        """The preallocated cache, moved into a larger one when ``new`` more positions do not fit."""
+        shape = list(cache.values[0].shape())
+        if cache.length + new <= shape[2]:
+            return cache.values
+        shape[2] = min(max(2 * shape[2], cache.length + new), self.spec.max_positions)
+        return self._in_place.allocate(shape, cache.values, cache.length)
 
     def _run_bound(self, input_ids: np.ndarray, past: list[Any]) -> tuple[dict[str, np.ndarray], list[Any]]:
         """One step through IOBinding: past values bound as they are (OrtValues stay in the runtime)."""

@@ -4,22 +4,16 @@ preallocated at gears, written in place and masked, against the dynamic-cache de
 from __future__ import annotations
 
 import numpy as np
-import onnx.parser
 import pytest
 
 from backends.npu_sim import NpuSimBackend
 from backends.npu_sim.gears import Gear
-from backends.npu_sim.static_cache import (
-    POSITIONS_DIM,
-    decoder_gears,
-    find_cache_pairs,
-    select_cache_gear,
-    static_cache_graph,
-)
+from backends.npu_sim.static_cache import decoder_gears, select_cache_gear
 from portable_moe.compare import tolerance_for
 from portable_moe.conformance.generation_check import check_generation
-from portable_moe.errors import BackendError, InputError
+from portable_moe.errors import InputError
 from portable_moe.run.generation import Generator
+from portable_moe.run.preallocated_cache import POSITIONS_DIM
 
 # Batch gear 2 only, so batch-1 requests are padded; prompt gear 8 (the golden prompt's length);
 # caches of 48 and 64 positions (the golden continuation needs 40).
@@ -30,25 +24,6 @@ GEAR_OPTIONS = {
     "precision": "must_keep_origin_dtype",
 }
 PROMPT = [5, 17, 3, 60, 9]  # 5 tokens: prefill is padded to the 8-token gear
-
-# A cache appended along axis 2 whose past length is read through Shape(past, 2, 3).
-APPENDING = """
-<ir_version: 8, opset_import: ["" : 20]>
-appending (float[batch, 1, new, 2] x, float[batch, 1, past, 2] past_key)
-    => (float[batch, 1, total, 2] present_key, int64[1] past_length) {
-    present_key = Concat <axis = 2> (past_key, x)
-    past_length = Shape <start = 2, end = 3> (past_key)
-}
-"""
-# The same cache, but its past is added to, not appended: npu-sim cannot keep it in gears.
-NOT_APPENDED = """
-<ir_version: 8, opset_import: ["" : 20]>
-not_appended (float[batch, 1, new, 2] x, float[batch, 1, past, 2] past_key, float[batch, 1, past, 2] past_value)
-    => (float[batch, 1, total, 2] present_key, float[batch, 1, past, 2] y) {
-    present_key = Concat <axis = 2> (past_key, x)
-    y = Identity(past_value)
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -201,32 +176,3 @@ def test_cli_generate_past_the_largest_gear_exits_2(generation_bundle, npu_cache
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert "the request needs 86 cache positions (prompt plus new tokens); npu-sim's largest cache gear holds 64" in err
-
-
-def test_the_rewrite_writes_in_place_and_reads_the_position():
-    (pair,) = find_cache_pairs(onnx.parser.parse_model(APPENDING))
-    static = static_cache_graph(onnx.parser.parse_model(APPENDING), [pair])
-    assert [node.op_type for node in static.graph.node if pair.present in node.output] == ["ScatterElements"]
-    # The past length the graph read from Shape(past_key)[2] is now the cache_position input.
-    (read,) = [node for node in static.graph.node if node.output[0] == "past_length"]
-    assert (read.op_type, list(read.input)) == ("Identity", ["cache_position"])
-    assert [value.name for value in static.graph.input][-1] == "cache_position"
-    dims = [dim.dim_param or dim.dim_value for dim in static.graph.input[1].type.tensor_type.shape.dim]
-    assert dims == ["batch", 1, POSITIONS_DIM, 2]
-
-
-def test_a_past_that_is_not_appended_is_refused():
-    with pytest.raises(BackendError, match="not appended that way: past_value$"):
-        find_cache_pairs(onnx.parser.parse_model(NOT_APPENDED))
-
-
-def test_a_decoder_that_never_reads_the_past_length_is_refused():
-    model = onnx.parser.parse_model(APPENDING.replace("past_length = Shape <start = 2, end = 3> (past_key)", ""))
-    with pytest.raises(BackendError, match="never reads the past length"):
-        static_cache_graph(model, find_cache_pairs(model))
-
-
-def test_a_shape_across_the_cache_axis_and_others_is_refused():
-    model = onnx.parser.parse_model(APPENDING.replace("<start = 2, end = 3>", "<start = 1, end = 3>"))
-    with pytest.raises(BackendError, match="reads the shape of 'past_key' across the cache axis and others"):
-        static_cache_graph(model, find_cache_pairs(model))

@@ -1,0 +1,275 @@
+"""A decoder graph rewritten for a preallocated key/value cache, written in place.
+
+A bundle's decoder graph (``decoder.onnx``) grows its cache: ``present = Concat(past, new, axis=2)``
+copies the whole cache every step, and the cache's length changes every step. Ascend-style serving
+instead preallocates the cache at a fixed number of positions, writes each step's keys and values
+in place at the current position and masks what lies beyond it. :func:`static_cache_graph` makes
+that graph from the decoder graph:
+
+- every ``Concat(past, new, axis=2)`` that makes a present output becomes
+  ``ScatterElements(cache, positions, new, axis=2)`` with positions ``cache_position ..
+  cache_position + new - 1``: the output is the whole cache with the new positions written;
+- the past length, which the graph read from the past inputs' shapes (``Shape(past)[2]``), becomes
+  a new input, ``cache_position`` (int64 ``[1]``), so rotary positions and the causal mask count
+  from the real position, not from the cache's size;
+- a ``Range`` that enumerates key positions (its limit depends on the past length, its start
+  does not) runs over the whole cache instead: the causal mask then hides every position after the
+  query's own, the unwritten ones and any written by padded tokens included.
+
+The cache axis is named ``positions``. Static-shape backends compile it per gear (npu-sim); on
+ONNX Runtime the present output can be bound to the past input's own buffer, so that the write
+is truly in place (:class:`portable_moe.run.generation.Generator` does so on the CPU).
+
+Needs no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from portable_moe.errors import BackendError
+
+CACHE_POSITION = "cache_position"
+POSITIONS_DIM = "positions"
+CACHE_AXIS = 2
+_PREFIX = "preallocated_cache"
+
+
+@dataclass(frozen=True)
+class CachePair:
+    """One cache tensor: the past input and the present output its ``Concat`` appends to it."""
+
+    past: str
+    present: str
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[onnx.TensorShapeProto.Dimension]:
+    return list(value.type.tensor_type.shape.dim)
+
+
+def find_cache_pairs(proto: onnx.ModelProto) -> list[CachePair]:
+    """The decoder graph's cache pairs: graph outputs made by ``Concat(past input, new, axis=2)``.
+
+    Returns an empty list for a graph without a growing cache (an ordinary model).
+
+    Raises:
+        BackendError: when some inputs carry a past axis but are not appended to a present output
+            this way (npu-sim could not keep such a cache in gears).
+    """
+    graph = proto.graph
+    inputs = {value.name: value for value in graph.input}
+    outputs = {value.name for value in graph.output}
+    past_dims = {
+        name: dims[CACHE_AXIS].dim_param
+        for name, value in inputs.items()
+        if len(dims := _dims(value)) == 4 and dims[CACHE_AXIS].dim_param
+    }
+    pairs = []
+    for node in graph.node:
+        if node.op_type != "Concat" or len(node.input) != 2 or node.input[0] not in past_dims:
+            continue
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), None)
+        if axis in (CACHE_AXIS, CACHE_AXIS - 4) and node.output[0] in outputs:
+            pairs.append(CachePair(node.input[0], node.output[0]))
+    if not pairs:
+        return []
+    cache_dim = past_dims[pairs[0].past]
+    carrying = sorted(name for name, dim in past_dims.items() if dim == cache_dim)
+    unpaired = sorted(set(carrying) - {pair.past for pair in pairs})
+    if unpaired:
+        raise BackendError(
+            f"npu-sim keeps a decoder's cache in static gears only when every past input is appended to a present "
+            f"output with Concat(past, new, axis=2); not appended that way: {', '.join(unpaired)}"
+        )
+    return pairs
+
+
+class _Builder:
+    """Appends nodes and constants with unique names to a graph being rewritten."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{_PREFIX}_{hint}_{self.count}"
+
+    def constant(self, hint: str, value: np.ndarray) -> str:
+        name = self.name(hint)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op_type: str, inputs: Sequence[str], hint: str, **attributes: Any) -> tuple[onnx.NodeProto, str]:
+        output = self.name(hint)
+        return helper.make_node(op_type, list(inputs), [output], name=self.name(op_type), **attributes), output
+
+
+def _shape_range(node: onnx.NodeProto, rank: int) -> range:
+    attributes = {attribute.name: attribute.i for attribute in node.attribute}
+    start, end = attributes.get("start", 0), attributes.get("end", rank)
+    start, end = (value + rank if value < 0 else value for value in (start, end))
+    return range(max(0, start), min(rank, end))
+
+
+def static_cache_graph(proto: onnx.ModelProto, pairs: Sequence[CachePair]) -> onnx.ModelProto:
+    """The decoder graph with a preallocated cache written in place (see the module docstring).
+
+    Args:
+        proto: the decoder graph.
+        pairs: its cache pairs (:func:`find_cache_pairs`), not empty.
+
+    Returns:
+        a new model: inputs ``input_ids``, the caches ``[batch, heads, positions, head_dim]`` and
+        ``cache_position``; outputs as before, the present caches at ``positions``.
+
+    Raises:
+        BackendError: when the graph reads the past length in a way the rewrite does not know
+            (a ``Shape`` of a past input spanning the cache axis and others), or never reads it.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    build = _Builder(graph)
+    past_names = {pair.past for pair in pairs}
+    presents = {pair.present for pair in pairs}
+    first_past = pairs[0].past
+
+    # The cache's size (its positions) for the key ranges: a static constant once a gear is chosen.
+    capacity_shape, capacity_1d = build.node("Shape", [first_past], "capacity", start=CACHE_AXIS, end=CACHE_AXIS + 1)
+    capacity_node, capacity = build.node("Squeeze", [capacity_1d], "capacity_scalar")
+    position_node, position = build.node("Squeeze", [CACHE_POSITION], "position_scalar")
+    positions_nodes, positions, count = _new_positions(build, position)
+    nodes: list[onnx.NodeProto] = [capacity_shape, capacity_node, position_node, *positions_nodes]
+    depends_on_position = {CACHE_POSITION}
+    replaced_shapes = 0
+    for node in graph.node:
+        if node.op_type == "Shape" and node.input[0] in past_names:
+            span = _shape_range(node, 4)
+            if CACHE_AXIS in span and len(span) > 1:
+                raise BackendError(
+                    f"npu-sim cannot keep this decoder's cache in static gears: node {node.name!r} reads the shape of "
+                    f"{node.input[0]!r} across the cache axis and others; it expects Shape(past, start=2, end=3)"
+                )
+            if CACHE_AXIS in span:
+                nodes.append(helper.make_node("Identity", [CACHE_POSITION], list(node.output), name=node.name))
+                depends_on_position.update(node.output)
+                replaced_shapes += 1
+                continue
+        if node.op_type == "Concat" and node.output[0] in presents:
+            nodes += _write_in_place(build, node, positions, count)
+            continue
+        if (
+            node.op_type == "Range"
+            and node.input[1] in depends_on_position
+            and node.input[0] not in depends_on_position
+        ):
+            cast, limit = build.node("CastLike", [capacity, node.input[0]], "key_positions")
+            nodes.append(cast)
+            rewritten = onnx.NodeProto()
+            rewritten.CopyFrom(node)
+            rewritten.input[1] = limit
+            nodes.append(rewritten)
+            continue  # enumerates the whole cache now, whatever the past length
+        if depends_on_position.intersection(node.input):
+            depends_on_position.update(node.output)
+        nodes.append(node)
+    if not replaced_shapes:
+        raise BackendError(
+            "npu-sim cannot keep this decoder's cache in static gears: the graph never reads the past length "
+            "(Shape(past, start=2, end=3)), so positions could not be taken from cache_position"
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.append(helper.make_tensor_value_info(CACHE_POSITION, onnx.TensorProto.INT64, [1]))
+    for value in [*graph.input, *graph.output]:
+        if value.name in past_names or value.name in presents:
+            dim = value.type.tensor_type.shape.dim[CACHE_AXIS]
+            dim.Clear()
+            dim.dim_param = POSITIONS_DIM
+    # Intermediate shapes mentioned the growing length; shape inference recomputes them per gear.
+    del graph.value_info[:]
+    return model
+
+
+def _new_positions(build: _Builder, position: str) -> tuple[list[onnx.NodeProto], str, str]:
+    """Nodes computing the new tokens' cache positions ``[1, 1, new, 1]`` and their count ``[1]``.
+
+    The count is read from ``input_ids`` (static at every gear), so the positions' shape is known
+    at compile time and only their values depend on ``cache_position``.
+    """
+    zero = build.constant("zero", np.array(0, dtype=np.int64))
+    one = build.constant("one", np.array(1, dtype=np.int64))
+    axes = build.constant("axes", np.array([0, 1, 3], dtype=np.int64))
+    count_node, count = build.node("Shape", ["input_ids"], "new_count", start=1, end=2)
+    scalar_node, scalar = build.node("Squeeze", [count], "new_count_scalar")
+    offsets_node, offsets = build.node("Range", [zero, scalar, one], "offsets")
+    positions_node, positions = build.node("Add", [offsets, position], "positions")
+    shaped_node, shaped = build.node("Unsqueeze", [positions, axes], "positions_4d")
+    return [count_node, scalar_node, offsets_node, positions_node, shaped_node], shaped, count
+
+
+def _write_in_place(build: _Builder, node: onnx.NodeProto, positions: str, count: str) -> list[onnx.NodeProto]:
+    """``ScatterElements`` writing ``new`` into the cache at ``positions`` (replaces ``Concat(cache, new)``)."""
+    cache, new = node.input[0], node.input[1]
+    outer_node, outer = build.node("Shape", [cache], "batch_heads", start=0, end=CACHE_AXIS)
+    inner_node, inner = build.node("Shape", [cache], "head_dim", start=CACHE_AXIS + 1)
+    shape_node, shape = build.node("Concat", [outer, count, inner], "new_shape", axis=0)
+    indices_node, indices = build.node("Expand", [positions, shape], "indices")
+    scatter = helper.make_node(
+        "ScatterElements", [cache, indices, new], list(node.output), name=node.name, axis=CACHE_AXIS
+    )
+    return [outer_node, inner_node, shape_node, indices_node, scatter]
+
+
+class InPlaceCacheSession:
+    """The rewritten decoder on an ONNX Runtime CPU session, each present output bound to its past's buffer.
+
+    ``ScatterElements`` whose output is its input's own buffer writes only the new positions, so a
+    step no longer copies the cache (the dynamic graph's ``Concat`` copies all of it every step).
+
+    Args:
+        compiled: the rewritten graph compiled by an ONNX Runtime backend (it has ``session``).
+        pairs: the cache pairs of the graph (:func:`find_cache_pairs`).
+    """
+
+    def __init__(self, compiled: Any, pairs: Sequence[CachePair]) -> None:
+        self.compiled = compiled
+        self.session = compiled.session
+        self.pairs = list(pairs)
+        presents = {pair.present for pair in self.pairs}
+        self.host_outputs = [output.name for output in self.session.get_outputs() if output.name not in presents]
+
+    def allocate(self, shape: Sequence[int], previous: Sequence[Any] = (), filled: int = 0) -> list[Any]:
+        """Zeroed caches of ``shape`` (``[batch, heads, positions, head_dim]``), one per cache input,
+        holding the first ``filled`` positions of ``previous`` (a cache being grown)."""
+        import onnxruntime
+
+        values = []
+        for index in range(len(self.pairs)):
+            array = np.zeros(tuple(shape), dtype=np.float32)
+            if filled:
+                array[:, :, :filled] = previous[index].numpy()[:, :, :filled]
+            values.append(onnxruntime.OrtValue.ortvalue_from_numpy(array, "cpu", 0))
+        return values
+
+    def run(self, input_ids: np.ndarray, values: Sequence[Any], length: int) -> dict[str, np.ndarray]:
+        """One step after ``length`` positions; writes the new ones into ``values``; returns the other outputs."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input(CACHE_POSITION, np.array([length], dtype=np.int64))
+        for pair, value in zip(self.pairs, values):
+            binding.bind_ortvalue_input(pair.past, value)
+            binding.bind_ortvalue_output(pair.present, value)
+        for name in self.host_outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        bound = [pair.present for pair in self.pairs] + self.host_outputs
+        results = dict(zip(bound, binding.get_outputs()))
+        return {name: results[name].numpy() for name in self.host_outputs}
