@@ -70,11 +70,12 @@ def command_bench_decode(args: argparse.Namespace) -> int:
     if args.numpy_cache:
         plain = Generator(bundle, args.backend, options, io_binding=False)
         engines.append(_GeneratorEngine(plain, f"{plain.backend.name} ({plain.io})"))
-    torch_engine, torch_note = _torch_engine(bundle, int(options.get("threads", 0) or 0))
+    threads = int(options.get("threads", 0) or 0)
+    torch_engine, torch_note = _torch_engine(bundle, threads)
     if torch_engine is not None:
         engines.append(torch_engine)
     show_step("measuring this machine's matrix-vector bandwidth")
-    bandwidth = measure_matvec_bandwidth()
+    bandwidth = measure_matvec_bandwidth(threads=threads)
     config = bundle.config
     weights = decode_weight_bytes(config, batch, bundle.weight_format)
     timings = bench_decode(engines, config.vocab_size, contexts, batch, args.steps, show_step)
@@ -103,7 +104,8 @@ def command_bench_decode(args: argparse.Namespace) -> int:
     print_result(table)
     print_result(
         f"bandwidth floor: {weights / 2**20:.1f} MiB of weights per decode step / {bandwidth / 1e9:.1f} GB/s "
-        f"measured matrix-vector bandwidth = {floor_ms:.2f} ms/step; 'vs torch' is torch's time over this "
+        f"matrix-vector bandwidth (ONNX Runtime MatMul over 128 MiB, {threads or 'default'} threads) = "
+        f"{floor_ms:.2f} ms/step; 'vs torch' is torch's time over this "
         "engine's, 'vs floor' this engine's time over the floor"
     )
     for context in contexts:

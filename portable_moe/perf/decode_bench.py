@@ -10,7 +10,8 @@ from step to step; a repeated token would time one cached expert set). The last 
 Decoding one token is bound by memory bandwidth: every weight the token touches is read once.
 :func:`decode_weight_bytes` counts those bytes from the config (for MoE layers only the experts
 the batch routes to), :func:`measure_matvec_bandwidth` measures the machine's float32
-matrix-vector bandwidth, and their quotient is the floor no implementation can beat.
+matrix-vector bandwidth (ONNX Runtime's MatMul, with the threads the engines use), and their
+quotient is the floor no implementation can beat.
 
 Needs no torch (the torch engine lives with the reference model, in :mod:`exporters`).
 """
@@ -216,20 +217,38 @@ def cache_read_bytes(config: ModelConfig, context: int, batch: int = 1) -> float
     return 4.0 * 2 * config.num_hidden_layers * batch * context * config.num_attention_heads * config.head_dim
 
 
-def measure_matvec_bandwidth(megabytes: int = 128, repeats: int = 5) -> float:
-    """This machine's float32 matrix-vector bandwidth in bytes/s (numpy, best of ``repeats``).
+def measure_matvec_bandwidth(megabytes: int = 128, repeats: int = 5, threads: int = 0) -> float:
+    """This machine's float32 matrix-vector bandwidth in bytes/s: ONNX Runtime's CPU MatMul of one
+    row by a ``megabytes`` MiB weight (larger than the caches), best of ``repeats``.
 
-    The matrix (``megabytes`` MiB, larger than the caches) is read once per product, so bytes
-    over seconds is the bandwidth a decode step's weight reads can reach.
+    The weight is read once per product, so bytes over seconds is the rate a decode step's weight
+    reads can reach with the same runtime and the same ``threads`` (0: ONNX Runtime's default).
     """
-    columns = 4096
-    rows = max(1, (megabytes << 20) // (4 * columns))
-    matrix = np.full((rows, columns), 0.5, dtype=np.float32)  # values do not change the bandwidth
-    vector = np.ones(columns, dtype=np.float32)
-    matrix @ vector  # warm up threads
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    rows = 4096
+    columns = max(1, (megabytes << 20) // (4 * rows))
+    weight = np.full((rows, columns), 0.5, dtype=np.float32)  # values do not change the bandwidth
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "matvec",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, columns])],
+        [numpy_helper.from_array(weight, "weight")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    vector = {"x": np.ones((1, rows), dtype=np.float32)}
+    session.run(None, vector)  # warm up threads
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        matrix @ vector
+        session.run(None, vector)
         best = min(best, time.perf_counter() - started)
-    return matrix.nbytes / max(best, 1e-9)
+    return weight.nbytes / max(best, 1e-9)
