@@ -156,6 +156,12 @@ def command_export(args: argparse.Namespace) -> int:
         f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {bundle.weight_format} "
         f"weights, {len(bundle.manifest['files'])} files)"
     )
+    generation = bundle.manifest.get("generation")
+    if generation:
+        sizes = generation["cache_bytes_per_token"]
+        expanded = f" (per-head keys and values would take {sizes['expanded']})" if "expanded" in sizes else ""
+        form = generation["cache_form"]
+        print_result(f"decoder graph: {form} cache, {sizes[form]} bytes per token over all layers{expanded}")
     return EXIT_OK
 
 
