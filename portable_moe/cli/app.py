@@ -559,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="also export the cache-carrying decoder graph and a golden greedy continuation, for 'generate' and "
-        "'check --generate' (presets; default: off, it about doubles the export time)",
+        "'check --generate' (for --hf, the golden continuation is transformers' own generate; default: off, it "
+        "about doubles the export time)",
     )
     _add_weight_options(export)
     export.set_defaults(handler=command_export)

@@ -38,7 +38,7 @@ def load_tokenizer(bundle: Bundle) -> Any:
         from tokenizers import Tokenizer
     except ImportError:
         raise InputError(
-            "--prompt needs the tokenizers library: pip install tokenizers (or give --prompt-ids)"
+            "--prompt needs the tokenizers library: pip install 'portable-moe[text]' (or give --prompt-ids)"
         ) from None
     return Tokenizer.from_file(str(path))
 

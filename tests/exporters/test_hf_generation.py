@@ -226,3 +226,22 @@ def test_generate_text_without_a_tokenizer_exits_2(deepseek, tmp_path, capsys):
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert "has no tokenizer" in err and "--prompt-ids" in err
+
+
+def test_a_prompt_that_encodes_to_nothing_exits_2(deepseek, capsys):
+    _, bundle = deepseek
+    code = cli.main(["generate", str(bundle.path), "--prompt", "   "])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "encodes to no tokens; give some text or --prompt-ids" in err
+
+
+def test_text_without_the_tokenizers_library_says_what_to_install(deepseek, monkeypatch):
+    import sys
+
+    from portable_moe.errors import InputError
+    from portable_moe.run.text import load_tokenizer
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
+    with pytest.raises(InputError, match=r"needs the tokenizers library: pip install 'portable-moe\[text\]'"):
+        load_tokenizer(deepseek[1])
