@@ -10,6 +10,7 @@ token by token in test_hf_export.py's CLI test.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -73,6 +74,19 @@ def test_deepseek_cache_is_the_latent_and_its_size_is_reported(deepseek):
     generator = Generator(bundle, "cpu", io_binding=False)
     output = generator.step(np.array([[3, 4, 5]], dtype=np.int64), generator.empty_cache())
     assert [value.shape for value in output.cache.values] == [(1, 1, 3, width)] * 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "openvino"])
+def test_latent_cache_decoder_conforms_token_by_token(deepseek, backend):
+    from portable_moe import registry
+    from portable_moe.conformance.generation_check import check_generation
+
+    probe = registry.get_backend(backend).safe_probe()
+    if not probe.available:
+        pytest.skip(f"{backend} is unavailable here: {probe.reason}")
+    check = check_generation(deepseek[1], backend, 8)
+    assert check.status == "passed", check.reason
+    assert check.token_agreement == 1.0 and min(check.routing_agreement) == 1.0
 
 
 def _expanded_mla_decoder(model):
@@ -210,22 +224,46 @@ def test_tokenizer_is_copied_hashed_and_generate_takes_text(deepseek, tmp_path, 
     assert f"generated: {text}\n" in out
 
 
-def test_generate_text_without_a_tokenizer_exits_2(deepseek, tmp_path, capsys):
-    _, bundle = deepseek
-    target = tmp_path / "no-tokenizer"
+def _copy_with_tokenizer_entry(bundle, target, entry):
+    """A copy of ``bundle`` whose manifest's tokenizer entry is ``entry`` (None: no tokenizer at all)."""
     shutil.copytree(bundle.path, target)
     manifest = json.loads((target / "manifest.json").read_text())
-    del manifest["tokenizer"]
-    manifest["files"] = {
-        name: digest for name, digest in manifest["files"].items() if not name.startswith("tokenizer/")
-    }
-    shutil.rmtree(target / "tokenizer")
+    if entry is None:
+        del manifest["tokenizer"]
+        manifest["files"] = {name: sha for name, sha in manifest["files"].items() if not name.startswith("tokenizer/")}
+        shutil.rmtree(target / "tokenizer")
+    else:
+        manifest["tokenizer"] = entry
     (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (None, "has no tokenizer .*; give the prompt as token ids with --prompt-ids"),
+        ({"directory": "../elsewhere", "files": ["tokenizer.json"]}, "tokenizer entry '../elsewhere/tokenizer.json'"),
+    ],
+    ids=["no-tokenizer", "tokenizer-outside-the-bundle"],
+)
+def test_generate_text_with_a_missing_or_misplaced_tokenizer_exits_2(deepseek, tmp_path, capsys, entry, match):
+    target = _copy_with_tokenizer_entry(deepseek[1], tmp_path / "copy", entry)
     code = cli.main(["generate", str(target), "--prompt", "w5 w6"])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1
-    assert "has no tokenizer" in err and "--prompt-ids" in err
+    assert re.search(match, err), err
+
+
+def test_a_model_without_a_cached_decoder_is_refused(tmp_path):
+    from exporters.decode_graph import export_decoder
+    from portable_moe.errors import ExportError
+
+    class PlainModel:
+        config = None
+
+    with pytest.raises(ExportError, match="PlainModel has no cache-carrying decoder; export this source without"):
+        export_decoder(PlainModel(), None, tmp_path, None, 20, print)
 
 
 def test_a_prompt_that_encodes_to_nothing_exits_2(deepseek, capsys):
