@@ -1,7 +1,8 @@
 """The cache-carrying decoder graph: one step of generation with past keys and values.
 
 ``decoder.onnx`` takes ``input_ids [batch, new]`` and, per decoder layer, ``past_key_layerN`` and
-``past_value_layerN`` ``[batch, heads, past, head_dim]``; it returns ``logits [batch, new, vocab]``,
+``past_value_layerN`` ``[batch, heads, past, head_dim]`` (or one ``past_latent_layerN`` for
+DeepSeek-V3 checkpoints: see :class:`CacheLayout`); it returns ``logits [batch, new, vocab]``,
 ``present_key_layerN`` / ``present_value_layerN`` (the past with the new positions appended) and
 ``expert_ids_layerN`` for each MoE layer. The same graph serves prefill (past of length 0, the
 whole prompt as ``input_ids``) and decode (one new token per step): the past length is a dynamic
@@ -33,6 +34,8 @@ GOLDEN_PROMPT_TOKENS = 8
 GOLDEN_NEW_TOKENS = 32
 # The golden continuation's logits per step ([steps, vocab]), in ONNX's test-data layout.
 GOLDEN_LOGITS_DIR = "generation_golden"
+# The cache is float32 whatever the weight format.
+CACHE_BYTES_PER_VALUE = 4
 
 Progress = Callable[[str], None]
 
@@ -70,7 +73,7 @@ class CacheLayout:
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one position takes over all layers (float32)."""
-        return 4 * self.layers * len(self.parts) * self.heads * self.width
+        return CACHE_BYTES_PER_VALUE * self.layers * len(self.parts) * self.heads * self.width
 
     def empty(self, batch: int = 1) -> list[np.ndarray]:
         """A cache of length 0, in the decoder's input order (what prefill takes)."""

@@ -26,9 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exporters.decode_graph import CacheLayout
-
-FLOAT32_BYTES = 4
+from exporters.decode_graph import CACHE_BYTES_PER_VALUE, CacheLayout
 
 
 def cache_layout(model: Any) -> CacheLayout:
@@ -38,7 +36,7 @@ def cache_layout(model: Any) -> CacheLayout:
     layers = len(model.layers)
     if hasattr(attention, "kv_lora_rank"):  # DeepSeek's multi-head latent attention
         per_head = attention.qk_head_dim + attention.v_head_dim
-        expanded = FLOAT32_BYTES * layers * attention.num_heads * per_head
+        expanded = CACHE_BYTES_PER_VALUE * layers * attention.num_heads * per_head
         width = attention.kv_lora_rank + attention.qk_rope_head_dim
         return CacheLayout("latent", layers, 1, width, ("latent",), expanded_bytes_per_token=expanded)
     return CacheLayout("per-head", layers, attention.config.num_key_value_heads, attention.head_dim)
