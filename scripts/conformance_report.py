@@ -29,7 +29,7 @@ from portable_moe.cli import ops_command
 from portable_moe.config import PRESETS
 from portable_moe.conformance import ops as opsuite
 from portable_moe.conformance.expected_failures import expected_failures_of
-from portable_moe.conformance.ops import NOT_CONFORMING, STATUSES, UNSUPPORTED, CaseResult, Task
+from portable_moe.conformance.ops import NOT_CONFORMING, STATUSES, UNSUPPORTED, CaseResult, ModelTask
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, highlight=False)
@@ -98,7 +98,7 @@ def model_conformance(
         for backend in backends:
             key = (preset, preferred[backend])
             if key in bundles:
-                tasks.append(Task("model", backend, str(bundles[key])))
+                tasks.append(ModelTask(backend, str(bundles[key])))
                 keys.append((preset, preferred[backend], backend))
     results = iter(ops_command.run_with_progress(tasks, [], jobs, timeout, console))
     by_key = {key: next(results) for key in keys}

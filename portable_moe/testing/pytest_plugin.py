@@ -119,11 +119,11 @@ class _Suite:
             raise pytest.UsageError(f"portable-moe: {error}") from None
 
     def run(self, task: Task) -> CaseResult:
-        from portable_moe.conformance.ops import DEFAULT_MODEL_TIMEOUT, OpPool
+        from portable_moe.conformance.ops import DEFAULT_MODEL_TIMEOUT, ModelTask, OpPool
 
         if self._pool is None:
             self._pool = OpPool(self.cases, jobs=1, timeout=self.timeout)
-        timeout = max(self.timeout, DEFAULT_MODEL_TIMEOUT) if task.kind == "model" else self.timeout
+        timeout = max(self.timeout, DEFAULT_MODEL_TIMEOUT) if isinstance(task, ModelTask) else self.timeout
         return self._pool.run([task], timeout=timeout)[0]
 
     def bundle(self, preset: str, lowering: str) -> Path:
@@ -186,16 +186,16 @@ class OpCaseItem(_SuiteItem):
     """One ONNX node test case on one backend."""
 
     def runtest(self) -> None:
-        from portable_moe.conformance.ops import Task
+        from portable_moe.conformance.ops import OpTask
 
-        _report(self.suite.run(Task("op", self.backend, self.key)))
+        _report(self.suite.run(OpTask(self.backend, self.key)))
 
 
 class ModelItem(_SuiteItem):
     """A preset exported with the backend's preferred MoE lowering, checked against its golden data."""
 
     def runtest(self) -> None:
-        from portable_moe.conformance.ops import Task
+        from portable_moe.conformance.ops import ModelTask
 
         try:
             import torch  # noqa: F401 (only whether it imports matters)
@@ -210,7 +210,7 @@ class ModelItem(_SuiteItem):
         if lowering not in LOWERINGS:
             pytest.skip(f"{self.backend} prefers the {lowering!r} MoE lowering, which the exporter does not have")
         bundle = self.suite.bundle(self.key, lowering)
-        _report(self.suite.run(Task("model", self.backend, str(bundle))))
+        _report(self.suite.run(ModelTask(self.backend, str(bundle))))
 
 
 class _Group(pytest.Collector):

@@ -33,9 +33,10 @@ from portable_moe.conformance.ops import (
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
+    ModelTask,
     OpCase,
     OpPool,
-    Task,
+    OpTask,
     cache_file,
     collect_cases,
     op_tasks,
@@ -490,10 +491,10 @@ def test_a_listed_failure_is_expected_and_a_listed_pass_is_unexpected(listing_ba
 
 def test_expected_failures_apply_in_the_runner(listing_backend):
     name = listing_backend(LISTED)
-    [result] = run_tasks([Task("op", name, RELU.name)], [RELU], jobs=0)
+    [result] = run_tasks([OpTask(name, RELU.name)], [RELU], jobs=0)
     assert result.status == PASSED  # test_inline_relu is not listed
     relu = OpCase("test_relu", "Relu", RELU.model, RELU.data_sets, RELU.rtol, RELU.atol)
-    [result] = run_tasks([Task("op", name, "test_relu")], [relu], jobs=0)
+    [result] = run_tasks([OpTask(name, "test_relu")], [relu], jobs=0)
     assert result.status == UNEXPECTED_PASS
 
 
@@ -573,7 +574,7 @@ def test_a_crash_and_a_hang_lose_only_their_case(cases, flaky_vendor):
     names = ["test_abs", "test_add", "test_acos", "test_relu"]
     subset = [cases[name] for name in names]
     with OpPool(subset, jobs=1, timeout=3) as pool:
-        results = pool.run([Task("op", flaky_vendor, name) for name in names])
+        results = pool.run([OpTask(flaky_vendor, name) for name in names])
     by_case = {result.case: result for result in results}
     assert [result.case for result in results] == names
     assert by_case["test_abs"].status == ERROR
@@ -604,7 +605,7 @@ def test_workers_that_cannot_start_stop_the_run_with_the_reason(cases, monkeypat
                 BackendError,
                 match=r"(?s)worker processes exited with status 1 before taking a task.*No module named 'portable_moe_test_only_module'",
             ):
-                pool.run([Task("op", "unimportable", "test_relu")])
+                pool.run([OpTask("unimportable", "test_relu")])
     finally:
         registry.unregister_backend("unimportable")
 
@@ -614,9 +615,9 @@ def test_an_unpicklable_in_process_backend_is_refused_for_workers(cases):
     try:
         with OpPool([cases["test_relu"]], jobs=1) as pool:
             with pytest.raises(BackendError, match="'lambda-backend' was registered in this process with a factory"):
-                pool.run([Task("op", "lambda-backend", "test_relu")])
+                pool.run([OpTask("lambda-backend", "test_relu")])
         # In this process it runs (no isolation).
-        [result] = run_tasks([Task("op", "lambda-backend", "test_relu")], [cases["test_relu"]], jobs=0)
+        [result] = run_tasks([OpTask("lambda-backend", "test_relu")], [cases["test_relu"]], jobs=0)
         assert result.status == PASSED
     finally:
         registry.unregister_backend("lambda-backend")
@@ -630,7 +631,7 @@ def test_pool_arguments_are_checked(jobs, timeout, message):
 
 def test_model_conformance_runs_in_a_worker(tiny_bundle):
     with OpPool([], jobs=1) as pool:
-        [result] = pool.run([Task("model", "cpu", str(tiny_bundle.path))])
+        [result] = pool.run([ModelTask("cpu", str(tiny_bundle.path))])
     assert result.status == PASSED and result.op == "(model)", result.reason
 
 

@@ -182,7 +182,7 @@ class CaseResult:
 
     Attributes:
         case: the case name (a bundle name for model checks).
-        op: the operator the case tests ("(model)" for model checks).
+        op: the operator the case tests (:data:`MODEL_OP` for model checks).
         backend: the backend's registry name.
         status: one of :data:`STATUSES` (members of :class:`~portable_moe.statuses.Status`).
         reason: why it did not pass (empty when it passed); the runtime's own words when it said so.
@@ -217,14 +217,50 @@ class CaseResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Task:
-    """A unit of work for a worker: an op case (``key`` = case name) or a bundle (``key`` = path)."""
+# The ``op`` of a model check's result (a bundle tests no single operator).
+MODEL_OP = "(model)"
 
-    kind: str  # "op" or "model"
+
+@dataclass(frozen=True)
+class OpTask:
+    """One op case on one backend, for a worker.
+
+    Attributes:
+        backend: the backend's registry name.
+        case: the case's name (``OpCase.name``), looked up in the cases the worker loaded.
+        strict: judge it by the case's own tolerance only (no tolerance overrides).
+    """
+
     backend: str
-    key: str
-    strict: bool = False  # op cases: the case's own tolerances only (no TOLERANCE_OVERRIDES)
+    case: str
+    strict: bool = False
+
+    @property
+    def name(self) -> str:
+        """What its result is called (``CaseResult.case``): the case's name."""
+        return self.case
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """A bundle checked against its golden data on one backend, for a worker.
+
+    Attributes:
+        backend: the backend's registry name.
+        bundle: the bundle's directory (a path string, so the task pickles to any worker).
+    """
+
+    backend: str
+    bundle: str
+
+    @property
+    def name(self) -> str:
+        """What its result is called (``CaseResult.case``): the bundle directory's name."""
+        return Path(self.bundle).name
+
+
+# A unit of work for a worker of the op suite's pool.
+Task = OpTask | ModelTask
 
 
 def _normalize(value: Any) -> Any:

@@ -21,6 +21,7 @@ from portable_moe.conformance.ops.cases import (
     ERROR,
     EXPECTED_FAILURE,
     FAILED,
+    MODEL_OP,
     PASSED,
     TIMEOUT,
     TOLERANCE_OVERRIDES,
@@ -28,6 +29,7 @@ from portable_moe.conformance.ops.cases import (
     UNSUPPORTED,
     CaseResult,
     ErrorKind,
+    ModelTask,
     OpCase,
     Task,
 )
@@ -237,7 +239,7 @@ def run_model_check(backend: Backend, bundle_dir: str | os.PathLike[str]) -> Cas
     try:
         outcome = check_backend(load_bundle(bundle_dir), backend)
     except Exception as error:
-        return CaseResult(name, "(model)", backend.name, ERROR, describe_error(error), time.perf_counter() - started)
+        return CaseResult(name, MODEL_OP, backend.name, ERROR, describe_error(error), time.perf_counter() - started)
     status = UNSUPPORTED if outcome.status == UNAVAILABLE else outcome.status
     worst = [c.to_dict() for c in outcome.comparisons if not c.passed]
     details = {
@@ -247,7 +249,7 @@ def run_model_check(backend: Backend, bundle_dir: str | os.PathLike[str]) -> Cas
     }
     return CaseResult(
         name,
-        "(model)",
+        MODEL_OP,
         backend.name,
         status,
         outcome.reason,
@@ -261,9 +263,9 @@ def run_model_check(backend: Backend, bundle_dir: str | os.PathLike[str]) -> Cas
 def run_task(task: Task, cases: dict[str, OpCase]) -> CaseResult:
     """Run one task in this process (what a worker does with each task it receives)."""
     backend = get_backend(task.backend)
-    if task.kind == "model":
-        return run_model_check(backend, task.key)
-    return run_case(backend, cases[task.key], task.strict)
+    if isinstance(task, ModelTask):
+        return run_model_check(backend, task.bundle)
+    return run_case(backend, cases[task.case], task.strict)
 
 
 def settle_expected(outcome: CaseResult) -> CaseResult:
@@ -276,7 +278,7 @@ def settle_expected(outcome: CaseResult) -> CaseResult:
     Raises:
         BackendError: if the backend's expected-failures file is malformed.
     """
-    if outcome.op == "(model)" or outcome.status not in (PASSED, FAILED, ERROR, TIMEOUT):
+    if outcome.op == MODEL_OP or outcome.status not in (PASSED, FAILED, ERROR, TIMEOUT):
         return outcome
     listed = expected_failures_of(outcome.backend).get(outcome.case)
     if listed is None:
