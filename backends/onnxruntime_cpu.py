@@ -192,7 +192,6 @@ class OnnxRuntimeCpuBackend(Backend):
                     "bool",
                 }
             ),
-            dynamic_shapes=True,
             moe_lowerings=("fused", "sparse", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
             weight_formats=WEIGHT_FORMAT_KEYS,

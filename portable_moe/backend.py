@@ -129,7 +129,6 @@ class Capabilities:
     Attributes:
         min_opset / max_opset: the ai.onnx opset range it accepts.
         dtypes: numpy dtype names it computes in.
-        dynamic_shapes: whether one compiled model takes inputs of any size.
         moe_lowerings: the MoE lowerings it accepts, most preferred first.
         domains: operator domains beyond ai.onnx it runs (e.g. "com.microsoft").
         weight_formats: the bundle weight formats it takes, by format key ("float32", "float16",
@@ -148,7 +147,6 @@ class Capabilities:
     min_opset: int = 7
     max_opset: int = 23
     dtypes: frozenset[str] = frozenset({"float32", "int64"})
-    dynamic_shapes: bool = True
     moe_lowerings: tuple[str, ...] = ("dense",)
     domains: frozenset[str] = frozenset()
     weight_formats: frozenset[str] = frozenset({"float32"})

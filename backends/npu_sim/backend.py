@@ -345,7 +345,6 @@ class NpuSimBackend(Backend):
             min_opset=table.domain_opsets[0],
             max_opset=table.domain_opsets[1],
             dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
-            dynamic_shapes=False,  # gears serve dynamic inputs
             moe_lowerings=("capacity", "dense"),
             # Other domains are accepted only to run them on the host CPU (ONNX Runtime's contrib ops).
             domains=frozenset({"com.microsoft"}),
