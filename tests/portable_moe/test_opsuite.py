@@ -29,7 +29,6 @@ from portable_moe.conformance.ops import (
     PASSED,
     STATUSES,
     TIMEOUT,
-    TOLERANCE_OVERRIDES,
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
@@ -39,6 +38,7 @@ from portable_moe.conformance.ops import (
     OpTask,
     cache_file,
     collect_cases,
+    declared_overrides,
     op_tasks,
     report_dict,
     run_case,
@@ -384,17 +384,21 @@ def test_exceptions_are_errors(stage, message):
     assert result.reason == message
 
 
-def test_tolerance_comes_from_the_case_unless_an_entry_of_the_table_matches(cases):
+def test_tolerance_comes_from_the_case_unless_an_override_its_backend_declares_matches(cases):
     relu, dft = cases["test_relu"], cases["test_dft"]
     own = tolerance_for_case(relu, "cpu", "exact")
     assert (own.rtol, own.atol) == (1e-3, 1e-7)
-    assert tolerance_for_case(dft, "cpu", "exact").atol == 1e-3  # keyed by backend and case
+    assert tolerance_for_case(dft, "cpu", "exact").atol == 1e-3  # declared by cpu, keyed by case
     assert "float64 FFT" in tolerance_for_case(dft, "cpu", "exact").reason
+    assert tolerance_for_case(dft, "cpu", "exact", strict=True).atol == 1e-7
     assert tolerance_for_case(dft, "reference", "exact").atol == 1e-7
-    # Keyed by precision mode, whichever backend computes in it.
-    for backend in ("npu-sim", "a-vendor-npu"):
-        reduced = tolerance_for_case(relu, backend, "force_fp16")
-        assert (reduced.rtol, reduced.atol) == (1e-3, 5e-3) and "float16" in reduced.reason
+    # npu-sim declares one for its float16 mode: keyed by precision mode, on the backend that declares it.
+    reduced = tolerance_for_case(relu, registry.get_backend("npu-sim"), "force_fp16")
+    assert (reduced.rtol, reduced.atol) == (1e-3, 5e-3) and "float16" in reduced.reason
+    assert tolerance_for_case(relu, "npu-sim", "must_keep_origin_dtype").atol == 1e-7
+    assert tolerance_for_case(relu, "cpu", "force_fp16").atol == 1e-7
+    with pytest.raises(BackendError, match="unknown backend 'no-such-npu'"):
+        tolerance_for_case(relu, "no-such-npu", "exact")
 
 
 def test_a_pass_owed_to_an_override_shows_its_raw_error_and_strict_fails_it(cases):
@@ -409,12 +413,14 @@ def test_a_pass_owed_to_an_override_shows_its_raw_error_and_strict_fails_it(case
     assert run_case(cpu, cases["test_relu"]).tolerance_override is None  # its own tolerance: nothing to show
 
 
-def test_every_tolerance_override_has_a_reason_and_matches_a_case(cases):
-    known = registry.backend_names()
-    for override in TOLERANCE_OVERRIDES:
-        assert override.backend == "*" or override.backend in known
+def test_every_declared_tolerance_override_has_a_reason_a_known_mode_and_matches_a_case(cases):
+    declared = declared_overrides(registry.backend_names())
+    assert {name for name, _ in declared} >= {"cpu", "npu-sim"}
+    for name, override in declared:
+        modes = {"*", "exact", *registry.get_backend(name).capabilities.precision_modes}
+        assert override.precision in modes, (name, override.precision)
         assert len(override.reason) > 40
-        assert any(re.search(override.case_pattern, name) for name in cases)
+        assert any(re.search(override.case_pattern, case) for case in cases)
 
 
 def test_the_crosscheck_against_raw_onnxruntime_counts_both_sides(capsys):
@@ -680,7 +686,9 @@ def test_json_report_structure():
         "tolerance_override": None,
         "listed_outcome": "",
     }
-    assert all(entry["reason"] for entry in report["tolerance_overrides"])
+    overrides = report["tolerance_overrides"]
+    assert overrides and all(entry["reason"] and entry["backend"] == "cpu" for entry in overrides)
+    assert set(overrides[0]) == {"backend", "precision", "case_pattern", "rtol", "atol", "reason"}
 
 
 def test_junit_has_one_testcase_per_result_with_outcomes_marked(tmp_path):

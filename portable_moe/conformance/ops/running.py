@@ -24,7 +24,6 @@ from portable_moe.conformance.ops.cases import (
     MODEL_OP,
     PASSED,
     TIMEOUT,
-    TOLERANCE_OVERRIDES,
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
@@ -39,18 +38,23 @@ from portable_moe.errors import (
     UnsupportedError,
     UnsupportedReason,
 )
-from portable_moe.registry import get_backend
+from portable_moe.registry import as_backend, get_backend
 
 
-def tolerance_for_case(case: OpCase, backend_name: str, precision: str, strict: bool = False) -> Tolerance:
-    """The tolerance outputs of ``case`` get on a backend whose compiled model has ``precision``.
+def tolerance_for_case(case: OpCase, backend: Backend | str, precision: str, strict: bool = False) -> Tolerance:
+    """The tolerance outputs of ``case`` get on ``backend`` when its compiled model has ``precision``.
 
-    The first matching entry of :data:`TOLERANCE_OVERRIDES` (none when ``strict``), else the
-    case's own rtol/atol. The model-level table (``compare.TOLERANCES``) is not used: its
-    reduced-precision rows are sized for logits after several layers, far looser than one operator needs.
+    The first matching entry of the backend's ``Capabilities.op_tolerance_overrides`` (none when
+    ``strict``), else the case's own rtol/atol. The model-level rows (``compare.TOLERANCES``, the
+    precision modes) are not used: their reduced-precision rows are sized for logits after several
+    layers, far looser than one operator needs.
+
+    Raises:
+        BackendError: if ``backend`` is a name no backend is registered under.
     """
-    for override in () if strict else TOLERANCE_OVERRIDES:
-        if override.matches(backend_name, precision, case.name):
+    overrides = () if strict else as_backend(backend).capabilities.op_tolerance_overrides
+    for override in overrides:
+        if override.matches(precision, case.name):
             return Tolerance(override.atol, override.rtol, 1.0, override.reason)
     return _own_tolerance(case)
 
@@ -140,7 +144,7 @@ def run_case(backend: Backend, case: OpCase, strict: bool = False) -> CaseResult
     Args:
         backend: the backend.
         case: the case.
-        strict: compare with the case's own tolerances only (no :data:`TOLERANCE_OVERRIDES`).
+        strict: compare with the case's own tolerances only (no tolerance overrides).
     """
     started = time.perf_counter()
     placement: dict[str, int] = {}
@@ -175,7 +179,7 @@ def run_case(backend: Backend, case: OpCase, strict: bool = False) -> CaseResult
     input_names = [spec.name for spec in prepared.inputs]
     output_names = [spec.name for spec in prepared.outputs]
     precision = getattr(compiled, "precision", "exact")
-    tolerance = tolerance_for_case(case, backend.name, precision, strict)
+    tolerance = tolerance_for_case(case, backend, precision, strict)
     outputs_seen: list[tuple[str, Any, Any]] = []
     for inputs, expected in case.data_sets:
         if len(inputs) != len(input_names) or len(expected) != len(output_names):
