@@ -17,17 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portable_moe import registry
-from portable_moe.config import PRESETS
+from portable_moe.config import runnable_presets
 from portable_moe.conformance.ops import ModelTask
 from portable_moe.errors import InputError
 
 # The seed every preset is exported with.
 PRESET_SEED = 0
-
-
-def runnable_presets() -> list[str]:
-    """The presets a model check can run: every built-in one except those for cost estimates only."""
-    return [name for name, config in PRESETS.items() if not config.cost_estimate_only]
 
 
 def parse_presets(spec: str) -> list[str]:

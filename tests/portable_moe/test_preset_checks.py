@@ -11,10 +11,11 @@ import pytest
 import exporters
 from portable_moe import registry
 from portable_moe.backend import Backend, Capabilities, ProbeResult
+from portable_moe.config import runnable_presets
 from portable_moe.conformance.ops import ModelTask
 from portable_moe.errors import InputError
 from portable_moe.testing import preset_checks
-from portable_moe.testing.preset_checks import PresetExports, parse_presets, runnable_presets, torch_missing
+from portable_moe.testing.preset_checks import PresetExports, parse_presets, torch_missing
 
 
 class _MysteryLoweringBackend(Backend):
