@@ -154,38 +154,19 @@ def _cached_attention(
     """
     import torch
 
-    batch, new, _ = hidden.shape
-    heads, head_dim = attention.heads, attention.head_dim
+    from exporters.reference_model import apply_rotary, rotary_tables
 
-    def split_heads(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(batch, new, heads, head_dim).transpose(1, 2)
-
-    query = split_heads(attention.q_proj(hidden))
-    key = split_heads(attention.k_proj(hidden))
-    value = split_heads(attention.v_proj(hidden))
+    new = hidden.shape[1]
+    query, key, value = attention.project(hidden)
     past_length = past_key.shape[2]
     positions = torch.arange(new, dtype=torch.float32) + past_length
-    angles = positions[:, None] * inverse_frequency[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    query = query * cos + _rotate_half(query) * sin
-    key = key * cos + _rotate_half(key) * sin
+    cos, sin = rotary_tables(positions[:, None], inverse_frequency)
+    query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
     key = torch.cat((past_key, key), dim=2)
     value = torch.cat((past_value, value), dim=2)
-    scores = (query @ key.transpose(-1, -2)) * (head_dim**-0.5)
-    total = key.shape[2]
     query_position = torch.arange(new)[:, None] + past_length
-    future = torch.arange(total)[None, :] > query_position
-    scores = scores.masked_fill(future, float("-inf"))
-    attended = torch.softmax(scores, dim=-1) @ value
-    return attention.o_proj(attended.transpose(1, 2).reshape(batch, new, -1)), key, value
-
-
-def _rotate_half(x: Any) -> Any:
-    import torch
-
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+    future = torch.arange(key.shape[2])[None, :] > query_position
+    return attention.attend(query, key, value, future), key, value
 
 
 def empty_cache(config: ModelConfig, batch: int = 1) -> list[np.ndarray]:

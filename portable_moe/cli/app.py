@@ -36,7 +36,7 @@ from portable_moe.cli.console import (
     stderr,
     stdout,
 )
-from portable_moe.config import PRESETS
+from portable_moe.config import PRESETS, runnable_presets
 from portable_moe.conformance.model_check import (
     NOT_CHECKED,
     check_bundle,
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--preset",
             default=preset_default,
-            choices=[n for n, c in PRESETS.items() if not c.cost_estimate_only],
+            choices=runnable_presets(),
             help="model preset (default: tiny)",
         )
         command.add_argument(
