@@ -53,7 +53,7 @@ from backends.npu_sim.static_cache import DEFAULT_CACHE_POSITIONS, StaticCacheDe
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError
 from portable_moe.perf.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
-from portable_moe.run.preallocated_cache import find_cache_pairs, static_cache_graph
+from portable_moe.run.preallocated_cache import find_cache_pairs, static_cache_graph, verify_rewrite
 from portable_moe.tensors import specs_from_onnx
 
 GIB = 1 << 30
@@ -402,6 +402,7 @@ class NpuSimBackend(Backend):
         resident = frozenset(name for pair in cache_pairs for name in (pair.past, pair.present))
         if cache_pairs:  # a decoder graph: its growing cache becomes a preallocated one, in gears
             proto = static_cache_graph(model.proto, cache_pairs)
+            _verify_static_cache(model.proto, proto, cache_pairs)
             inputs, outputs = specs_from_onnx(proto, "the static-cache decoder graph")
             device_model = ModelInput(proto, model.path, inputs, outputs, model.moe_lowering, model.bundle)
             gears = decoder_gears(inputs, options)
@@ -531,6 +532,25 @@ def _build_gear(
     except ValueError as error:  # protobuf refuses messages over 2 GiB
         raise BackendError(f"npu-sim cannot serialise the {gear.describe()} artifact: {error}") from None
     return analysis, data
+
+
+def _verify_static_cache(decoder: onnx.ModelProto, rewritten: onnx.ModelProto, pairs: list[Any]) -> None:
+    """Refuse a decoder graph whose rewrite for a preallocated cache disagrees with it (float32, on the host).
+
+    Raises:
+        BackendError: naming what went wrong; the decoder cannot be kept in static gears then.
+    """
+    import onnxruntime
+
+    def runner(proto: onnx.ModelProto) -> Any:
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        return lambda feeds: dict(zip(names, session.run(names, feeds)))
+
+    try:
+        verify_rewrite(decoder, pairs, runner(decoder), runner(rewritten))
+    except BackendError as error:
+        raise BackendError(f"npu-sim cannot keep this decoder's cache in static gears: {error}") from None
 
 
 _STATIC_CACHE_NOTE = [

@@ -8,7 +8,9 @@ present cache back as the next step's past.
 
 On backends whose compiled model exposes an ONNX Runtime session, the cache stays in ONNX Runtime's
 own values between steps (IOBinding): each step binds the previous step's present outputs as its
-past inputs, so the cache is never copied through numpy. A compiled model that keeps the cache
+past inputs, so the cache is never copied through numpy; on the CPU the cache is moreover
+preallocated for the request and written in place (:mod:`portable_moe.run.preallocated_cache`),
+growing when it fills up. A compiled model that keeps the cache
 itself (:class:`CacheKeepingModel`: npu-sim's cache preallocated at a static gear) is handed its
 own cache back each step. Other backends take the numpy path.
 
@@ -242,7 +244,12 @@ class Generator:
     def _compile_in_place(self, decoder: ModelInput, options: Mapping[str, Any] | None) -> Any:
         """The decoder rewritten for a preallocated cache, compiled for this backend; None where that
         graph cannot be made (the grown cache of the decoder graph is used then)."""
-        from portable_moe.run.preallocated_cache import InPlaceCacheSession, find_cache_pairs, static_cache_graph
+        from portable_moe.run.preallocated_cache import (
+            InPlaceCacheSession,
+            find_cache_pairs,
+            static_cache_graph,
+            verify_rewrite,
+        )
         from portable_moe.tensors import specs_from_onnx
 
         try:
@@ -253,6 +260,7 @@ class Generator:
             inputs, outputs = specs_from_onnx(proto, "the preallocated-cache decoder graph")
             rewritten = ModelInput(proto, None, inputs, outputs, decoder.moe_lowering, self.bundle)
             compiled = self.backend.compile(rewritten, options)
+            verify_rewrite(decoder.proto, pairs, self.compiled.run, compiled.run)
         except PortableMoEError:
             return None
         return (

@@ -25,7 +25,7 @@ Needs no torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,3 +273,49 @@ class InPlaceCacheSession:
         bound = [pair.present for pair in self.pairs] + self.host_outputs
         results = dict(zip(bound, binding.get_outputs()))
         return {name: results[name].numpy() for name in self.host_outputs}
+
+
+Run = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def verify_rewrite(proto: onnx.ModelProto, pairs: Sequence[CachePair], run_grown: Run, run_rewritten: Run) -> None:
+    """Check the rewritten graph against the decoder graph: a 3-token prefill, then one decode step.
+
+    The rewrite recognises how the exported graphs it knows read the past length; a graph that
+    reads it some other way (a mask expanded to the grown length, say) would be rewritten wrongly,
+    so the two are compared before the rewritten one is used.
+
+    Args:
+        proto: the decoder graph (its cache inputs give heads and head size).
+        pairs: its cache pairs.
+        run_grown / run_rewritten: run the decoder graph / the rewritten graph on numpy feeds.
+
+    Raises:
+        BackendError: when the rewritten graph fails or its logits differ from the decoder graph's.
+    """
+    inputs = {value.name: value for value in proto.graph.input}
+    shapes = {}
+    for pair in pairs:
+        dims = [dim.dim_value for dim in inputs[pair.past].type.tensor_type.shape.dim]
+        shapes[pair.past] = (1, dims[1], 0, dims[3])
+    grown = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+    capacity = 4
+    cache = {name: np.zeros((1, shape[1], capacity, shape[3]), dtype=np.float32) for name, shape in shapes.items()}
+    steps = [np.array([[1, 2, 3]], dtype=np.int64), np.array([[4]], dtype=np.int64)]
+    length = 0
+    try:
+        for ids in steps:
+            expected = run_grown({"input_ids": ids, **grown})
+            actual = run_rewritten({"input_ids": ids, CACHE_POSITION: np.array([length], dtype=np.int64), **cache})
+            if not np.allclose(actual["logits"], expected["logits"], rtol=1e-4, atol=1e-5):
+                worst = float(np.max(np.abs(actual["logits"] - expected["logits"])))
+                raise BackendError(f"its logits differ from the decoder graph's by up to {worst:.3g}")
+            grown = {pair.past: np.asarray(expected[pair.present]) for pair in pairs}
+            cache = {pair.past: np.asarray(actual[pair.present]) for pair in pairs}
+            length += ids.shape[1]
+    except BackendError as error:
+        raise BackendError(f"the decoder graph rewritten for a preallocated cache does not hold: {error}") from None
+    except Exception as error:  # the runtime refuses the rewritten graph: it is not one the rewrite knows
+        raise BackendError(
+            f"the decoder graph rewritten for a preallocated cache does not run: {type(error).__name__}: {error}"
+        ) from None

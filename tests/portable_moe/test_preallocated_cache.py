@@ -9,7 +9,7 @@ import pytest
 
 from portable_moe.errors import BackendError
 from portable_moe.run.generation import Generator
-from portable_moe.run.preallocated_cache import POSITIONS_DIM, find_cache_pairs, static_cache_graph
+from portable_moe.run.preallocated_cache import POSITIONS_DIM, find_cache_pairs, static_cache_graph, verify_rewrite
 
 # A cache appended along axis 2 whose past length is read through Shape(past, 2, 3).
 APPENDING = """
@@ -82,3 +82,23 @@ def test_a_shape_across_the_cache_axis_and_others_is_refused():
     model = onnx.parser.parse_model(APPENDING.replace("<start = 2, end = 3>", "<start = 1, end = 3>"))
     with pytest.raises(BackendError, match="reads the shape of 'past_key' across the cache axis and others"):
         static_cache_graph(model, find_cache_pairs(model))
+
+
+def test_a_rewrite_that_disagrees_with_the_decoder_graph_is_refused():
+    model = onnx.parser.parse_model(APPENDING)
+    pairs = find_cache_pairs(model)
+
+    def grown(feeds):
+        return {"logits": np.zeros(3), "present_key": np.zeros((1, 1, 3, 2), dtype=np.float32)}
+
+    def differs(feeds):
+        return {"logits": np.ones(3), "present_key": np.zeros((1, 1, 4, 2), dtype=np.float32)}
+
+    def fails(feeds):
+        raise RuntimeError("invalid expand shape")
+
+    verify_rewrite(model, pairs, grown, grown)  # agreeing graphs pass
+    with pytest.raises(BackendError, match="does not hold: its logits differ from the decoder graph's by up to 1"):
+        verify_rewrite(model, pairs, grown, differs)
+    with pytest.raises(BackendError, match="does not run: RuntimeError: invalid expand shape"):
+        verify_rewrite(model, pairs, grown, fails)
