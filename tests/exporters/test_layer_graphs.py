@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 'portable-moe[export]')")
 
+from exporters import trace_cache  # noqa: E402
 from exporters.layer_graphs import export_layered  # noqa: E402
 from exporters.lowerings import get_lowering  # noqa: E402
 from exporters.reference_model import build_model, golden_inputs  # noqa: E402
@@ -141,3 +142,134 @@ def test_the_config_must_name_the_layers_that_route(tmp_path):
         ExportError, match=r"layers \[1, 2\] return expert ids but the config's moe_layer_indices are \[2\]"
     ):
         export_model_to_onnx(model, tmp_path / "model.onnx")
+
+
+class _ToyLayer(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, hidden):
+        return hidden + torch.relu(self.linear(hidden)), None, None
+
+
+class _Toy(torch.nn.Module):
+    """A LayeredModel that traces in about a second: an embedding, two residual linear layers, a head."""
+
+    def __init__(self, width: int = 8, seed: int = 0, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config = dataclasses.replace(get_preset("tiny"), name="toy", num_hidden_layers=2, first_k_dense_replace=2)
+        self.embed = torch.nn.Embedding(256, width)
+        self.layers = torch.nn.ModuleList(_ToyLayer(width) for _ in range(2))
+        self.out = torch.nn.Linear(width, 256, bias=False)
+        self.scale = scale  # a plain attribute the trace bakes in as a constant
+
+    def prologue(self, input_ids):
+        return (self.embed(input_ids) * self.scale,)
+
+    def layer_modules(self):
+        return list(self.layers)
+
+    def layer_kind(self, index):
+        return "residual linear"
+
+    def head(self, hidden):
+        return self.out(hidden)
+
+    def forward(self, input_ids):
+        hidden = self.prologue(input_ids)[0]
+        for layer in self.layers:
+            hidden = layer(hidden)[0]
+        return self.head(hidden), ()
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    """The number of times the exporter traced (rather than took a traced graph from the cache)."""
+    import exporters.layer_graphs as layer_graphs
+
+    calls = []
+    trace = layer_graphs._export_pieces
+    monkeypatch.setattr(layer_graphs, "_export_pieces", lambda *args: calls.append(1) or trace(*args))
+    trace_cache.clear_trace_cache()
+    yield calls
+    trace_cache.clear_trace_cache()
+
+
+def _toy_onnx(model, messages=None) -> bytes:
+    import onnx_ir
+
+    exported = export_layered(model, _ids(2, 5), lowering=get_lowering("dense"), opset=20, progress=messages)
+    return onnx_ir.to_proto(exported).SerializeToString()
+
+
+def test_other_weights_reuse_the_trace_and_write_the_same_bytes_as_a_fresh_trace(count_traces):
+    messages = []
+    _toy_onnx(_Toy(seed=0))
+    cached = _toy_onnx(_Toy(seed=1), messages.append)
+    assert len(count_traces) == 1 and "reusing the traced layers" in messages[0]
+    trace_cache.clear_trace_cache()
+    fresh = _toy_onnx(_Toy(seed=1))
+    assert len(count_traces) == 2
+    assert cached == fresh
+    assert cached != _toy_onnx(_Toy(seed=0))  # the weights are really the new model's (from the cache too)
+    assert len(count_traces) == 2
+
+
+def test_a_change_of_structure_is_another_key():
+    """Another key is a miss by construction (the cache is a dict); no tracing needed to see it."""
+    model, dense = _Toy(), get_lowering("dense")
+    keys = [
+        _key(model, _ids(2, 5), dense, 20),
+        _key(_Toy(width=16), _ids(2, 5), dense, 20),  # other shapes
+        _key(_Toy(scale=2.0), _ids(2, 5), dense, 20),  # another constant baked into the graph
+        _key(_Toy().eval(), _ids(2, 5), dense, 20),  # another mode
+        _key(model, _ids(3, 5), dense, 20),  # another example shape
+        _key(model, _ids(2, 5), get_lowering("sparse"), 20),
+        _key(model, _ids(2, 5), dense, 21),
+    ]
+    assert len(set(keys)) == len(keys) and None not in keys
+    assert _key(_Toy(seed=5), _ids(2, 5), dense, 20) == keys[0]  # other weights: the same key
+    # The tiny preset: another lowering option is another closure, hence another key.
+    tiny = build_model(get_preset("tiny"))
+    capacity = get_lowering("capacity")
+    variants = []
+    for factor in (2.0, 3.0):
+        tiny.set_routed_experts(capacity.routed_experts({"capacity_factor": factor}))
+        variants.append(_key(tiny, _ids(2, 5), capacity, 20))
+    assert variants[0] != variants[1] and None not in variants
+
+
+def _key(model, ids, lowering, opset):
+    from exporters.layer_graphs import _dynamic_axes, _find_kinds, _structure_key
+
+    kinds, final_hidden = _find_kinds(model, ids)
+    return _structure_key(model, kinds, (ids, final_hidden), _dynamic_axes(model, ids), lowering, opset)
+
+
+def test_the_key_describes_closures_partials_and_tensor_constants():
+    import functools
+
+    def bound(scale):
+        return lambda hidden: hidden * scale
+
+    keys = [
+        trace_cache.structure_key(value)
+        for value in (
+            bound(1.0),
+            bound(2.0),
+            functools.partial(torch.add, alpha=1),
+            functools.partial(torch.add, alpha=2),
+            torch.zeros(3),
+            torch.ones(3),
+            torch.nn.Parameter(torch.zeros(3)),
+        )
+    ]
+    assert len(set(keys)) == len(keys) and None not in keys
+    assert trace_cache.structure_key(bound(1.0)) == keys[0]
+    # Parameters and buffers are graph inputs: their values are not part of the key, their shapes are.
+    assert trace_cache.structure_key(torch.nn.Linear(2, 2)) == trace_cache.structure_key(torch.nn.Linear(2, 2))
+    assert trace_cache.structure_key(torch.nn.Linear(2, 2)) != trace_cache.structure_key(torch.nn.Linear(2, 3))
+    # What cannot be described is not cached.
+    assert trace_cache.structure_key(torch.nn.Linear(2, 2), object()) is None
