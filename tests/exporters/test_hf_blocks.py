@@ -3,10 +3,10 @@ transformers MoE block for export (``LoweredMoEBlock`` running the lowering's ro
 transformers' own block on the same hidden states, outputs and routed expert ids.
 
 Full ONNX exports (tests/exporters/test_hf_export.py) cover each architecture with one lowering and
-DeepSeek-V3 with every lowering; this matrix covers the remaining pairs in torch, in well under a
-second each. Blocks have 64 experts and see at most 4 tokens at once, so most experts are visited by no token:
-they must still hold their place (a lowering that dropped or shifted them would change the
-routing of the second input, which visits others).
+DeepSeek-V3 with every lowering; this matrix covers every pair in torch, in about a second each.
+Blocks have 64 experts; the first two inputs (4 and 3 tokens) leave most of them unvisited, the
+third (40 tokens) reaches many. That unvisited experts stay exact after *tracing* is a property of
+the exported graph, checked by a full export in test_hf_export.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ OVERRIDES = {
     "Qwen2MoeForCausalLM": dict(num_experts=EXPERTS, num_experts_per_tok=4),
     "MixtralForCausalLM": dict(num_local_experts=EXPERTS, num_experts_per_tok=2),
 }
-# Two short inputs [batch, seq]: 4 and 3 tokens.
-SHAPES = ((2, 2), (1, 3))
+# Two short inputs [batch, seq] (4 and 3 tokens: most experts unvisited), then 40 tokens.
+SHAPES = ((2, 2), (1, 3), (2, 20))
 
 
 def test_the_matrix_names_every_architecture_and_lowering():
@@ -54,8 +54,8 @@ def transformers_block(request, hf_random_model):
             output = block(hidden)
             cases.append((hidden, output, captured.pop().reshape(*shape, -1)))
     hook.remove()
-    visited = set(torch.cat([ids.reshape(-1) for _, _, ids in cases]).tolist())
-    assert len(visited) < EXPERTS // 2  # most experts see no token
+    visited = set(torch.cat([ids.reshape(-1) for _, _, ids in cases[:2]]).tolist())
+    assert len(visited) < EXPERTS // 2  # most experts see no token in the short inputs
     # Built last: it takes over the block's expert weights (transformers' block cannot run after).
     return ARCHITECTURES[name], LoweredMoEBlock(block, ARCHITECTURES[name]).eval(), cases
 
