@@ -387,7 +387,11 @@ def _structure_key(
     lowering: Lowering,
     opset: int,
 ) -> Hashable | None:
-    """What the traced pieces depend on (see :mod:`exporters.trace_cache`); None: do not cache."""
+    """What the traced pieces depend on (see :mod:`exporters.trace_cache`); None: do not cache.
+
+    The lowering counts through the routed experts it put in the model and its translation table;
+    its ``after_export`` rewrite runs on every composed graph, after the cache.
+    """
     table = getattr(lowering.load(), "CUSTOM_TRANSLATION_TABLE", None) or {}
     # A translation is an onnxscript function: its Python function is what it translates with.
     translations = sorted((str(op), getattr(function, "function", function)) for op, function in table.items())
@@ -399,7 +403,6 @@ def _structure_key(
         ],
         [(str(tensor.dtype), tuple(tensor.shape)) for tensor in examples],
         [sorted(tensor_axes.items()) for tensor_axes in axes],
-        lowering,
         translations,
         opset,
     )

@@ -226,19 +226,19 @@ def test_a_change_of_structure_is_another_key():
         _key(_Toy(scale=2.0), _ids(2, 5), dense, 20),  # another constant baked into the graph
         _key(_Toy().eval(), _ids(2, 5), dense, 20),  # another mode
         _key(model, _ids(3, 5), dense, 20),  # another example shape
-        _key(model, _ids(2, 5), get_lowering("sparse"), 20),
+        _key(model, _ids(2, 5), get_lowering("fused"), 20),  # another translation table
         _key(model, _ids(2, 5), dense, 21),
     ]
     assert len(set(keys)) == len(keys) and None not in keys
     assert _key(_Toy(seed=5), _ids(2, 5), dense, 20) == keys[0]  # other weights: the same key
-    # The tiny preset: another lowering option is another closure, hence another key.
+    # The tiny preset: another lowering's or option's routed experts are another function or closure.
     tiny = build_model(get_preset("tiny"))
     capacity = get_lowering("capacity")
     variants = []
-    for factor in (2.0, 3.0):
-        tiny.set_routed_experts(capacity.routed_experts({"capacity_factor": factor}))
-        variants.append(_key(tiny, _ids(2, 5), capacity, 20))
-    assert variants[0] != variants[1] and None not in variants
+    for lowering, options in ((capacity, {"capacity_factor": 2.0}), (capacity, {"capacity_factor": 3.0}), (dense, {})):
+        tiny.set_routed_experts(lowering.routed_experts(options))
+        variants.append(_key(tiny, _ids(2, 5), lowering, 20))
+    assert len(set(variants)) == 3 and None not in variants
 
 
 def _key(model, ids, lowering, opset):
