@@ -31,6 +31,8 @@ from typing import Any
 _CAPACITY = 16
 _TRACES: OrderedDict[Hashable, Any] = OrderedDict()
 _PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
+# Since the process started: graphs traced and stored, and lookups answered from the cache.
+_STATISTICS = {"traced": 0, "reused": 0}
 
 
 class _Undescribable(Exception):
@@ -42,6 +44,7 @@ def lookup(key: Hashable | None) -> Any:
     if key is None or key not in _TRACES:
         return None
     _TRACES.move_to_end(key)
+    _STATISTICS["reused"] += 1
     return _TRACES[key]
 
 
@@ -51,6 +54,7 @@ def store(key: Hashable | None, entry: Any) -> None:
         return
     _TRACES[key] = entry
     _TRACES.move_to_end(key)
+    _STATISTICS["traced"] += 1
     while len(_TRACES) > _CAPACITY:
         _TRACES.popitem(last=False)
 
@@ -60,9 +64,9 @@ def clear_trace_cache() -> None:
     _TRACES.clear()
 
 
-def cached_trace_count() -> int:
-    """How many traced graphs the cache holds."""
-    return len(_TRACES)
+def trace_cache_statistics() -> dict[str, int]:
+    """``{"traced": graphs traced and stored, "reused": exports that took one from the cache}``."""
+    return dict(_STATISTICS)
 
 
 def structure_key(*parts: Any) -> Hashable | None:

@@ -51,8 +51,14 @@ def pytest_terminal_summary(terminalreporter):
         return
     total = sum(sum(seconds) for seconds in _EXPORTS.values())
     count = sum(len(seconds) for seconds in _EXPORTS.values())
+    from exporters.trace_cache import trace_cache_statistics
+
+    statistics = trace_cache_statistics()
     terminalreporter.section("portable-moe exports")
-    terminalreporter.write_line(f"{count} model export(s) in this process, {total:.1f} s in all:")
+    terminalreporter.write_line(
+        f"{count} model export(s) in this process, {total:.1f} s in all; layer graphs traced "
+        f"{statistics['traced']} time(s), reused from the trace cache {statistics['reused']} time(s):"
+    )
     for (preset, lowering, weights), seconds in sorted(_EXPORTS.items()):
         times = ", ".join(f"{value:.1f} s" for value in seconds)
         terminalreporter.write_line(f"  {preset} / {lowering} / weights {weights}: {times}")
