@@ -21,8 +21,9 @@ full graph, where the weights are initializers, and folds what the monolithic ex
 folded; the lowering's ``after_export`` rewrite runs last.
 
 Because the weights are inputs, the traced graph depends only on the model's structure: it is kept
-in an in-process cache (:mod:`exporters.trace_cache`), and another export of the same structure
-(other weights, seed or weight format) composes from it without tracing again.
+in a cache (:mod:`exporters.trace_cache`: in this process, and on disk when
+``PORTABLE_MOE_TRACE_CACHE`` names a directory), and another export of the same structure (other
+weights, seed or weight format) composes from it without tracing again.
 """
 
 from __future__ import annotations
@@ -386,7 +387,7 @@ def _structure_key(
     axes: Sequence[Mapping[int, str]],
     lowering: Lowering,
     opset: int,
-) -> Hashable | None:
+) -> str | None:
     """What the traced pieces depend on (see :mod:`exporters.trace_cache`); None: do not cache.
 
     The lowering counts through the routed experts it put in the model and its translation table;
@@ -457,17 +458,18 @@ def export_layered(
     in_layers = {id(tensor) for layer in layers for tensor in _tensors(layer).values()}
     frame = {name: tensor for name, tensor in _tensors(model).items() if id(tensor) not in in_layers}
     key = _structure_key(model, kinds, (example_ids, final_hidden), axes, lowering, opset)
-    cached = trace_cache.lookup(key)
-    if cached is None:
+    pieces = trace_cache.lookup(key)
+    if pieces is None:
         say(f"tracing the prologue, {len(kinds)} kind(s) of layer for {len(layers)} layer(s), and the head")
         traced, roles = _export_pieces(model, kinds, (example_ids, final_hidden), axes, frame, lowering, opset)
-        trace_cache.store(key, (traced, roles, [kind.output_roles for kind in kinds.values()]))
+        pieces = trace_cache.store(
+            key, trace_cache.TracedPieces(traced, roles, [kind.output_roles for kind in kinds.values()])
+        )
     else:
-        say("reusing the traced layers of an earlier export of this structure in this process (weights differ)")
-        traced, roles, output_roles = cached
-        for kind, kind_roles in zip(kinds.values(), output_roles):
+        say("reusing the traced layers of an earlier export of this structure (the weights are bound anew)")
+        for kind, kind_roles in zip(kinds.values(), pieces.output_roles):
             kind.output_roles = kind_roles
-    exported = traced.clone()  # the cached graph stays untouched: every export composes from a copy
+    exported, roles = pieces.model, pieces.roles  # a private copy: the cached bytes stay as they are
 
     graph = exported.graph
     inputs = {value.name: value for value in graph.inputs}

@@ -14,6 +14,17 @@ _EXPORTS: dict[tuple[str, str, str], list[float]] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _shared_trace_cache(tmp_path_factory):
+    """One on-disk trace cache for the session, this process and the exports it starts in subprocesses
+    (CLI, demo, examples): each model structure is traced once per session (see exporters.trace_cache)."""
+    from exporters.trace_cache import ENVIRONMENT_VARIABLE
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENVIRONMENT_VARIABLE, str(tmp_path_factory.mktemp("traces")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _count_exports():
     """Record every call of the exporter (without importing torch: the wrapper imports nothing)."""
     import exporters.torch_export as torch_export

@@ -204,11 +204,16 @@ def _toy_onnx(model, messages=None) -> bytes:
     return onnx_ir.to_proto(exported).SerializeToString()
 
 
-def test_other_weights_reuse_the_trace_and_write_the_same_bytes_as_a_fresh_trace(count_traces):
+def test_other_weights_reuse_the_trace_and_write_the_same_bytes_as_a_fresh_trace(count_traces, tmp_path, monkeypatch):
+    monkeypatch.setenv(trace_cache.ENVIRONMENT_VARIABLE, str(tmp_path))
     messages = []
     _toy_onnx(_Toy(seed=0))
+    [written] = tmp_path.glob("*.onnx")  # the traced graph, on disk for later processes
     cached = _toy_onnx(_Toy(seed=1), messages.append)
     assert len(count_traces) == 1 and "reusing the traced layers" in messages[0]
+    trace_cache.clear_trace_cache()  # as a new process: memory empty, the directory kept
+    assert _toy_onnx(_Toy(seed=1)) == cached and len(count_traces) == 1
+    written.write_bytes(b"not a graph")  # unreadable (say, a disk that filled up): traced afresh
     trace_cache.clear_trace_cache()
     fresh = _toy_onnx(_Toy(seed=1))
     assert len(count_traces) == 2
