@@ -278,3 +278,16 @@ def test_the_key_describes_closures_partials_and_tensor_constants():
     assert trace_cache.structure_key(torch.nn.Linear(2, 2)) != trace_cache.structure_key(torch.nn.Linear(2, 3))
     # What cannot be described is not cached.
     assert trace_cache.structure_key(torch.nn.Linear(2, 2), object()) is None
+
+
+def test_the_key_changes_with_the_exporting_stack_and_the_source(monkeypatch):
+    """A key on disk outlives the process: another torch, or an edited model file, must miss it."""
+    layer = torch.nn.Linear(2, 2)
+    key = trace_cache.structure_key(layer)
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_cache, "_version", lambda distribution: "0.0-other")
+        assert trace_cache.structure_key(layer) != key
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_cache, "_source_digest", lambda module: (module, "edited"))
+        assert trace_cache.structure_key(layer) != key
+    assert trace_cache.structure_key(layer) == key
