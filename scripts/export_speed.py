@@ -119,7 +119,8 @@ def render(rows: list[dict], lowering: str, load: tuple[str, str]) -> str:
         "figure from a fresh process. Layer-wise export traces the prologue, one layer of each kind and the",
         "head once, then stamps a copy per layer; the whole-model trace is one `torch.onnx.export` of the",
         'whole model, as export worked before. "re-export" is a second `export_bundle` in the same process,',
-        "same structure, other weights (seed 1): the traced layers come from the in-process trace cache.",
+        "same structure, other weights (seed 1): the traced layers come from the trace cache (in memory;",
+        "a later process finds them too when `PORTABLE_MOE_TRACE_CACHE` names a directory).",
         f"Measured on a shared 2-core machine (load average {load[0]} at the start, {load[1]} at the end):",
         "wall-clock seconds depend on the other work on it; CPU seconds (this process) much less.",
         "",
@@ -158,8 +159,8 @@ def render(rows: list[dict], lowering: str, load: tuple[str, str]) -> str:
         f"fake tensors) are {tracing:.1f} of the {middle['export_bundle']['cpu']:.1f} CPU seconds of the "
         f"{middle['layers']}-layer export; the imports add {middle['export_bundle']['imports']['cpu']:.1f}. "
         "Both are fixed costs: each added layer costs only its copy, its share of the optimizer and of the "
-        "golden run. A second export of the same structure in one process (other weights, seed or weight "
-        "format; what the test suite and scripts that export several bundles do) skips the trace. The "
+        "golden run. A second export of the same structure (other weights, seed or weight format; what the "
+        "test suite and scripts that export several bundles do) skips the trace. The "
         "layer-wise trace of a 2-layer model costs more than tracing it whole (the same operations, traced "
         "as separate parts with their own inputs); it pays off as layers are added.",
     ]
