@@ -102,11 +102,12 @@ def lookup(key: str | None) -> TracedPieces | None:
         path = directory / f"{key}.onnx" if directory is not None else None
         if path is None or not path.is_file():
             return None
+        data = path.read_bytes()
         try:
-            pieces = _deserialize(path.read_bytes())
+            pieces = _deserialize(data)
         except Exception:  # unreadable (truncated, not ours): trace again, and store() replaces it
             return None
-        _remember(key, path.read_bytes())
+        _remember(key, data)
         _STATISTICS["reused"] += 1
         return pieces
     _TRACES.move_to_end(key)
