@@ -289,7 +289,14 @@ class _Describer:
         )
 
     def _code(self, code: types.CodeType) -> tuple:
-        constants = tuple(
-            self._code(item) if isinstance(item, types.CodeType) else repr(item) for item in code.co_consts
-        )
-        return ("code", code.co_code.hex(), constants, code.co_names)
+        return ("code", code.co_code.hex(), tuple(map(self._constant, code.co_consts)), code.co_names)
+
+    def _constant(self, constant: Any) -> Any:
+        """A code object's constant; a set literal in sorted order (its repr's order varies by process)."""
+        if isinstance(constant, types.CodeType):
+            return self._code(constant)
+        if isinstance(constant, frozenset):
+            return ("frozenset", *sorted(map(repr, constant)))
+        if isinstance(constant, tuple):
+            return tuple(map(self._constant, constant))
+        return repr(constant)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -278,6 +279,29 @@ def test_the_key_describes_closures_partials_and_tensor_constants():
     assert trace_cache.structure_key(torch.nn.Linear(2, 2)) != trace_cache.structure_key(torch.nn.Linear(2, 3))
     # What cannot be described is not cached.
     assert trace_cache.structure_key(torch.nn.Linear(2, 2), object()) is None
+
+
+def test_the_key_is_the_same_in_another_process():
+    """Keys on disk are found by later processes: nothing in the key may vary by process (set literals'
+    order varies with hash randomization, for one)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import torch\n"
+        "from exporters import trace_cache\n"
+        "def routed(hidden, names=None):\n"
+        "    return hidden if names in {'alpha', 'beta', 'gamma', 'delta'} else -hidden\n"
+        "torch.manual_seed(0)\n"
+        "print(trace_cache.structure_key(torch.nn.Linear(2, 2), routed))\n"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(keys) == 1 and len(next(iter(keys))) == 64, keys
 
 
 def test_the_key_changes_with_the_exporting_stack_and_the_source(monkeypatch):
