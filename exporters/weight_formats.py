@@ -18,7 +18,8 @@ DeepSeek's inference keeps it) and rewrites each other weight:
   * ``matmulnbits`` (ONNX Runtime's ``com.microsoft::MatMulNBits``, the fast path for ORT
     backends): each 2-D ``MatMul``/``Gemm`` weight becomes one fused dequantize-and-multiply node;
     the weights it cannot take (3-D expert stacks of the dense and capacity lowerings, the fused
-    lowering's MoE node) fall back to ``dequantize``.
+    lowering's MoE node) fall back to ``dequantize``. The nodes carry
+    :data:`MATMULNBITS_ACCURACY_LEVEL` (int8 activations, see there).
 
 Both kernels hold the same codes and scales, so they compute with the same dequantized weights.
 The pass itself is :mod:`exporters.weight_pass` (:func:`~exporters.weight_pass.convert_weights`
@@ -42,6 +43,13 @@ BLOCKED_OPSET = 21
 # MatMulNBits takes blocks of a power of two of at least 16 elements; the standard form takes the same.
 MIN_BLOCK_SIZE = 16
 KERNELS = ("dequantize", "matmulnbits")
+# MatMulNBits' accuracy_level 4 lets ONNX Runtime quantize each block of activations to int8 and use its
+# integer dot-product kernels; levels 0-1 keep float32 activations and dequantize weights on the fly. On
+# ONNX Runtime 1.32 CPU (AVX2, no VNNI) one int4 1024x1024 product at one row took 3-10x less time at level
+# 4 than at level 0 (which was no faster than float32), and an int8 one about 20-30x less (level 0 has no
+# fast 8-bit path). It is also the level ONNX Runtime's own rewrite of DequantizeLinear+MatMul picks on CPU,
+# so both kernels now compute with int8 activations there (see docs/benchmarks.md, "weight formats").
+MATMULNBITS_ACCURACY_LEVEL = 4
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.weight_formats import (
     BLOCKED_OPSET,
+    MATMULNBITS_ACCURACY_LEVEL,
     WeightPlan,
     format_key,
     get_weight_format,
@@ -262,6 +263,7 @@ def _matmulnbits_node(
     return helper.make_node(
         "MatMulNBits", inputs, list(node.output), name=edit.name(f"{node.name or weight.name}.nbits"),
         domain="com.microsoft", K=rows, N=columns, bits=bits, block_size=block_size,
+        accuracy_level=MATMULNBITS_ACCURACY_LEVEL,
     )  # fmt: skip
 
 
@@ -368,6 +370,7 @@ def convert_weights(
         "key": format_key(weights, block_size),
         "block_size": block_size,
         "kernel": kernel if weight_format.quantized else None,
+        "accuracy_level": MATMULNBITS_ACCURACY_LEVEL if kernel == "matmulnbits" else None,
         "router": "float32",
         "converted": len(weights_list),
         "tensors": dict(sorted(tensors.items())),

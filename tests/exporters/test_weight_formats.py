@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from exporters.fp8_sources import decode_float8_e4m3, dequantize_fp8_blocks, requantize_fp8_blocks
-from exporters.weight_formats import dequantize, plan_weights, quantize
+from exporters.weight_formats import MATMULNBITS_ACCURACY_LEVEL, dequantize, plan_weights, quantize
 from exporters.weight_pass import apply_weight_plan, convert_bundle
 from portable_moe import compare, get_backend
 from portable_moe.compare import compare_outputs, tolerance_for, with_weights
@@ -168,6 +168,11 @@ def test_matmulnbits_holds_the_same_codes_packed(tiny_bundle, weight_bundle):
     # 2-D weights take the fused node; the dense lowering's 3-D expert stacks keep DequantizeLinear.
     assert fused and kernels == {"matmulnbits", "dequantize", None}
     assert {"com.microsoft"} <= {opset.domain for opset in proto.opset_import}
+    # int8 activations: ONNX Runtime's integer kernels (level 0 dequantizes every weight per call).
+    levels = {
+        onnx.helper.get_attribute_value(a) for node in fused for a in node.attribute if a.name == "accuracy_level"
+    }
+    assert levels == {MATMULNBITS_ACCURACY_LEVEL} == {bundle.manifest["weights"]["accuracy_level"]}
     for node in fused:
         name = node.input[1].removesuffix(".nbits")
         entry = bundle.manifest["weights"]["tensors"][name]
