@@ -15,11 +15,12 @@ DeepSeek's inference keeps it) and rewrites each other weight:
   * ``dequantize`` (standard ONNX, every backend): ``DequantizeLinear`` then the original op.
     Per-channel scales use the per-axis form (opset 13); blocks use ``block_size`` (opset 21, so
     the model's opset is raised to 21), as does int4 storage.
-  * ``matmulnbits`` (ONNX Runtime's ``com.microsoft::MatMulNBits``, the fast path for ORT
-    backends): each 2-D ``MatMul``/``Gemm`` weight becomes one fused dequantize-and-multiply node;
-    the weights it cannot take (3-D expert stacks of the dense and capacity lowerings, the fused
-    lowering's MoE node) fall back to ``dequantize``. The nodes carry
-    :data:`MATMULNBITS_ACCURACY_LEVEL` (int8 activations, see there).
+  * ``matmulnbits`` (ONNX Runtime's contrib operators, the fast path for ORT backends): each 2-D
+    ``MatMul``/``Gemm`` weight becomes one ``com.microsoft::MatMulNBits`` (dequantize and multiply
+    fused), and the fused lowering's ``com.microsoft::MoE`` node becomes one ``com.microsoft::QMoE``
+    with the same routing, which reads only the selected experts' codes; the weights neither can
+    take (3-D expert stacks of the dense and capacity lowerings) fall back to ``dequantize``. Both
+    carry :data:`MATMULNBITS_ACCURACY_LEVEL` (int8 activations, see there).
 
 Both kernels hold the same codes and scales, so they compute with the same dequantized weights.
 The pass itself is :mod:`exporters.weight_pass` (:func:`~exporters.weight_pass.convert_weights`

@@ -185,6 +185,30 @@ def test_matmulnbits_holds_the_same_codes_packed(tiny_bundle, weight_bundle):
         )
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_lowering_experts_become_one_qmoe_node_holding_the_same_codes(bundle_factory, tmp_path, bits):
+    """The fused lowering's MoE node becomes ONNX Runtime's QMoE, which reads only the selected experts' codes."""
+    fused = bundle_factory("tiny", "fused")  # shared with tests/exporters/test_lowerings.py
+    bundle = convert_bundle(fused, tmp_path / f"int{bits}", f"int{bits}", 32, "matmulnbits")  # validates on cpu
+    proto = bundle.load_onnx()
+    moe_nodes = [node for node in proto.graph.node if node.op_type in ("MoE", "QMoE")]
+    assert [node.op_type for node in moe_nodes] == ["QMoE"] * len(fused.routing_outputs)
+    original, converted = _initializers(fused.load_onnx()), _initializers(proto)
+    for node in moe_nodes:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["expert_weight_bits"] == bits and attributes["block_size"] == 32
+        for codes_input in (2, 5):  # fc1 (gate and up interleaved) and fc2, [experts, out, in]
+            name = node.input[codes_input].removesuffix(".nbits")
+            assert bundle.manifest["weights"]["tensors"][name]["kernel"] == "qmoe"
+            codes, scales = quantize(numpy_helper.to_array(original[name]), bits, 32, -1)
+            packed = numpy_helper.to_array(converted[node.input[codes_input]]).astype(np.int16)
+            if bits == 4:
+                packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(codes.shape)
+            np.testing.assert_array_equal(packed - 2 ** (bits - 1), codes)
+            np.testing.assert_array_equal(numpy_helper.to_array(converted[node.input[codes_input + 1]]), scales)
+    assert check_backend(bundle, get_backend("cpu")).status == "passed"
+
+
 def test_router_stays_float32_and_the_manifest_records_every_tensor(tiny_bundle, weight_bundle):
     bundle = weight_bundle("int4", 32, "dequantize")
     record = bundle.manifest["weights"]
