@@ -328,6 +328,67 @@ def test_a_loosened_row_would_hide_a_real_routing_change(weight_bundle, monkeypa
     assert all(c.passed for c in compare_outputs(expected, broken, bundle.routing_outputs, precision))
 
 
+def _drop_selection_bias(proto: onnx.ModelProto, routers: list[str]) -> None:
+    biases = [t for t in proto.graph.initializer if t.name.endswith("e_score_correction_bias")]
+    assert len(biases) == len(routers)
+    for tensor in biases:
+        tensor.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(tensor)), tensor.name))
+
+
+def _swap_routers(proto: onnx.ModelProto, routers: list[str]) -> None:
+    """Each MoE layer reads the next layer's router (a weight mapped to the wrong layer)."""
+    tensors = {t.name: t for t in proto.graph.initializer if t.name in routers}
+    arrays = [numpy_helper.to_array(tensors[name]) for name in routers]
+    for name, array in zip(routers, arrays[1:] + arrays[:1]):
+        tensors[name].CopyFrom(numpy_helper.from_array(array, name))
+
+
+@pytest.mark.parametrize(
+    ("weights", "block_size", "wrong_change"),
+    [("int8", 0, _drop_selection_bias), ("int4", 32, _swap_routers)],
+    ids=["int8-bias-dropped", "int4-routers-swapped"],
+)
+def test_a_wrong_router_fails_the_row_the_honest_format_passes(weight_bundle, weights, block_size, wrong_change):
+    """Issue 14 part 6: the format's own flips pass its row; a real routing change on top of them does not."""
+    bundle = weight_bundle(weights, block_size, "dequantize")
+    routers = sorted(
+        name for name, entry in bundle.manifest["weights"]["tensors"].items() if "router" in entry.get("note", "")
+    )
+    assert len(routers) == len(bundle.routing_outputs) == 2
+    proto = bundle.load_onnx()
+    wrong_change(proto, routers)
+    feeds, expected = bundle.golden_sets()[0]
+    cpu = get_backend("cpu")
+    precision = with_weights("exact", bundle.weight_format)
+
+    def routing(actual):
+        return [c for c in compare_outputs(expected, actual, bundle.routing_outputs, precision) if c.kind == "routing"]
+
+    honest, wrong = routing(cpu.compile(bundle.load_onnx()).run(feeds)), routing(cpu.compile(proto).run(feeds))
+    assert all(c.passed for c in honest)
+    failed = [c for c in wrong if not c.passed]  # the check fails when any MoE layer does
+    assert failed and all("expert overlap" in c.message for c in failed)
+    row = compare.WEIGHT_TOLERANCES[bundle.weight_format]
+    assert min(c.expert_overlap for c in wrong) < row.min_expert_overlap <= min(c.expert_overlap for c in honest)
+
+
+def test_expert_overlap_counts_the_experts_each_token_kept():
+    expected = np.array([[[0, 1, 2], [3, 4, 5]], [[0, 1, 2], [6, 7, 0]]])
+    actual = np.array([[[2, 1, 0], [3, 4, 9]], [[5, 6, 7], [0, 6, 7]]])  # 3, 2, 0 and 3 of 3 kept
+    assert compare.expert_overlap(expected, actual) == pytest.approx(8 / 12)
+    assert compare.expert_overlap(expected, expected) == 1.0
+    row = compare.Tolerance(atol=0, rtol=0, min_routing_agreement=0.0, reason="", min_expert_overlap=0.7)
+    (verdict,) = compare_outputs({"ids": expected}, {"ids": actual}, {"ids": 1}, "exact")
+    assert not verdict.passed and verdict.expert_overlap == pytest.approx(8 / 12)
+    # A row's agreement bounds its overlap from below; combined rows keep the looser requirement.
+    assert row.required_overlap == 0.7
+    assert compare.Tolerance(0, 0, 0.9, "").required_overlap == 0.9
+    combined = tolerance_for(
+        "float32", with_weights("force_fp16", "int4/block"), get_backend("npu-sim").capabilities.precision_modes
+    )
+    assert combined.min_expert_overlap == compare.WEIGHT_TOLERANCES["int4/block"].min_expert_overlap
+
+
 def test_values_after_a_flip_are_left_to_the_routing_verdict():
     expected = {
         "logits": np.zeros((1, 4, 3), np.float32),
