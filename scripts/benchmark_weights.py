@@ -2,6 +2,7 @@
 
     python scripts/benchmark_weights.py            # tiny and small presets (~15-25 minutes on 2 busy cores)
     python scripts/benchmark_weights.py --quick    # tiny preset only, fewer input sets, no speed figures
+    python scripts/benchmark_weights.py --profile BUNDLE...   # where decode time goes, per operator (cpu)
 
 Each preset is exported once in float32; every format is a pass over a copy (exporters.convert_bundle).
 What it measures:
@@ -237,6 +238,39 @@ def measure_preset(
     return {"preset": preset, "lowering": lowering, "input_sets": len(sets), "rows": rows}
 
 
+def profile_decode(bundle: Bundle, runs: int, threads: int) -> list[str]:
+    """Where one decoded token's time goes on cpu, by ONNX Runtime's profiler: kernel time per operator
+    type, matrix products split by what they multiplied (no rows: an expert no token chose)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "weights-profile")
+    session = onnxruntime.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+    for feeds in changing_token_feeds(bundle, 1, 1, runs):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    totals: dict[str, list[float]] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        group = event["args"].get("op_name", "?")
+        if group in ("MatMul", "Gemm", "MatMulNBits", "QMoE", "MoE"):
+            shapes = [list(shape.values())[0] for shape in event["args"].get("input_type_shape", [])]
+            group += " (no rows)" if shapes and shapes[0] and shapes[0][0] == 0 else ""
+        entry = totals.setdefault(group, [0.0, 0])
+        entry[0] += event["dur"] / 1000.0
+        entry[1] += 1
+    trace.unlink()
+    overall = sum(entry[0] for entry in totals.values())
+    lines = [f"{bundle.path.name}: {overall / runs:.2f} ms of kernel time per call ({threads} thread(s), {runs} calls)"]
+    for group, (milliseconds, count) in sorted(totals.items(), key=lambda item: -item[1][0])[:8]:
+        lines.append(
+            f"  {group:24s} {milliseconds / runs:7.3f} ms/call {count / runs:6.0f} nodes/call "
+            f"{milliseconds / overall:6.1%}"
+        )
+    return lines
+
+
 def roofline(bundle: Bundle) -> dict[str, float]:
     """Estimated µs per decoded token on each chip, with weight preparation folded as ONNX Runtime
     does at load (the sparse lowering's Concat/Split of expert stacks would otherwise count per token)."""
@@ -406,7 +440,18 @@ def main() -> int:
         metavar="PRESET=DIR",
         help="recompute the float32 rows' roofline from these float32 bundles, then rerender",
     )
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        metavar="BUNDLE",
+        help="only print where each bundle's decode time goes on cpu (ONNX Runtime's profiler), then stop",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="--profile: intra-op threads")
     args = parser.parse_args()
+    if args.profile:
+        for directory in args.profile:
+            print("\n".join(profile_decode(load_bundle(directory), min(args.runs, 40), args.threads)))
+        return 0
     output = Path(args.output)
     saved = output.with_name("benchmarks-weights.json")
     if args.update_float32_roofline:
