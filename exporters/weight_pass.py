@@ -83,7 +83,9 @@ def fold_weight_preparation(proto: onnx.ModelProto) -> None:
     expert weights), so that every matrix product reads its weight straight from an initializer.
 
     ONNX Runtime folds these when it loads the model anyway; here it lets the pass see per-expert
-    weights. Runs onnx's reference evaluator one node at a time.
+    weights. ``DequantizeLinear`` stays: ONNX Runtime does not fold it either (it keeps it for its
+    quantized kernels), and folded it would turn stored codes back into float32 weights.
+    Runs onnx's reference evaluator one node at a time.
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -95,6 +97,7 @@ def fold_weight_preparation(proto: onnx.ModelProto) -> None:
     for node in graph.node:
         constant = (
             node.domain in ("", "ai.onnx")
+            and node.op_type != "DequantizeLinear"
             and node.input
             and all(name in values for name in node.input if name)
             and not outputs.intersection(node.output)

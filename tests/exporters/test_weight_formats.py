@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from exporters.fp8_sources import decode_float8_e4m3, dequantize_fp8_blocks, requantize_fp8_blocks
 from exporters.weight_formats import MATMULNBITS_ACCURACY_LEVEL, dequantize, plan_weights, quantize
-from exporters.weight_pass import apply_weight_plan, convert_bundle
+from exporters.weight_pass import apply_weight_plan, convert_bundle, fold_weight_preparation
 from portable_moe import compare, get_backend
 from portable_moe.compare import compare_outputs, tolerance_for, with_weights
 from portable_moe.conformance.model_check import check_backend
@@ -207,6 +207,28 @@ def test_fused_lowering_experts_become_one_qmoe_node_holding_the_same_codes(bund
             np.testing.assert_array_equal(packed - 2 ** (bits - 1), codes)
             np.testing.assert_array_equal(numpy_helper.to_array(converted[node.input[codes_input + 1]]), scales)
     assert check_backend(bundle, get_backend("cpu")).status == "passed"
+
+
+def test_folding_weight_preparation_keeps_stored_codes():
+    """Concat of initializers folds (as ONNX Runtime does at load); DequantizeLinear of codes stays."""
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 10, opset_import: ["" : 21]>
+        agraph (float[1, 4] x) => (float[1, 2] y)
+        <int8[4, 2] codes = {1, 2, 3, 4, 5, 6, 7, 8}, float scale = {0.5}, float[2, 2] a = {1, 2, 3, 4},
+         float[2, 2] b = {5, 6, 7, 8}, int64[1] zero = {0}, int64[1] one = {1}>
+        {
+            weight = DequantizeLinear(codes, scale)
+            stacked = Concat<axis = 0>(a, b)
+            bias = Slice(stacked, zero, one, zero)
+            product = MatMul(x, weight)
+            y = Add(product, bias)
+        }
+        """
+    )
+    fold_weight_preparation(proto)
+    assert [node.op_type for node in proto.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert {"codes", "scale"} <= {tensor.name for tensor in proto.graph.initializer}
 
 
 def test_router_stays_float32_and_the_manifest_records_every_tensor(tiny_bundle, weight_bundle):
