@@ -46,9 +46,9 @@ MIN_BLOCK_SIZE = 16
 KERNELS = ("dequantize", "matmulnbits")
 # MatMulNBits' accuracy_level 4 lets ONNX Runtime quantize each block of activations to int8 and use its
 # integer dot-product kernels; levels 0-1 keep float32 activations and dequantize weights on the fly. On
-# ONNX Runtime 1.32 CPU (AVX2, no VNNI) one int4 1024x1024 product at one row took 3-10x less time at level
-# 4 than at level 0 (which was no faster than float32), and an int8 one about 20-30x less (level 0 has no
-# fast 8-bit path). It is also the level ONNX Runtime's own rewrite of DequantizeLinear+MatMul picks on CPU,
+# ONNX Runtime 1.32 CPU (AVX2, no VNNI) one int4 1024x1024 product at one row took 4x (medians) to 20x
+# (fastest calls) less time at level 4 than at level 0 (which was no faster than float32), and an int8 one
+# about 30x less (level 0 has no fast 8-bit path). It is also the level ONNX Runtime's own rewrite of DequantizeLinear+MatMul picks on CPU,
 # so both kernels now compute with int8 activations there (see docs/benchmarks.md, "weight formats").
 MATMULNBITS_ACCURACY_LEVEL = 4
 

@@ -66,12 +66,19 @@ NOTES = [
     "",
     '- "max abs err" covers every token, including those after a routing flip (a flipped token\'s logits move '
     "by the size of the logits); the tolerance rows judge values only before the first flip of each sequence "
-    "and leave the flips to the routing agreement.",
+    "and leave the flips to the routing comparison.",
+    '- Routing: "agreement" is the share of tokens whose whole expert set is unchanged, "overlap" the share of '
+    "each token's experts kept (`portable_moe.compare.expert_overlap`). The presets' weights are random, so "
+    "their router logits sit close together and any perturbation of the hidden state swaps experts more often "
+    "than in a trained model. int4 on the small preset (top-6 of 64) changes some expert of about three "
+    "tokens in four, yet keeps about 80% of each token's experts; its tolerance row therefore judges the "
+    "overlap (a wrong router keeps far fewer), not whole sets. The rows' figures and margins are in "
+    "`portable_moe/compare.py` (WEIGHT_TOLERANCES).",
     "- ONNX Runtime's CPU optimizer (level extended and above) rewrites `DequantizeLinear` + `MatMul`: int8 "
-    "weights become a dynamically quantized matrix product (activations rounded to 8 bits too) and int4 "
-    "blocks become `MatMulNBits` at its default accuracy level for that rewrite (int8 activations). So "
-    "`cpu` with the standard form is slightly less exact than `reference` and `openvino` on the same bundle; "
-    "the explicit `matmulnbits` kernel keeps float activations.",
+    "weights become a dynamically quantized matrix product and int4 blocks `MatMulNBits` with int8 activations. "
+    "The explicit `matmulnbits` kernel now asks for the same (`accuracy_level` 4 on `MatMulNBits` and `QMoE`), "
+    "so on `cpu` both forms round activations to 8 bits per block; `reference` and `openvino` keep float "
+    "activations on the standard form.",
     "- Routing margins of a converted bundle come from the converted graph on `cpu` (the bundle holds no "
     "float32 graph), so a verdict says how decisively the converted model chose, not the float32 one.",
     "- npu-sim folds `DequantizeLinear` of constant weights at compile time and runs the matrix products in "
@@ -79,19 +86,38 @@ NOTES = [
     "(W8A16); its memory report counts the folded weights, not int8 codes. W8A8 (int8 activations) is not "
     "simulated. On random inputs its float16 mode flips some near-ties even for float32 weights, which its "
     "tolerance row (routing agreement 1.0) does not allow.",
-    "- The roofline counts `MatMulNBits` nodes as free (ONNX shape inference cannot size contrib ops), so it "
-    "is given for the standard form only; both hold the same bytes. Weight preparation that ONNX Runtime folds "
-    "at load (the sparse lowering's Concat/Split of expert stacks) is folded before estimating. Float weights "
-    "are counted at the chip's float16 size, so float32, float16 and bfloat16 estimate alike; int4 reads "
-    "about a third of their bytes per decoded token.",
-    "- Decode speed on `cpu`: the int4 target (3x float32) was not met; `int4 ... matmulnbits` was the "
-    "fastest int4 form. This run shared 2 cores with other work (load average 9-10): float16 and bfloat16, "
-    "whose Cast ONNX Runtime folds at load so that they compute exactly as float32 does, came out 0.84x and "
-    "1.18x, which is the noise of these figures. The standard form with blocks (opset-21 `DequantizeLinear` "
-    "feeding the sparse lowering's per-expert `Gemm`) was 14-16x slower than float32 on ONNX Runtime CPU, "
-    "which amounts to dequantizing every expert's weights on every call; use `--weight-kernel matmulnbits` "
-    "(what `--weight-kernel auto --for-backend cpu` picks) for ORT backends. Why int4 MatMulNBits stays under "
-    "3x here (per-expert nodes that run on every call, kernel cost at one row) was not profiled.",
+    "- The roofline counts contrib nodes (`MatMulNBits`, `MoE`, `QMoE`) as free (ONNX shape inference cannot "
+    "size them), so it is given for the standard form of the sparse and dense lowerings only; the fast path "
+    "holds the same bytes. Weight preparation that ONNX Runtime folds at load (the sparse lowering's "
+    "Concat/Split of expert stacks) is folded before estimating; `DequantizeLinear` is not (ONNX Runtime does "
+    "not fold it). Float weights are counted at the chip's float16 size, so float32, float16 and bfloat16 "
+    "estimate alike.",
+    "",
+    "Why int4 decoded only 1.6x faster than float32 before, and what changed (profiled with `python "
+    "scripts/benchmark_weights.py --profile BUNDLE... --threads 1 --runs 40`, ONNX Runtime 1.32, AMD EPYC with "
+    "AVX2 and no VNNI, shared 2-core machine; shares within one bundle, since the load moved between bundles):",
+    "",
+    "- `MatMulNBits` was used for every 2-D weight, dense ones and each expert's alike, but at its default "
+    "`accuracy_level` 0 (float32 activations) it dequantizes each block to float32 and multiplies in float32: "
+    "in isolation one int4 1024x1024 product at one row took about as long as the float32 `MatMul` (int8 at "
+    "level 0 about 10x longer: it has no fast 8-bit path, hence the old 0.12x). At level 4 ONNX Runtime "
+    "quantizes each block of activations to int8 and uses its integer kernels: in isolation 4x (medians) "
+    "to 20x (fastest calls) faster per int4 product, about 30x per int8 one. "
+    "In the small int4 bundle at level 0, `MatMulNBits` took 84% of the kernel time; at level 4, 63%.",
+    "- The sparse lowering runs one node per expert on every call (64 experts, two products each), whether or "
+    "not a token chose it: at level 4 the 116 products with no rows took 17% of the int4 bundle's kernel time "
+    "(about 3 ms per call under the profiler). The fused lowering's "
+    "single `MoE` node becomes one `QMoE` (`--weight-kernel matmulnbits` or `auto`), which reads only the "
+    "selected experts' int4 codes: 14% of that bundle's kernel time. With the fused lowering, `cpu`'s "
+    "preferred one, int4 met the 3x target at both thread counts in this run (see the verdicts above).",
+    "- The standard form with blocks (opset-21 `DequantizeLinear` feeding the sparse lowering's per-expert "
+    "`Gemm`, which ONNX Runtime does not rewrite) dequantizes every expert's weights on every call: 0.04-0.2x "
+    "of float32. Use `--weight-kernel matmulnbits` (what `auto` picks for ORT backends).",
+    "- Threads: on this shared 2-core machine (load average 5-9 from other work) a node split over 2 threads "
+    "waits for whichever thread was descheduled, so the 2-thread medians are several times the 1-thread ones "
+    "and vary run to run; the 1-thread columns and the minimums are the steadier comparison. float16 and "
+    "bfloat16 compute exactly as float32 (ONNX Runtime folds their `Cast` at load), so their distance from "
+    "1.00x shows the noise of a column.",
     "",
 ]
 
