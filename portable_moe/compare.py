@@ -98,13 +98,14 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 # weights are random (no outliers, no trained structure): router logits sit close together, so any
 # perturbation of the hidden state swaps experts more often than in a trained model.
 #
-# Each routing threshold sits below the lowest honest figure with a margin (~5% of the honest figure for
-# the float and int8 rows, ~15% for int4, whose per-set figures spread more), and above what a wrong
-# router gives on the same bundles (tests/exporters/test_weight_formats.py checks two such changes):
-# dropping the selection bias gave agreement <= 0.69 and overlap <= 0.81 (tiny; small: <= 0.03 and
-# <= 0.61) over every format up to int8; the routers of the tiny preset's two MoE layers swapped gave
-# overlap <= 0.38 with int4 weights. What int4 cannot catch here: dropping the bias under int4 weights
-# (overlap 0.50-0.77 on tiny, 0.48-0.55 on small) looks like int4's own flips on tiny.
+# Each routing threshold sits below the lowest honest figure (5-8% below for the float and int8 rows,
+# 20% for int4, whose per-set figures spread more) and above what a wrong router gave on the same
+# bundles (tiny: golden + 24 random sets, small: 8 random sets; tests/exporters/test_weight_formats.py
+# checks both changes on the golden set): dropping the selection bias gave agreement <= 0.69 and overlap
+# <= 0.81 on tiny (small: <= 0.03 and <= 0.61) for every format up to int8; swapping the routers of the
+# tiny preset's two MoE layers gave overlap <= 0.38 with int4 weights. What the int4 row cannot catch:
+# dropping the bias under int4 weights (overlap 0.50-0.77 on tiny, 0.48-0.55 on small) looks like int4's
+# own flips on tiny, so no per-set threshold tells them apart there.
 WEIGHT_TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(
         atol=1e-2,
@@ -114,7 +115,7 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
         reason=(
             "float16 weights (10-bit mantissa, ~5e-4 relative rounding): logits need atol 7.0e-3 (tiny) and 2.9e-3 "
             "(small); routing agreement per set >= 0.938 (tiny: a flip at a top-k margin of 4e-4) and 1.0 (small), "
-            "overlap >= 0.969 and 1.0"
+            "overlap >= 0.953 and 1.0"
         ),
     ),
     "bfloat16": Tolerance(
@@ -124,7 +125,7 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
         min_expert_overlap=0.9,
         reason=(
             "bfloat16 weights (8-bit mantissa, ~4e-3 relative rounding): logits need atol 0.076 (tiny) and 0.032 "
-            "(small); routing agreement per set >= 0.938 (tiny and small), overlap >= 0.969 and 0.990"
+            "(small); routing agreement per set >= 0.938 (tiny) and 0.969 (small), overlap >= 0.953 and 0.995"
         ),
     ),
     "int8/channel": Tolerance(
@@ -135,7 +136,7 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
         reason=(
             "int8 codes with one scale per output channel (ORT CPU's optimizer also quantizes the activations of "
             "DequantizeLinear+MatMul to 8 bits): logits need atol 0.47 (tiny) and 0.17 (small); routing agreement "
-            "per set >= 0.844 (tiny) and 0.781 (small), overlap >= 0.906 and 0.969"
+            "per set >= 0.844 (tiny) and 0.781 (small), overlap >= 0.891 and 0.958"
         ),
     ),
     "int8/block": Tolerance(
@@ -145,8 +146,8 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
         min_expert_overlap=0.85,
         reason=(
             "int8 codes, one scale per block of inputs (MatMulNBits/QMoE with int8 activations on ORT): logits "
-            "need atol 0.37 (tiny) and 0.13 (small); routing agreement per set >= 0.875 (tiny) and 0.781 (small), "
-            "overlap >= 0.953 and 0.958"
+            "need atol 0.37 (tiny) and 0.15 (small); routing agreement per set >= 0.875 (tiny) and 0.844 (small), "
+            "overlap >= 0.922 and 0.974"
         ),
     ),
     "int4/block": Tolerance(
@@ -157,9 +158,9 @@ WEIGHT_TOLERANCES: dict[str, Tolerance] = {
         reason=(
             "int4 codes, one scale per block of 32 inputs (~9% relative weight error on these random weights): "
             "logits need atol 2.0 (tiny) and 1.2 (small), the size of the logits themselves, so values say little "
-            "here. Whole expert sets say nothing either: per-set agreement went down to 0.375 (tiny) and 0.062 "
-            "(small: top-6 of 64, most tokens swap one of their 6 experts). The share of experts kept is steady: "
-            "overlap >= 0.531 (tiny) and 0.750 (small); a wrong router measures <= 0.38"
+            "here. Whole expert sets say little either: per-set agreement went down to 0.406 (tiny) and 0.219 "
+            "(small: top-6 of 64, where most tokens swap one of their 6 experts). The share of experts kept is "
+            "steadier: overlap >= 0.562 (tiny) and 0.786 (small); a wrong router measured <= 0.38"
         ),
     ),
 }

@@ -108,10 +108,12 @@ NOTES = [
     "not a token chose it: at level 4 the 116 products with no rows took 17% of the int4 bundle's kernel time "
     "(about 3 ms per call under the profiler). The fused lowering's "
     "single `MoE` node becomes one `QMoE` (`--weight-kernel matmulnbits` or `auto`), which reads only the "
-    "selected experts' int4 codes: 14% of that bundle's kernel time. With the fused lowering, `cpu`'s "
-    "preferred one, int4 met the 3x target at both thread counts in this run (see the verdicts above).",
+    "selected experts' int4 codes: 14% of that bundle's kernel time. In this run int4 met the 3x target with "
+    "both lowerings at both thread counts (verdicts above); an earlier run of the same script, under more load, "
+    "gave 2.7x (sparse) and 5.6x (fused, `cpu`'s preferred lowering) at 1 thread: the fused lowering is the "
+    "one with room to spare.",
     "- The standard form with blocks (opset-21 `DequantizeLinear` feeding the sparse lowering's per-expert "
-    "`Gemm`, which ONNX Runtime does not rewrite) dequantizes every expert's weights on every call: 0.04-0.2x "
+    "`Gemm`, which ONNX Runtime does not rewrite) dequantizes every expert's weights on every call: 0.03-0.23x "
     "of float32. Use `--weight-kernel matmulnbits` (what `auto` picks for ORT backends).",
     "- Threads: on this shared 2-core machine (load average 5-9 from other work) a node split over 2 threads "
     "waits for whichever thread was descheduled, so the 2-thread medians are several times the 1-thread ones "
@@ -380,6 +382,9 @@ def render(report: dict[str, Any]) -> str:
                     cells.append(f"{entry['status']}: {entry['reason'].split(':', 1)[-1].strip()[:70]}")
             lines.append(f"| {row['format']} | " + " | ".join(cells) + " |")
         roof = [row for row in preset["rows"] if "roofline_us" in row]
+        if not roof:
+            lines.append("")
+            continue
         lines += [
             "",
             "Roofline estimate per decoded token (batch 1, an estimate, not a measurement; weights read in their "
