@@ -60,7 +60,6 @@ class OnnxReferenceBackend(Backend):
             min_opset=1,
             max_opset=onnx.defs.onnx_opset_version(),
             dtypes=frozenset({"float64", "float32", "float16", "int64", "int32", "bool"}),
-            dynamic_shapes=True,
             moe_lowerings=("dense", "sparse", "capacity"),
             weight_formats=WEIGHT_FORMAT_KEYS,
             runtime_reports_unsupported=True,

@@ -26,11 +26,41 @@ from portable_moe.backend import (
     Option,
     ProbeResult,
 )
+from portable_moe.compare import ToleranceOverride
 from portable_moe.errors import UnsupportedError, UnsupportedReason
 from portable_moe.tensors import outputs_not_carried
 
 # ORT's optimisation levels by the names users type.
 _OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+# onnx's node test cases (the op suite) whose expected outputs ORT's float32 kernels cannot meet with the
+# cases' own tolerance, for reasons that are not errors; declared in Capabilities.op_tolerance_overrides.
+# None is widened to make a wrong result pass (the Resize align_corners and Attention -inf mask
+# differences stay failed and show in the report).
+OP_TOLERANCE_OVERRIDES: tuple[ToleranceOverride, ...] = (
+    ToleranceOverride(
+        precision="*",
+        case_pattern=r"^test_(dft|stft)",
+        rtol=1e-3,
+        atol=1e-3,
+        reason=(
+            "onnx computes the expected spectra with numpy's float64 FFT, ORT in float32; the outputs reach "
+            "~1900, and bins that cancel to ~0 keep the float32 rounding of the large terms (seen up to "
+            "2.4e-4). atol 1e-3 is ~5e-7 of the output scale: a wrong bin (errors of 1 and more) still fails."
+        ),
+    ),
+    ToleranceOverride(
+        precision="*",
+        case_pattern=r"^test_attention_.*fp16",
+        rtol=2e-3,
+        atol=1e-7,
+        reason=(
+            "float16 outputs: one float16 ulp is up to 2^-10 (~9.8e-4) relative, and ORT accumulates in float32 "
+            "and rounds once where onnx's numpy code rounds between steps; seen: 2 ulps (4.9e-4 at 0.398). "
+            "rtol 2e-3 allows 2 ulps."
+        ),
+    ),
+)
 
 
 class OrtCompiledModel(CompiledModel):
@@ -192,10 +222,10 @@ class OnnxRuntimeCpuBackend(Backend):
                     "bool",
                 }
             ),
-            dynamic_shapes=True,
             moe_lowerings=("fused", "sparse", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
             weight_formats=WEIGHT_FORMAT_KEYS,
+            op_tolerance_overrides=OP_TOLERANCE_OVERRIDES,
             runtime_reports_unsupported=True,
         )
 

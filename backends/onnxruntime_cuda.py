@@ -499,7 +499,6 @@ class OnnxRuntimeCudaBackend(Backend):
             min_opset=7,
             max_opset=23,
             dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
-            dynamic_shapes=True,
             moe_lowerings=("fused", "sparse", "dense", "capacity"),
             domains=frozenset({"com.microsoft"}),
             # Cast and per-axis int8 DequantizeLinear are long-standing CUDA kernels; the blocked forms

@@ -413,7 +413,6 @@ class OpenVinoBackend(Backend):
             min_opset=7,
             max_opset=23,
             dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
-            dynamic_shapes=True,
             moe_lowerings=("dense", "sparse", "capacity"),
             domains=frozenset(),
             # Checked on the tiny preset with every format (scripts/benchmark_weights.py): it imports

@@ -139,9 +139,21 @@ class RMSNorm(nn.Module):
         return hidden * torch.rsqrt(variance + self.eps) * self.weight
 
 
+def rotary_tables(positions: torch.Tensor, inverse_frequency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin) [S, head_dim]``: the rotary tables of ``positions [S, 1]`` (float32)."""
+    angles = positions * inverse_frequency[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., S, head_dim]`` by its positions' angles (the two halves of each head as pairs)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -163,18 +175,24 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
         """Attend over ``hidden [B, S, H]`` with rotary ``cos``/``sin [S, head_dim]`` and ``future [S, S]`` masked."""
+        query, key, value = self.project(hidden)
+        return self.attend(apply_rotary(query, cos, sin), apply_rotary(key, cos, sin), value, future)
+
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(query, key, value) [B, heads, S, head_dim]`` of ``hidden [B, S, H]``, before rotation."""
         batch, seq, _ = hidden.shape
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(batch, seq, self.heads, self.head_dim).transpose(1, 2)
 
-        query, key, value = (
-            split_heads(self.q_proj(hidden)),
-            split_heads(self.k_proj(hidden)),
-            split_heads(self.v_proj(hidden)),
-        )
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
+        return split_heads(self.q_proj(hidden)), split_heads(self.k_proj(hidden)), split_heads(self.v_proj(hidden))
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+        """``[B, S, H]``: each query position's softmax over the keys, ``future [S, keys]`` masked, then projected.
+
+        Keys and values may hold more positions than the queries (a cache's past before them).
+        """
+        batch, _, seq, _ = query.shape
         scores = (query @ key.transpose(-1, -2)) * (self.head_dim**-0.5)
         scores = scores.masked_fill(future, float("-inf"))
         attended = torch.softmax(scores, dim=-1) @ value
@@ -297,10 +315,9 @@ class MoETransformer(nn.Module):
         # bisection) need every shape to follow from the input's.
         seq = input_ids.shape[1]
         positions = torch.ones(seq, 1, dtype=torch.float32, device=input_ids.device).cumsum(0) - 1  # [S, 1]
-        angles = positions * self.inverse_frequency[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = rotary_tables(positions, self.inverse_frequency)
         future = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).triu(1)
-        return self.embed_tokens(input_ids), angles.cos(), angles.sin(), future
+        return self.embed_tokens(input_ids), cos, sin, future
 
     def layer_modules(self) -> list[nn.Module]:
         """The decoder layers: ``layer(hidden, cos, sin, future) -> (hidden, expert_ids, dropped)``."""

@@ -29,6 +29,8 @@ class ExportSource:
         golden_out: expected outputs on ``golden_ids`` (logits and expert ids).
         second_out: expected outputs on ``second_ids``, or None to take them from the lowered model.
         manifest: extra manifest entries describing the source.
+        continuation: the source's own golden greedy continuation and its logits (see
+            :func:`exporters.decode_graph.export_decoder`), or None to compute it with the torch decoder.
     """
 
     model: Any
@@ -38,3 +40,4 @@ class ExportSource:
     golden_out: dict[str, np.ndarray]
     second_out: dict[str, np.ndarray] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    continuation: tuple[dict[str, Any], np.ndarray] | None = None

@@ -259,8 +259,8 @@ def export_bundle(
         block_size: int8/int4 inputs per scale (0: per output channel); None: the format's default.
         weight_kernel: "dequantize" (standard ONNX) or "matmulnbits" (ONNX Runtime's fused node).
         generation: also export the cache-carrying decoder graph and the golden greedy
-            continuation (``exporters.decode_graph``; presets only). Off by default: it roughly
-            doubles the export time.
+            continuation (``exporters.decode_graph``; for a checkpoint, ``exporters.hf.decoder`` and
+            transformers' own ``generate``). Off by default: it roughly doubles the export time.
 
     Returns:
         The written, verified bundle.
@@ -275,8 +275,6 @@ def export_bundle(
     say = progress or (lambda message: None)
     if hf is not None and preset is not None:
         raise ExportError("pass either a preset or an hf checkpoint directory, not both")
-    if generation and hf is not None:
-        raise ExportError("the generation graph is exported for presets only so far; export --hf without --generation")
     config = None
     if hf is None:
         config = preset if isinstance(preset, ModelConfig) else get_preset(preset or "tiny")
@@ -294,7 +292,7 @@ def export_bundle(
     if hf is not None:
         from exporters.hf.source import hf_source
 
-        source = hf_source(hf, seed, golden_batch, golden_seq, say)
+        source = hf_source(hf, seed, golden_batch, golden_seq, say, generation)
     else:
         source = _preset_source(config, seed, golden_batch, golden_seq, say)
     model, config, source_manifest = source.model, source.config, source.manifest
@@ -340,7 +338,7 @@ def export_bundle(
         if generation:
             from exporters.decode_graph import export_decoder
 
-            decoder = export_decoder(model, golden_ids, staging, lowering, opset, say)
+            decoder = export_decoder(model, golden_ids, staging, lowering, opset, say, golden=source.continuation)
         # The torch model is no longer needed: free its weights before ONNX Runtime loads its own copy.
         source = model = None
         gc.collect()
@@ -380,6 +378,10 @@ def export_bundle(
             extra["dropless_on_golden"] = True
         if decoder is not None:
             extra.update(extra_generation)
+        if hf is not None:
+            from exporters.hf.tokenizer import copy_tokenizer
+
+            extra.update(copy_tokenizer(hf, staging, say))
         extra["versions"] = {
             package: _version(package)
             for package in ("portable-moe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "transformers")

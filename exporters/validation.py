@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +40,12 @@ def validate_graph(
     _check_parity(model_path, cases, routing, precision, reference)
 
 
-def _check_parity(
-    model_path: Path,
-    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-    routing: dict[str, int],
-    precision: str = "exact",
-    reference: str = "torch",
-) -> None:
+def parity_session(model_path: Path) -> Any:
+    """An ONNX Runtime CPU session of the graph exactly as written, for checking it against a reference.
+
+    Raises:
+        ExportError: when ONNX Runtime cannot load the graph.
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -56,9 +56,19 @@ def _check_parity(
     options.add_session_config_entry("session.disable_prepacking", "1")
     options.enable_cpu_mem_arena = False  # return each run's temporaries (e.g. concatenated expert weights)
     try:
-        session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
         raise ExportError(f"ONNX Runtime cannot load the exported graph: {error}") from None
+
+
+def _check_parity(
+    model_path: Path,
+    cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    routing: dict[str, int],
+    precision: str = "exact",
+    reference: str = "torch",
+) -> None:
+    session = parity_session(model_path)
     for feeds, expected in cases:
         actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
         failures = [c.message for c in compare_outputs(expected, actual, routing, precision) if not c.passed]

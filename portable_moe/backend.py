@@ -24,7 +24,7 @@ import onnx
 
 from portable_moe import safety
 from portable_moe.bundle import Bundle, load_bundle
-from portable_moe.compare import PrecisionMode
+from portable_moe.compare import PrecisionMode, ToleranceOverride
 from portable_moe.errors import BackendError, BackendUnavailableError, PortableMoEError
 from portable_moe.tensors import NAN_POLICIES, TensorSpec, check_feeds, check_nan_policy, specs_from_onnx
 
@@ -129,7 +129,6 @@ class Capabilities:
     Attributes:
         min_opset / max_opset: the ai.onnx opset range it accepts.
         dtypes: numpy dtype names it computes in.
-        dynamic_shapes: whether one compiled model takes inputs of any size.
         moe_lowerings: the MoE lowerings it accepts, most preferred first.
         domains: operator domains beyond ai.onnx it runs (e.g. "com.microsoft").
         weight_formats: the bundle weight formats it takes, by format key ("float32", "float16",
@@ -139,6 +138,9 @@ class Capabilities:
         precision_modes: the reduced-precision modes its compiled models may report
             (``CompiledModel.precision``), each with its tolerance rows and near-tie margin. Core
             knows only "exact" (float32 throughout); conformance reads every other mode from here.
+        op_tolerance_overrides: tolerances that replace an op case's own in the op suite (onnx's node
+            test cases), first match wins, each with the measurement behind it; model checks use
+            ``precision_modes`` instead.
         runtime_reports_unsupported: the runtime itself says what it cannot run (``compile`` or
             ``run`` raise :class:`~portable_moe.errors.UnsupportedError` with its words). The op
             suite then tries every case instead of deciding from the declared opsets, dtypes and
@@ -148,12 +150,12 @@ class Capabilities:
     min_opset: int = 7
     max_opset: int = 23
     dtypes: frozenset[str] = frozenset({"float32", "int64"})
-    dynamic_shapes: bool = True
     moe_lowerings: tuple[str, ...] = ("dense",)
     domains: frozenset[str] = frozenset()
     weight_formats: frozenset[str] = frozenset({"float32"})
     weight_format_refusals: Mapping[str, str] = field(default_factory=dict)
     precision_modes: Mapping[str, PrecisionMode] = field(default_factory=dict)
+    op_tolerance_overrides: tuple[ToleranceOverride, ...] = ()
     runtime_reports_unsupported: bool = False
 
     @property

@@ -7,6 +7,7 @@ outputs (the experts each token was sent to) get routing agreement, compared as 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,32 @@ class PrecisionMode:
     tolerances: Mapping[str, Tolerance]
     near_tie_margin: float
     near_tie_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ToleranceOverride:
+    """A tolerance for onnx's node test cases (the op suite) that replaces a case's own.
+
+    Declared by the backend that needs it (``Capabilities.op_tolerance_overrides``); it applies to
+    that backend's cases whose name matches ``case_pattern`` while its compiled model reports
+    ``precision``. Model checks never use it: their rows are the precision modes'.
+
+    Attributes:
+        precision: a compiled model's ``precision`` mode, or "*" for any.
+        case_pattern: a regex searched in the case name ("" matches every case).
+        rtol / atol: the tolerance.
+        reason: why, with what was measured.
+    """
+
+    precision: str
+    case_pattern: str
+    rtol: float
+    atol: float
+    reason: str
+
+    def matches(self, precision: str, case_name: str) -> bool:
+        """Whether this override applies to ``case_name`` run in ``precision``."""
+        return self.precision in ("*", precision) and re.search(self.case_pattern, case_name) is not None
 
 
 # Core's rows: "exact" is float32 computed in float32 throughout, the only mode core knows. Every other

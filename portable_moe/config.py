@@ -243,3 +243,8 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+def runnable_presets() -> list[str]:
+    """The presets that can be built and run: every one except those for cost estimates only."""
+    return [name for name, config in PRESETS.items() if not config.cost_estimate_only]

@@ -26,10 +26,11 @@ from rich.console import Console
 
 from portable_moe import registry
 from portable_moe.cli import ops_command
-from portable_moe.config import PRESETS
 from portable_moe.conformance import ops as opsuite
 from portable_moe.conformance.expected_failures import expected_failures_of
-from portable_moe.conformance.ops import NOT_CONFORMING, STATUSES, UNSUPPORTED, CaseResult, Task
+from portable_moe.conformance.ops import NOT_CONFORMING, STATUSES, UNSUPPORTED, CaseResult
+from portable_moe.errors import InputError
+from portable_moe.testing.preset_checks import PresetExports, parse_presets, torch_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, highlight=False)
@@ -59,59 +60,21 @@ def _number(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.2e}"
 
 
-def export_bundles(
-    presets: Sequence[str], lowerings: Sequence[str], directory: Path
-) -> tuple[dict[tuple[str, str], Path], dict[tuple[str, str], str], str]:
-    """Export every (preset, lowering); return the bundles, the export errors, and why nothing was exported."""
-    try:
-        import torch  # noqa: F401 (only whether it imports matters)
-    except ImportError as error:
-        return {}, {}, f"torch is not installed ({error}); install portable-moe[export] to run model conformance"
-    from exporters import export_bundle
-
-    bundles, errors = {}, {}
-    for preset in presets:
-        for lowering in lowerings:
-            console.print(f"· exporting {preset} with the {lowering} lowering")
-            try:
-                bundles[(preset, lowering)] = export_bundle(
-                    directory / f"{preset}-{lowering}", preset, 0, moe_lowering=lowering
-                ).path
-            except Exception as error:
-                errors[(preset, lowering)] = f"export failed: {type(error).__name__}: {error}"
-    return bundles, errors, ""
-
-
 def model_conformance(
     backends: Sequence[str], presets: Sequence[str], jobs: int, timeout: float, directory: Path
 ) -> tuple[list[tuple[str, str, str, CaseResult | None, str]], str]:
     """Rows (preset, lowering, backend, result or None, note) and a note for the whole section."""
-    from exporters import LOWERINGS
-
-    preferred = {name: registry.resolve_lowering("auto", name) for name in backends}
-    wanted = sorted({lowering for lowering in preferred.values() if lowering in LOWERINGS})
-    bundles, export_errors, missing = export_bundles(presets, wanted, directory)
+    missing = torch_missing()
     if missing:
         return [], missing
-    tasks, keys = [], []
-    for preset in presets:
-        for backend in backends:
-            key = (preset, preferred[backend])
-            if key in bundles:
-                tasks.append(Task("model", backend, str(bundles[key])))
-                keys.append((preset, preferred[backend], backend))
+    exports = PresetExports(directory, progress=lambda message: console.print(f"· {message}"))
+    checks = [exports.check(preset, backend) for preset in presets for backend in backends]
+    tasks = [check.task for check in checks if check.task is not None]
     results = iter(ops_command.run_with_progress(tasks, [], jobs, timeout, console))
-    by_key = {key: next(results) for key in keys}
-    rows = []
-    for preset in presets:
-        for backend in backends:
-            lowering = preferred[backend]
-            if lowering not in LOWERINGS:
-                rows.append((preset, lowering, backend, None, f"the exporter has no {lowering!r} lowering"))
-            elif (preset, lowering) in export_errors:
-                rows.append((preset, lowering, backend, None, export_errors[(preset, lowering)]))
-            else:
-                rows.append((preset, lowering, backend, by_key[(preset, lowering, backend)], ""))
+    rows = [
+        (check.preset, check.lowering, check.backend, next(results) if check.task else None, check.reason)
+        for check in checks
+    ]
     return rows, ""
 
 
@@ -278,15 +241,15 @@ def render(
     lines += [
         "### Tolerance overrides",
         "",
-        "Every case uses its own tolerance (onnx's node cases: rtol 1e-3, atol 1e-7) unless an entry here "
-        "matches (first match wins).",
+        "Every case uses its own tolerance (onnx's node cases: rtol 1e-3, atol 1e-7) unless an entry its backend "
+        "declares here matches (first match wins; `Capabilities.op_tolerance_overrides`).",
         "",
         "| backend | precision | cases | rtol | atol | reason |",
         "|---|---|---|---|---|---|",
     ]
-    for override in opsuite.TOLERANCE_OVERRIDES:
+    for backend, override in opsuite.declared_overrides(names):
         lines.append(
-            f"| {override.backend} | {override.precision} | `{_cell(override.case_pattern) or '(all)'}` | "
+            f"| {backend} | {override.precision} | `{_cell(override.case_pattern) or '(all)'}` | "
             f"{override.rtol:g} | {override.atol:g} | {_cell(override.reason)} |"
         )
     lines += ["", "### Cases left out by default", "", "| cases | reason |", "|---|---|"]
@@ -324,20 +287,21 @@ def render(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    runnable = [name for name, config in PRESETS.items() if not config.cost_estimate_only]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ROOT / "docs" / "conformance.md"), help="where to write the report")
-    parser.add_argument("--presets", default=",".join(runnable), help="presets for model conformance, or 'none'")
+    parser.add_argument(
+        "--presets", default="all", help="presets for model conformance: comma-separated, 'all' or 'none'"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--timeout", type=float, default=opsuite.DEFAULT_TIMEOUT, help="seconds per op case")
     parser.add_argument(
         "--model-timeout", type=float, default=opsuite.DEFAULT_MODEL_TIMEOUT, help="seconds per model check"
     )
     args = parser.parse_args(argv)
-    presets = [] if args.presets == "none" else [name.strip() for name in args.presets.split(",")]
-    unknown = sorted(set(presets) - set(runnable))
-    if unknown:
-        parser.error(f"unknown or cost-only preset(s) {', '.join(unknown)}; choose from {', '.join(runnable)}")
+    try:
+        presets = parse_presets(args.presets)
+    except InputError as error:
+        parser.error(str(error))
 
     names, skipped = opsuite.resolve_backends("all")
     everything = opsuite.collect_cases()

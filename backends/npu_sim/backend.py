@@ -41,7 +41,14 @@ from backends.npu_sim.partition import (
     device_memory,
     plan_graph,
 )
-from backends.npu_sim.precision import PRECISION_MODES, TOLERANCES, apply_precision, float16_nodes, float16_tensors
+from backends.npu_sim.precision import (
+    OP_TOLERANCE_OVERRIDES,
+    PRECISION_MODES,
+    TOLERANCES,
+    apply_precision,
+    float16_nodes,
+    float16_tensors,
+)
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
 from portable_moe.errors import BackendError
 from portable_moe.perf.costmodel import NodeWork, chip_keys, estimate_from_work, get_chip, node_work
@@ -345,7 +352,6 @@ class NpuSimBackend(Backend):
             min_opset=table.domain_opsets[0],
             max_opset=table.domain_opsets[1],
             dtypes=frozenset({"float32", "float16", "int64", "int32", "bool"}),
-            dynamic_shapes=False,  # gears serve dynamic inputs
             moe_lowerings=("capacity", "dense"),
             # Other domains are accepted only to run them on the host CPU (ONNX Runtime's contrib ops).
             domains=frozenset({"com.microsoft"}),
@@ -359,6 +365,7 @@ class NpuSimBackend(Backend):
                 "block-wise DequantizeLinear needs opset 21, past this op table); re-export with --block-size 0",
             },
             precision_modes=TOLERANCES,
+            op_tolerance_overrides=OP_TOLERANCE_OVERRIDES,
         )
 
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:

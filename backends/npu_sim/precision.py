@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from backends.npu_sim.gears import referenced_names
 from backends.npu_sim.optable import OpTable
 from backends.npu_sim.partition import NodePlacement, ValueTypes, ai_onnx_opset
-from portable_moe.compare import PrecisionMode, Tolerance
+from portable_moe.compare import PrecisionMode, Tolerance, ToleranceOverride
 
 PRECISION_MODES = ("force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype", "allow_mix_precision")
 FLOAT16_SUFFIX = "__fp16"
@@ -122,6 +122,23 @@ TOLERANCES: dict[str, PrecisionMode] = {
         near_tie_reason=_FLOAT32_NEAR_TIE_REASON,
     ),
 }
+
+# onnx's node test cases (the op suite) in float16 compute; declared in Capabilities.op_tolerance_overrides.
+OP_TOLERANCE_OVERRIDES: tuple[ToleranceOverride, ...] = (
+    ToleranceOverride(
+        precision="force_fp16",
+        case_pattern="",
+        rtol=1e-3,
+        atol=5e-3,
+        reason=(
+            "float16 compute (npu-sim's default precision mode; one float16 ulp is 9.8e-4 at 1.0). Single ops stay "
+            "inside the cases' rtol 1e-3; onnx's _expanded function bodies chain 5-10 float16 ops, and the "
+            "cancellation in normalisation leaves absolute errors at the scale of the intermediates (~1). Measured "
+            "on npu-sim: up to 3.5e-3 (LayerNormalization expanded), 7.7e-4 (window functions), 3.4e-4 (DFT, run "
+            "in float32 on the host). atol 5e-3 (~5 ulps at 1.0) leaves 1.4x headroom; a wrong kernel still fails."
+        ),
+    ),
+)
 
 
 def _float_type_variable(node: onnx.NodeProto, opset: int) -> tuple[list[bool], list[bool]] | None:

@@ -68,11 +68,12 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attended, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden), position_embeddings=(cos, sin), attention_mask=mask
-        )
+        """One layer on ``hidden``; ``cache`` is what transformers' attention takes as its cache (None:
+        no cache; :class:`exporters.hf.decoder.PastAndPresent` for the cache-carrying decoder)."""
+        # The cache goes by position: transformers 5 renamed that argument (past_key_values -> cache).
+        attended, _ = self.self_attn(self.input_layernorm(hidden), (cos, sin), mask, cache)
         hidden = hidden + attended
         normed = self.post_attention_layernorm(hidden)
         if isinstance(self.mlp, LoweredMoEBlock):
@@ -106,6 +107,12 @@ class HFLayeredModel(nn.Module):
     @property
     def moe_blocks(self) -> list[LoweredMoEBlock]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, LoweredMoEBlock)]
+
+    def cached_decoder(self) -> nn.Module:
+        """This model as a one-step decoder with a key/value cache (:class:`exporters.hf.decoder.HFCachedDecoder`)."""
+        from exporters.hf.decoder import HFCachedDecoder
+
+        return HFCachedDecoder(self).eval()
 
     def set_routed_experts(self, implementation: RoutedExperts) -> None:
         """Use ``implementation`` (a lowering's routed experts) in every MoE block."""

@@ -33,15 +33,8 @@ def transformers_outputs(checkpoint: LoadedCheckpoint, input_ids: Any) -> dict[s
     import torch
 
     batch, seq = input_ids.shape
-    captured: dict[int, Any] = {}
-    hooks = []
-    for index in checkpoint.config.moe_layer_indices:
-        router = checkpoint.hf_model.model.layers[index].mlp.gate
-
-        def keep(module: Any, args: Any, output: Any, index: int = index) -> None:
-            captured[index] = output[2]  # (router_logits, weights, expert indices) in every supported router
-
-        hooks.append(router.register_forward_hook(keep))
+    captured: dict[int, list[Any]] = {}
+    hooks = _route_hooks(checkpoint, captured)
     try:
         with torch.no_grad():
             logits = checkpoint.hf_model(input_ids=input_ids, use_cache=False).logits
@@ -51,14 +44,76 @@ def transformers_outputs(checkpoint: LoadedCheckpoint, input_ids: Any) -> dict[s
     names, routing = output_names(checkpoint.config)
     outputs = {"logits": logits.float().numpy()}
     for name, layer in routing.items():
-        outputs[name] = captured[layer].reshape(batch, seq, -1).to(torch.int64).numpy()
+        outputs[name] = captured[layer][-1].reshape(batch, seq, -1).to(torch.int64).numpy()
     return outputs
 
 
+def _route_hooks(checkpoint: LoadedCheckpoint, captured: dict[int, list[Any]]) -> list[Any]:
+    """Forward hooks on every MoE block's router appending the expert ids it chose to ``captured[layer]``."""
+    hooks = []
+    for index in checkpoint.config.moe_layer_indices:
+        router = checkpoint.hf_model.model.layers[index].mlp.gate
+
+        def keep(module: Any, args: Any, output: Any, index: int = index) -> None:
+            captured.setdefault(index, []).append(output[2])  # (logits, weights, expert ids) in every router
+
+        hooks.append(router.register_forward_hook(keep))
+    return hooks
+
+
+def transformers_continuation(
+    checkpoint: LoadedCheckpoint, prompt_ids: Any, new_tokens: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The greedy continuation of a ``[1, S]`` prompt by transformers' own ``generate`` (with its cache).
+
+    Generation runs exactly ``new_tokens`` steps (no end-of-sequence stop) with no logits
+    processor, so the stored logits are the model's raw logits. The expert ids of each step are
+    what each MoE block's router chose for the position that produced that step's token (the
+    prompt's last position at step 0), captured by forward hooks.
+
+    Returns:
+        ``(record, logits [steps, vocab])``, ``record`` as :func:`exporters.decode_graph.continuation_record`.
+    """
+    import torch
+    import transformers
+
+    from exporters.decode_graph import continuation_record
+
+    model = checkpoint.hf_model
+    settings = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=new_tokens, output_logits=True, return_dict_in_generate=True
+    )
+    captured: dict[int, list[Any]] = {}
+    hooks = _route_hooks(checkpoint, captured)
+    saved, model.generation_config = model.generation_config, settings  # the checkpoint's own would stop at eos
+    try:
+        with torch.no_grad():
+            result = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids))
+    finally:
+        model.generation_config = saved
+        for hook in hooks:
+            hook.remove()
+    tokens = result.sequences[0, prompt_ids.shape[1] :].tolist()
+    expert_ids = [
+        {str(layer): calls[step][-1].tolist() for layer, calls in sorted(captured.items())}
+        for step in range(len(tokens))
+    ]
+    logits = torch.stack([step[0] for step in result.logits]).float().numpy()
+    return continuation_record(prompt_ids[0].tolist(), tokens, expert_ids, logits), logits
+
+
 def hf_source(
-    path: str | os.PathLike[str], seed: int, golden_batch: int, golden_seq: int, say: Callable[[str], None]
+    path: str | os.PathLike[str],
+    seed: int,
+    golden_batch: int,
+    golden_seq: int,
+    say: Callable[[str], None],
+    generation: bool = False,
 ) -> ExportSource:
     """Load a checkpoint, compute the golden data with transformers, and wrap the model for export.
+
+    With ``generation``, the golden data include transformers' greedy continuation of the golden
+    inputs' first row (see :func:`transformers_continuation`).
 
     Raises:
         ExportError: see :func:`exporters.hf.loading.load_checkpoint`.
@@ -76,6 +131,12 @@ def hf_source(
     say("computing the golden outputs with transformers")
     golden_out = transformers_outputs(checkpoint, golden_ids)
     second_out = transformers_outputs(checkpoint, second_ids)
+    continuation = None
+    if generation:
+        from exporters.decode_graph import GOLDEN_NEW_TOKENS, GOLDEN_PROMPT_TOKENS
+
+        say(f"generation: greedy continuation by transformers' generate ({GOLDEN_NEW_TOKENS} tokens)")
+        continuation = transformers_continuation(checkpoint, golden_ids[:1, :GOLDEN_PROMPT_TOKENS], GOLDEN_NEW_TOKENS)
     model = HFLayeredModel(checkpoint.hf_model, checkpoint.architecture, config).eval()
     manifest = {
         "preset": config.name,
@@ -88,4 +149,4 @@ def hf_source(
             "weight_files": checkpoint.weight_files,
         },
     }
-    return ExportSource(model, config, golden_ids, second_ids, golden_out, second_out, manifest)
+    return ExportSource(model, config, golden_ids, second_ids, golden_out, second_out, manifest, continuation)

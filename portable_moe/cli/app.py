@@ -36,7 +36,7 @@ from portable_moe.cli.console import (
     stderr,
     stdout,
 )
-from portable_moe.config import PRESETS
+from portable_moe.config import PRESETS, runnable_presets
 from portable_moe.conformance.model_check import (
     NOT_CHECKED,
     check_bundle,
@@ -156,6 +156,12 @@ def command_export(args: argparse.Namespace) -> int:
         f"bundle written to {escape(str(bundle.path))} ({bundle.moe_lowering} lowering, {bundle.weight_format} "
         f"weights, {len(bundle.manifest['files'])} files)"
     )
+    generation = bundle.manifest.get("generation")
+    if generation:
+        sizes = generation["cache_bytes_per_token"]
+        expanded = f" (per-head keys and values would take {sizes['expanded']})" if "expanded" in sizes else ""
+        form = generation["cache_form"]
+        print_result(f"decoder graph: {form} cache, {sizes[form]} bytes per token over all layers{expanded}")
     return EXIT_OK
 
 
@@ -493,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--preset",
             default=preset_default,
-            choices=[n for n, c in PRESETS.items() if not c.cost_estimate_only],
+            choices=runnable_presets(),
             help="model preset (default: tiny)",
         )
         command.add_argument(
@@ -553,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="also export the cache-carrying decoder graph and a golden greedy continuation, for 'generate' and "
-        "'check --generate' (presets; default: off, it about doubles the export time)",
+        "'check --generate' (for --hf, the golden continuation is transformers' own generate; default: off, it "
+        "about doubles the export time)",
     )
     _add_weight_options(export)
     export.set_defaults(handler=command_export)

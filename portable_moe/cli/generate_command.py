@@ -34,7 +34,14 @@ def add_command(commands: Any) -> None:
     )
     generate.add_argument("bundle", help="bundle directory (exported with --generation)")
     generate.add_argument("--backend", default="cpu", help="backend name (default: cpu)")
-    generate.add_argument("--prompt-ids", required=True, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    prompt.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="prompt text, for bundles that carry a tokenizer (Hugging Face checkpoints that had one); "
+        "prints the generated text",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: 16)")
     generate.add_argument(
         "--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples from the softmax"
@@ -64,18 +71,24 @@ def command_generate(args: argparse.Namespace) -> int:
     from portable_moe.bundle import load_bundle
     from portable_moe.cli.console import EXIT_OK, parse_options, print_result, show_step, stdout
     from portable_moe.run.generation import Generator, check_sampling
+    from portable_moe.run.text import TextStream, encode_prompt, load_tokenizer
 
-    prompt = parse_token_ids(args.prompt_ids)
+    prompt = parse_token_ids(args.prompt_ids) if args.prompt is None else []
     check_sampling(args.temperature, args.top_k)
     bundle = load_bundle(args.bundle)
+    text = None
+    if args.prompt is not None:
+        text = TextStream(load_tokenizer(bundle))
+        prompt = encode_prompt(text.tokenizer, args.prompt)
     show_step(f"compiling the decoder graph for {args.backend}")
     generator = Generator(bundle, args.backend, parse_options(args.option), io_binding=not args.no_iobinding)
     generator.check_prompt(prompt, args.max_new_tokens)
-    print_result(f"prompt: {' '.join(map(str, prompt))}")
-    stdout.print("generated:", end="")
+    shown = f"prompt: {' '.join(map(str, prompt))}" + ("" if text is None else f" ({args.prompt!r})")
+    print_result(shown, markup=False)
+    stdout.print("generated:", end="" if text is None else " ")
 
     def stream(token: int) -> None:
-        stdout.print(f" {token}", end="")
+        stdout.print(f" {token}" if text is None else text.add(token), end="", markup=False, soft_wrap=True)
         stdout.file.flush()
 
     result = generator.generate(
@@ -97,6 +110,8 @@ def command_generate(args: argparse.Namespace) -> int:
     if args.json:
         report = {"bundle": str(bundle.path), "backend": generator.backend.name, **result.to_dict()}
         report["sampling"] = {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+        if text is not None:
+            report.update(prompt_text=args.prompt, generated_text=text.text)
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
             handle.write("\n")

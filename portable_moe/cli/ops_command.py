@@ -125,7 +125,7 @@ def add_command(commands: Any) -> None:
     ops.add_argument(
         "--strict",
         action="store_true",
-        help="judge every case by its own tolerance (the tolerance-override table is not used)",
+        help="judge every case by its own tolerance (no tolerance override a backend declares is used)",
     )
     ops.add_argument(
         "--timeout",

@@ -26,6 +26,7 @@ import pytest
 
 if TYPE_CHECKING:
     from portable_moe.conformance.ops import CaseResult, OpCase, OpPool, Task
+    from portable_moe.testing.preset_checks import PresetCheck, PresetExports
 
 _SUITE_KEY = pytest.StashKey["_Suite"]()
 OPS_COLLECTOR, MODELS_COLLECTOR = "portable-moe-ops", "portable-moe-models"
@@ -71,11 +72,12 @@ class _ConformanceFailure(Exception):
 
 
 class _Suite:
-    """The session's state: the backends, the selected cases, the worker pool and exported bundles."""
+    """The session's state: the backends, the selected cases, the worker pool and exported presets."""
 
     def __init__(self, config: pytest.Config) -> None:
         from portable_moe.conformance.ops import DEFAULT_TIMEOUT, resolve_backends
         from portable_moe.errors import PortableMoEError
+        from portable_moe.testing.preset_checks import parse_presets
 
         option = config.getoption
         try:
@@ -84,30 +86,14 @@ class _Suite:
             raise pytest.UsageError(f"--portable-moe-backend: {error}") from None
         self.include = option("portable_moe_include")
         self.exclude = option("portable_moe_exclude")
-        self.presets = self._presets(option("portable_moe_presets"))
+        try:
+            self.presets = parse_presets(option("portable_moe_presets"))
+        except PortableMoEError as error:
+            raise pytest.UsageError(f"--portable-moe-presets: {error}") from None
         self.timeout = option("portable_moe_timeout") or DEFAULT_TIMEOUT
         self.cases: list[OpCase] = []
         self._pool: OpPool | None = None
-        self._bundles: dict[tuple[str, str], Path | Exception] = {}
-        self._scratch: Path | None = None
-
-    @staticmethod
-    def _presets(spec: str) -> list[str]:
-        from portable_moe.config import PRESETS
-
-        runnable = [name for name, config in PRESETS.items() if not config.cost_estimate_only]
-        if spec == "none":
-            return []
-        if spec == "all":
-            return runnable
-        names = [name.strip() for name in spec.split(",")]
-        unknown = [name for name in names if name not in runnable]
-        if unknown:
-            raise pytest.UsageError(
-                f"--portable-moe-presets: unknown or cost-only preset(s) {', '.join(unknown)}; "
-                f"choose from {', '.join(runnable)}, 'all' or 'none'"
-            )
-        return names
+        self._exports: PresetExports | None = None
 
     def collect(self) -> None:
         from portable_moe.conformance.ops import collect_cases, select_cases
@@ -119,39 +105,28 @@ class _Suite:
             raise pytest.UsageError(f"portable-moe: {error}") from None
 
     def run(self, task: Task) -> CaseResult:
-        from portable_moe.conformance.ops import DEFAULT_MODEL_TIMEOUT, OpPool
+        from portable_moe.conformance.ops import DEFAULT_MODEL_TIMEOUT, ModelTask, OpPool
 
         if self._pool is None:
             self._pool = OpPool(self.cases, jobs=1, timeout=self.timeout)
-        timeout = max(self.timeout, DEFAULT_MODEL_TIMEOUT) if task.kind == "model" else self.timeout
+        timeout = max(self.timeout, DEFAULT_MODEL_TIMEOUT) if isinstance(task, ModelTask) else self.timeout
         return self._pool.run([task], timeout=timeout)[0]
 
-    def bundle(self, preset: str, lowering: str) -> Path:
-        """The preset exported with ``lowering`` (once per session); re-raises the export's error."""
-        key = (preset, lowering)
-        if key not in self._bundles:
-            from exporters import export_bundle
+    def preset_check(self, preset: str, backend: str) -> PresetCheck:
+        """The preset's check on ``backend`` (each preset exported once per lowering per session)."""
+        from portable_moe.testing.preset_checks import PresetExports
 
-            if self._scratch is None:
-                self._scratch = Path(tempfile.mkdtemp(prefix="portable-moe-pytest-"))
-            try:
-                self._bundles[key] = export_bundle(
-                    self._scratch / f"{preset}-{lowering}", preset, 0, moe_lowering=lowering
-                ).path
-            except Exception as error:
-                self._bundles[key] = error
-        found = self._bundles[key]
-        if isinstance(found, Exception):
-            raise found
-        return found
+        if self._exports is None:
+            self._exports = PresetExports(Path(tempfile.mkdtemp(prefix="portable-moe-pytest-")))
+        return self._exports.check(preset, backend)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+        if self._exports is not None:
+            shutil.rmtree(self._exports.directory, ignore_errors=True)
+            self._exports = None
 
 
 def _report(result: CaseResult) -> None:
@@ -167,11 +142,10 @@ def _report(result: CaseResult) -> None:
 
 
 class _SuiteItem(pytest.Item):
-    def __init__(self, *, suite: _Suite, backend: str, key: str, **kwargs: Any) -> None:
+    def __init__(self, *, suite: _Suite, backend: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.suite = suite
         self.backend = backend
-        self.key = key
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str | Any:
         if isinstance(excinfo.value, _ConformanceFailure):
@@ -185,32 +159,30 @@ class _SuiteItem(pytest.Item):
 class OpCaseItem(_SuiteItem):
     """One ONNX node test case on one backend."""
 
-    def runtest(self) -> None:
-        from portable_moe.conformance.ops import Task
+    def __init__(self, *, case: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.case = case
 
-        _report(self.suite.run(Task("op", self.backend, self.key)))
+    def runtest(self) -> None:
+        from portable_moe.conformance.ops import OpTask
+
+        _report(self.suite.run(OpTask(self.backend, self.case)))
 
 
 class ModelItem(_SuiteItem):
     """A preset exported with the backend's preferred MoE lowering, checked against its golden data."""
 
+    def __init__(self, *, preset: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.preset = preset
+
     def runtest(self) -> None:
-        from portable_moe.conformance.ops import Task
-
-        try:
-            import torch  # noqa: F401 (only whether it imports matters)
-        except ImportError as error:
-            pytest.skip(
-                f"exporting a preset needs torch ({error}); install it with: pip install 'portable-moe[export]'"
-            )
-        from exporters import LOWERINGS
-        from portable_moe.registry import resolve_lowering
-
-        lowering = resolve_lowering("auto", self.backend)
-        if lowering not in LOWERINGS:
-            pytest.skip(f"{self.backend} prefers the {lowering!r} MoE lowering, which the exporter does not have")
-        bundle = self.suite.bundle(self.key, lowering)
-        _report(self.suite.run(Task("model", self.backend, str(bundle))))
+        check = self.suite.preset_check(self.preset, self.backend)
+        if check.export_error is not None:
+            raise check.export_error
+        if check.task is None:
+            pytest.skip(check.reason)
+        _report(self.suite.run(check.task))
 
 
 class _Group(pytest.Collector):
@@ -238,14 +210,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
     def op_items(group: _Group) -> list[pytest.Item]:
         return [
-            OpCaseItem.from_parent(group, name=f"{case.name}[{backend}]", suite=suite, backend=backend, key=case.name)
+            OpCaseItem.from_parent(group, name=f"{case.name}[{backend}]", suite=suite, backend=backend, case=case.name)
             for case in suite.cases
             for backend in suite.backends
         ]
 
     def model_items(group: _Group) -> list[pytest.Item]:
         return [
-            ModelItem.from_parent(group, name=f"{preset}[{backend}]", suite=suite, backend=backend, key=preset)
+            ModelItem.from_parent(group, name=f"{preset}[{backend}]", suite=suite, backend=backend, preset=preset)
             for preset in suite.presets
             for backend in suite.backends
         ]

@@ -108,7 +108,6 @@ def test_registered_through_its_entry_point_as_a_simulation():
     assert backend.simulated is True and "simulated" in backend.description
     assert backend.safe_probe().available
     capabilities = backend.capabilities
-    assert capabilities.dynamic_shapes is False
     assert capabilities.moe_lowerings == ("capacity", "dense") and capabilities.preferred_lowering == "capacity"
 
 

@@ -50,7 +50,6 @@ def test_registered_with_its_capabilities():
     assert isinstance(backend, OpenVinoBackend)
     assert backend.capabilities.moe_lowerings == ("dense", "sparse", "capacity")
     assert backend.capabilities.domains == frozenset()
-    assert backend.capabilities.dynamic_shapes
 
 
 @pytest.mark.parametrize(

@@ -90,9 +90,24 @@ def random_model(config: Any, seed: int = 0) -> Any:
     return model.eval()
 
 
+def save_tokenizer(directory: Path, vocab_size: int) -> Any:
+    """Write a word-level tokenizer of ``vocab_size`` words ("[UNK]", then w1, w2, ...) as
+    ``save_pretrained`` does, built with the ``tokenizers`` library (nothing downloaded)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{index}": index for index in range(1, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(directory)
+    return tokenizer
+
+
 def save_checkpoint(directory: Path, architecture: str, seed: int = 0, **overrides: Any) -> Path:
-    """Write a tiny random checkpoint of ``architecture`` to ``directory`` and return it."""
-    random_model(hf_config(architecture, **overrides), seed).save_pretrained(directory)
+    """Write a tiny random checkpoint of ``architecture``, with a tokenizer, to ``directory`` and return it."""
+    config = hf_config(architecture, **overrides)
+    random_model(config, seed).save_pretrained(directory)
+    save_tokenizer(directory, config.vocab_size)
     return directory
 
 

@@ -21,7 +21,7 @@ BACKENDS = ["cpu", "reference", "openvino", "npu-sim"]
 DEEPSEEK = "DeepseekV3ForCausalLM"
 # (case id, architecture, lowering, export options); "fp8" reads the block-scaled FP8, sharded checkpoint.
 CASES = [
-    ("deepseek-dense", DEEPSEEK, "dense", {}),
+    ("deepseek-dense-generation", DEEPSEEK, "dense", {"generation": True}),  # test_hf_generation.py shares it
     ("deepseek-fp8-sparse", "fp8", "sparse", {}),
     ("deepseek-capacity-external-data", DEEPSEEK, "capacity", {"external_data_threshold_bytes": 0}),
     ("deepseek-fused", DEEPSEEK, "fused", {}),
@@ -112,16 +112,21 @@ def test_external_data_is_written_hashed_and_loaded(hf_checkpoint, hf_bundle):
     assert len(reloaded.load_onnx().graph.initializer) > 0
 
 
-def test_cli_exports_a_checkpoint(hf_checkpoint, tmp_path, capsys):
+def test_cli_exports_a_checkpoint_with_its_decoder_graph(hf_checkpoint, tmp_path, capsys):
     output = tmp_path / "mixtral"
-    code = cli.main(
-        ["export", "--hf", str(hf_checkpoint("MixtralForCausalLM")), "-o", str(output), "--moe-lowering", "dense"]
-    )
-    assert code == 0, capsys.readouterr().err
+    directory = hf_checkpoint("MixtralForCausalLM")
+    code = cli.main(["export", "--hf", str(directory), "-o", str(output), "--moe-lowering", "dense", "--generation"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # 2 layers x (key + value) x 2 key/value heads x head dim 8 x 4 bytes
+    assert "decoder graph: per-head cache, 256 bytes per token over all layers\n" in captured.out
     bundle = load_bundle(output)
     assert bundle.manifest["source"]["architecture"] == "MixtralForCausalLM"
     assert bundle.routing_outputs == {"expert_ids_layer0": 0, "expert_ids_layer1": 1}
+    assert bundle.manifest["generation"]["golden_source"] == "transformers"
     assert cli.main(["check", str(output), "--backend", ",".join(BACKENDS)]) == 0
+    # Token by token against transformers' own greedy generate, on each backend that takes the decoder graph.
+    assert cli.main(["check", str(output), "--backend", "cpu,reference,openvino", "--generate", "16"]) == 0
 
 
 def test_a_graph_that_disagrees_with_transformers_fails_with_exit_code_1(hf_checkpoint, hf_bundle):

@@ -29,15 +29,16 @@ from portable_moe.conformance.ops import (
     PASSED,
     STATUSES,
     TIMEOUT,
-    TOLERANCE_OVERRIDES,
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
+    ModelTask,
     OpCase,
     OpPool,
-    Task,
+    OpTask,
     cache_file,
     collect_cases,
+    declared_overrides,
     op_tasks,
     report_dict,
     run_case,
@@ -383,17 +384,21 @@ def test_exceptions_are_errors(stage, message):
     assert result.reason == message
 
 
-def test_tolerance_comes_from_the_case_unless_an_entry_of_the_table_matches(cases):
+def test_tolerance_comes_from_the_case_unless_an_override_its_backend_declares_matches(cases):
     relu, dft = cases["test_relu"], cases["test_dft"]
     own = tolerance_for_case(relu, "cpu", "exact")
     assert (own.rtol, own.atol) == (1e-3, 1e-7)
-    assert tolerance_for_case(dft, "cpu", "exact").atol == 1e-3  # keyed by backend and case
+    assert tolerance_for_case(dft, "cpu", "exact").atol == 1e-3  # declared by cpu, keyed by case
     assert "float64 FFT" in tolerance_for_case(dft, "cpu", "exact").reason
+    assert tolerance_for_case(dft, "cpu", "exact", strict=True).atol == 1e-7
     assert tolerance_for_case(dft, "reference", "exact").atol == 1e-7
-    # Keyed by precision mode, whichever backend computes in it.
-    for backend in ("npu-sim", "a-vendor-npu"):
-        reduced = tolerance_for_case(relu, backend, "force_fp16")
-        assert (reduced.rtol, reduced.atol) == (1e-3, 5e-3) and "float16" in reduced.reason
+    # npu-sim declares one for its float16 mode: keyed by precision mode, on the backend that declares it.
+    reduced = tolerance_for_case(relu, registry.get_backend("npu-sim"), "force_fp16")
+    assert (reduced.rtol, reduced.atol) == (1e-3, 5e-3) and "float16" in reduced.reason
+    assert tolerance_for_case(relu, "npu-sim", "must_keep_origin_dtype").atol == 1e-7
+    assert tolerance_for_case(relu, "cpu", "force_fp16").atol == 1e-7
+    with pytest.raises(BackendError, match="unknown backend 'no-such-npu'"):
+        tolerance_for_case(relu, "no-such-npu", "exact")
 
 
 def test_a_pass_owed_to_an_override_shows_its_raw_error_and_strict_fails_it(cases):
@@ -408,12 +413,14 @@ def test_a_pass_owed_to_an_override_shows_its_raw_error_and_strict_fails_it(case
     assert run_case(cpu, cases["test_relu"]).tolerance_override is None  # its own tolerance: nothing to show
 
 
-def test_every_tolerance_override_has_a_reason_and_matches_a_case(cases):
-    known = registry.backend_names()
-    for override in TOLERANCE_OVERRIDES:
-        assert override.backend == "*" or override.backend in known
+def test_every_declared_tolerance_override_has_a_reason_a_known_mode_and_matches_a_case(cases):
+    declared = declared_overrides(registry.backend_names())
+    assert {name for name, _ in declared} >= {"cpu", "npu-sim"}
+    for name, override in declared:
+        modes = {"*", "exact", *registry.get_backend(name).capabilities.precision_modes}
+        assert override.precision in modes, (name, override.precision)
         assert len(override.reason) > 40
-        assert any(re.search(override.case_pattern, name) for name in cases)
+        assert any(re.search(override.case_pattern, case) for case in cases)
 
 
 def test_the_crosscheck_against_raw_onnxruntime_counts_both_sides(capsys):
@@ -490,10 +497,10 @@ def test_a_listed_failure_is_expected_and_a_listed_pass_is_unexpected(listing_ba
 
 def test_expected_failures_apply_in_the_runner(listing_backend):
     name = listing_backend(LISTED)
-    [result] = run_tasks([Task("op", name, RELU.name)], [RELU], jobs=0)
+    [result] = run_tasks([OpTask(name, RELU.name)], [RELU], jobs=0)
     assert result.status == PASSED  # test_inline_relu is not listed
     relu = OpCase("test_relu", "Relu", RELU.model, RELU.data_sets, RELU.rtol, RELU.atol)
-    [result] = run_tasks([Task("op", name, "test_relu")], [relu], jobs=0)
+    [result] = run_tasks([OpTask(name, "test_relu")], [relu], jobs=0)
     assert result.status == UNEXPECTED_PASS
 
 
@@ -573,7 +580,7 @@ def test_a_crash_and_a_hang_lose_only_their_case(cases, flaky_vendor):
     names = ["test_abs", "test_add", "test_acos", "test_relu"]
     subset = [cases[name] for name in names]
     with OpPool(subset, jobs=1, timeout=3) as pool:
-        results = pool.run([Task("op", flaky_vendor, name) for name in names])
+        results = pool.run([OpTask(flaky_vendor, name) for name in names])
     by_case = {result.case: result for result in results}
     assert [result.case for result in results] == names
     assert by_case["test_abs"].status == ERROR
@@ -604,7 +611,7 @@ def test_workers_that_cannot_start_stop_the_run_with_the_reason(cases, monkeypat
                 BackendError,
                 match=r"(?s)worker processes exited with status 1 before taking a task.*No module named 'portable_moe_test_only_module'",
             ):
-                pool.run([Task("op", "unimportable", "test_relu")])
+                pool.run([OpTask("unimportable", "test_relu")])
     finally:
         registry.unregister_backend("unimportable")
 
@@ -614,9 +621,9 @@ def test_an_unpicklable_in_process_backend_is_refused_for_workers(cases):
     try:
         with OpPool([cases["test_relu"]], jobs=1) as pool:
             with pytest.raises(BackendError, match="'lambda-backend' was registered in this process with a factory"):
-                pool.run([Task("op", "lambda-backend", "test_relu")])
+                pool.run([OpTask("lambda-backend", "test_relu")])
         # In this process it runs (no isolation).
-        [result] = run_tasks([Task("op", "lambda-backend", "test_relu")], [cases["test_relu"]], jobs=0)
+        [result] = run_tasks([OpTask("lambda-backend", "test_relu")], [cases["test_relu"]], jobs=0)
         assert result.status == PASSED
     finally:
         registry.unregister_backend("lambda-backend")
@@ -630,7 +637,7 @@ def test_pool_arguments_are_checked(jobs, timeout, message):
 
 def test_model_conformance_runs_in_a_worker(tiny_bundle):
     with OpPool([], jobs=1) as pool:
-        [result] = pool.run([Task("model", "cpu", str(tiny_bundle.path))])
+        [result] = pool.run([ModelTask("cpu", str(tiny_bundle.path))])
     assert result.status == PASSED and result.op == "(model)", result.reason
 
 
@@ -679,7 +686,9 @@ def test_json_report_structure():
         "tolerance_override": None,
         "listed_outcome": "",
     }
-    assert all(entry["reason"] for entry in report["tolerance_overrides"])
+    overrides = report["tolerance_overrides"]
+    assert overrides and all(entry["reason"] and entry["backend"] == "cpu" for entry in overrides)
+    assert set(overrides[0]) == {"backend", "precision", "case_pattern", "rtol", "atol", "reason"}
 
 
 def test_junit_has_one_testcase_per_result_with_outcomes_marked(tmp_path):

@@ -27,8 +27,9 @@ and goes on.
 
 Models are compiled with ``nan_policy="pass"`` (onnx's cases feed NaN and Inf on purpose). Outputs
 are compared in order (shape, dtype, then values; nan, +inf and -inf must match in kind; sequences
-element by element, an absent optional must be absent) with the case's own rtol/atol unless an
-entry of :data:`TOLERANCE_OVERRIDES` matches (``strict`` turns the overrides off). A case that
+element by element, an absent optional must be absent) with the case's own rtol/atol unless one
+of the backend's ``Capabilities.op_tolerance_overrides`` matches (``strict`` turns the overrides
+off; :func:`declared_overrides` lists them). A case that
 passed only because of an override records its raw error and the case's own tolerance in
 ``CaseResult.tolerance_override``. Cases whose expected output is a random draw are left out by
 default (:data:`DEFAULT_EXCLUDES`).
@@ -41,6 +42,7 @@ The command is :mod:`portable_moe.cli.ops_command`. Used by ``portable-moe confo
 
 from __future__ import annotations
 
+from portable_moe.compare import ToleranceOverride
 from portable_moe.conformance.ops.cases import (
     DEFAULT_EXCLUDES,
     DEFAULT_MODEL_TIMEOUT,
@@ -48,19 +50,20 @@ from portable_moe.conformance.ops.cases import (
     ERROR,
     EXPECTED_FAILURE,
     FAILED,
+    MODEL_OP,
     NOT_CONFORMING,
     PASSED,
     STATUSES,
     TIMEOUT,
-    TOLERANCE_OVERRIDES,
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
     ErrorKind,
     Exclusion,
+    ModelTask,
     OpCase,
+    OpTask,
     Task,
-    ToleranceOverride,
     cache_file,
     collect_cases,
     select_cases,
@@ -75,6 +78,7 @@ from portable_moe.conformance.ops.running import (
 from portable_moe.conformance.ops.summary import (
     BackendSummary,
     cpu_seconds,
+    declared_overrides,
     op_matrix,
     placement_totals,
     report_dict,
@@ -89,23 +93,26 @@ __all__ = [
     "ERROR",
     "EXPECTED_FAILURE",
     "FAILED",
+    "MODEL_OP",
     "NOT_CONFORMING",
     "PASSED",
     "STATUSES",
     "TIMEOUT",
-    "TOLERANCE_OVERRIDES",
     "UNEXPECTED_PASS",
     "UNSUPPORTED",
     "BackendSummary",
     "CaseResult",
     "ErrorKind",
     "Exclusion",
+    "ModelTask",
     "OpCase",
     "OpPool",
+    "OpTask",
     "Task",
     "ToleranceOverride",
     "cache_file",
     "cpu_seconds",
+    "declared_overrides",
     "collect_cases",
     "op_matrix",
     "op_tasks",

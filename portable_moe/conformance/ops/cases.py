@@ -1,7 +1,8 @@
 """The op suite's cases: onnx's node test cases collected (and cached), selected, and the records of a run.
 
-What a case, a result and a task are; the statuses and reason codes a case can end with; the tolerance
-overrides and default exclusions, each with its reason.
+What a case, a result and a task are; the statuses and reason codes a case can end with; the default
+exclusions, each with its reason. Tolerance overrides are declared by the backends that need them
+(``Capabilities.op_tolerance_overrides``).
 """
 
 from __future__ import annotations
@@ -83,78 +84,6 @@ class OpCase:
 
 
 @dataclass(frozen=True)
-class ToleranceOverride:
-    """A tolerance that replaces the case's own where backend, precision mode and case name all match.
-
-    Attributes:
-        backend: a registry name, or "*" for any backend.
-        precision: a compiled model's ``precision`` mode, or "*" for any.
-        case_pattern: a regex searched in the case name.
-        rtol / atol: the tolerance.
-        reason: why, with what was measured.
-    """
-
-    backend: str
-    precision: str
-    case_pattern: str
-    rtol: float
-    atol: float
-    reason: str
-
-    def matches(self, backend: str, precision: str, case_name: str) -> bool:
-        return (
-            self.backend in ("*", backend)
-            and self.precision in ("*", precision)
-            and re.search(self.case_pattern, case_name) is not None
-        )
-
-
-# The one table of tolerance overrides for the op suite, first match wins. Every entry says why and
-# what was measured; none is widened to make a wrong result pass (the Resize align_corners and
-# Attention -inf mask differences of ORT stay failed and show in the report).
-TOLERANCE_OVERRIDES: tuple[ToleranceOverride, ...] = (
-    ToleranceOverride(
-        backend="cpu",
-        precision="*",
-        case_pattern=r"^test_(dft|stft)",
-        rtol=1e-3,
-        atol=1e-3,
-        reason=(
-            "onnx computes the expected spectra with numpy's float64 FFT, ORT in float32; the outputs reach "
-            "~1900, and bins that cancel to ~0 keep the float32 rounding of the large terms (seen up to "
-            "2.4e-4). atol 1e-3 is ~5e-7 of the output scale: a wrong bin (errors of 1 and more) still fails."
-        ),
-    ),
-    ToleranceOverride(
-        backend="cpu",
-        precision="*",
-        case_pattern=r"^test_attention_.*fp16",
-        rtol=2e-3,
-        atol=1e-7,
-        reason=(
-            "float16 outputs: one float16 ulp is up to 2^-10 (~9.8e-4) relative, and ORT accumulates in float32 "
-            "and rounds once where onnx's numpy code rounds between steps; seen: 2 ulps (4.9e-4 at 0.398). "
-            "rtol 2e-3 allows 2 ulps."
-        ),
-    ),
-    ToleranceOverride(
-        backend="*",
-        precision="force_fp16",
-        case_pattern="",
-        rtol=1e-3,
-        atol=5e-3,
-        reason=(
-            "float16 compute (npu-sim's default precision mode; one float16 ulp is 9.8e-4 at 1.0). Single ops stay "
-            "inside the cases' rtol 1e-3; onnx's _expanded function bodies chain 5-10 float16 ops, and the "
-            "cancellation in normalisation leaves absolute errors at the scale of the intermediates (~1). Measured "
-            "on npu-sim: up to 3.5e-3 (LayerNormalization expanded), 7.7e-4 (window functions), 3.4e-4 (DFT, run "
-            "in float32 on the host). atol 5e-3 (~5 ulps at 1.0) leaves 1.4x headroom; a wrong kernel still fails."
-        ),
-    ),
-)
-
-
-@dataclass(frozen=True)
 class Exclusion:
     """Cases left out of the suite by default (``--no-default-excludes`` runs them), with the reason."""
 
@@ -182,7 +111,7 @@ class CaseResult:
 
     Attributes:
         case: the case name (a bundle name for model checks).
-        op: the operator the case tests ("(model)" for model checks).
+        op: the operator the case tests (:data:`MODEL_OP` for model checks).
         backend: the backend's registry name.
         status: one of :data:`STATUSES` (members of :class:`~portable_moe.statuses.Status`).
         reason: why it did not pass (empty when it passed); the runtime's own words when it said so.
@@ -194,9 +123,9 @@ class CaseResult:
         code: the reason as a code: an :class:`~portable_moe.errors.UnsupportedReason` when
             unsupported, an :class:`ErrorKind` when failed, errored or timed out, the
             :class:`~portable_moe.conformance.expected_failures.FailureCategory` when expected to fail.
-        tolerance_override: for a case that passed only because of an entry of
-            :data:`TOLERANCE_OVERRIDES`: that tolerance and its reason, the case's own tolerance,
-            and the raw error of the first output outside the case's own tolerance.
+        tolerance_override: for a case that passed only because of one of its backend's
+            ``Capabilities.op_tolerance_overrides``: that tolerance and its reason, the case's own
+            tolerance, and the raw error of the first output outside the case's own tolerance.
         listed_outcome: for an expected failure or unexpected pass, the status the case really had.
     """
 
@@ -217,14 +146,50 @@ class CaseResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Task:
-    """A unit of work for a worker: an op case (``key`` = case name) or a bundle (``key`` = path)."""
+# The ``op`` of a model check's result (a bundle tests no single operator).
+MODEL_OP = "(model)"
 
-    kind: str  # "op" or "model"
+
+@dataclass(frozen=True)
+class OpTask:
+    """One op case on one backend, for a worker.
+
+    Attributes:
+        backend: the backend's registry name.
+        case: the case's name (``OpCase.name``), looked up in the cases the worker loaded.
+        strict: judge it by the case's own tolerance only (no tolerance overrides).
+    """
+
     backend: str
-    key: str
-    strict: bool = False  # op cases: the case's own tolerances only (no TOLERANCE_OVERRIDES)
+    case: str
+    strict: bool = False
+
+    @property
+    def name(self) -> str:
+        """What its result is called (``CaseResult.case``): the case's name."""
+        return self.case
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """A bundle checked against its golden data on one backend, for a worker.
+
+    Attributes:
+        backend: the backend's registry name.
+        bundle: the bundle's directory (a path string, so the task pickles to any worker).
+    """
+
+    backend: str
+    bundle: str
+
+    @property
+    def name(self) -> str:
+        """What its result is called (``CaseResult.case``): the bundle directory's name."""
+        return Path(self.bundle).name
+
+
+# A unit of work for a worker of the op suite's pool.
+Task = OpTask | ModelTask
 
 
 def _normalize(value: Any) -> Any:

@@ -21,13 +21,14 @@ from portable_moe.conformance.ops.cases import (
     ERROR,
     EXPECTED_FAILURE,
     FAILED,
+    MODEL_OP,
     PASSED,
     TIMEOUT,
-    TOLERANCE_OVERRIDES,
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
     ErrorKind,
+    ModelTask,
     OpCase,
     Task,
 )
@@ -37,18 +38,23 @@ from portable_moe.errors import (
     UnsupportedError,
     UnsupportedReason,
 )
-from portable_moe.registry import get_backend
+from portable_moe.registry import as_backend, get_backend
 
 
-def tolerance_for_case(case: OpCase, backend_name: str, precision: str, strict: bool = False) -> Tolerance:
-    """The tolerance outputs of ``case`` get on a backend whose compiled model has ``precision``.
+def tolerance_for_case(case: OpCase, backend: Backend | str, precision: str, strict: bool = False) -> Tolerance:
+    """The tolerance outputs of ``case`` get on ``backend`` when its compiled model has ``precision``.
 
-    The first matching entry of :data:`TOLERANCE_OVERRIDES` (none when ``strict``), else the
-    case's own rtol/atol. The model-level table (``compare.TOLERANCES``) is not used: its
-    reduced-precision rows are sized for logits after several layers, far looser than one operator needs.
+    The first matching entry of the backend's ``Capabilities.op_tolerance_overrides`` (none when
+    ``strict``), else the case's own rtol/atol. The model-level rows (``compare.TOLERANCES``, the
+    precision modes) are not used: their reduced-precision rows are sized for logits after several
+    layers, far looser than one operator needs.
+
+    Raises:
+        BackendError: if ``backend`` is a name no backend is registered under.
     """
-    for override in () if strict else TOLERANCE_OVERRIDES:
-        if override.matches(backend_name, precision, case.name):
+    overrides = () if strict else as_backend(backend).capabilities.op_tolerance_overrides
+    for override in overrides:
+        if override.matches(precision, case.name):
             return Tolerance(override.atol, override.rtol, 1.0, override.reason)
     return _own_tolerance(case)
 
@@ -138,7 +144,7 @@ def run_case(backend: Backend, case: OpCase, strict: bool = False) -> CaseResult
     Args:
         backend: the backend.
         case: the case.
-        strict: compare with the case's own tolerances only (no :data:`TOLERANCE_OVERRIDES`).
+        strict: compare with the case's own tolerances only (no tolerance overrides).
     """
     started = time.perf_counter()
     placement: dict[str, int] = {}
@@ -173,7 +179,7 @@ def run_case(backend: Backend, case: OpCase, strict: bool = False) -> CaseResult
     input_names = [spec.name for spec in prepared.inputs]
     output_names = [spec.name for spec in prepared.outputs]
     precision = getattr(compiled, "precision", "exact")
-    tolerance = tolerance_for_case(case, backend.name, precision, strict)
+    tolerance = tolerance_for_case(case, backend, precision, strict)
     outputs_seen: list[tuple[str, Any, Any]] = []
     for inputs, expected in case.data_sets:
         if len(inputs) != len(input_names) or len(expected) != len(output_names):
@@ -237,7 +243,7 @@ def run_model_check(backend: Backend, bundle_dir: str | os.PathLike[str]) -> Cas
     try:
         outcome = check_backend(load_bundle(bundle_dir), backend)
     except Exception as error:
-        return CaseResult(name, "(model)", backend.name, ERROR, describe_error(error), time.perf_counter() - started)
+        return CaseResult(name, MODEL_OP, backend.name, ERROR, describe_error(error), time.perf_counter() - started)
     status = UNSUPPORTED if outcome.status == UNAVAILABLE else outcome.status
     worst = [c.to_dict() for c in outcome.comparisons if not c.passed]
     details = {
@@ -247,7 +253,7 @@ def run_model_check(backend: Backend, bundle_dir: str | os.PathLike[str]) -> Cas
     }
     return CaseResult(
         name,
-        "(model)",
+        MODEL_OP,
         backend.name,
         status,
         outcome.reason,
@@ -261,9 +267,9 @@ def run_model_check(backend: Backend, bundle_dir: str | os.PathLike[str]) -> Cas
 def run_task(task: Task, cases: dict[str, OpCase]) -> CaseResult:
     """Run one task in this process (what a worker does with each task it receives)."""
     backend = get_backend(task.backend)
-    if task.kind == "model":
-        return run_model_check(backend, task.key)
-    return run_case(backend, cases[task.key], task.strict)
+    if isinstance(task, ModelTask):
+        return run_model_check(backend, task.bundle)
+    return run_case(backend, cases[task.case], task.strict)
 
 
 def settle_expected(outcome: CaseResult) -> CaseResult:
@@ -276,7 +282,7 @@ def settle_expected(outcome: CaseResult) -> CaseResult:
     Raises:
         BackendError: if the backend's expected-failures file is malformed.
     """
-    if outcome.op == "(model)" or outcome.status not in (PASSED, FAILED, ERROR, TIMEOUT):
+    if outcome.op == MODEL_OP or outcome.status not in (PASSED, FAILED, ERROR, TIMEOUT):
         return outcome
     listed = expected_failures_of(outcome.backend).get(outcome.case)
     if listed is None:

@@ -10,12 +10,13 @@ from typing import Any
 
 import onnx
 
+from portable_moe import registry
+from portable_moe.compare import ToleranceOverride
 from portable_moe.conformance.expected_failures import expected_failures_of
 from portable_moe.conformance.ops.cases import (
     DEFAULT_EXCLUDES,
     PASSED,
     STATUSES,
-    TOLERANCE_OVERRIDES,
     UNEXPECTED_PASS,
     UNSUPPORTED,
     CaseResult,
@@ -99,6 +100,19 @@ def placement_totals(results: Iterable[CaseResult], backend: str) -> dict[str, t
     return totals
 
 
+def declared_overrides(backend_names: Sequence[str]) -> list[tuple[str, ToleranceOverride]]:
+    """``(backend, override)`` for every op-case tolerance override the named backends declare, in order.
+
+    Raises:
+        BackendError: for a name no backend is registered under.
+    """
+    return [
+        (name, override)
+        for name in backend_names
+        for override in registry.get_backend(name).capabilities.op_tolerance_overrides
+    ]
+
+
 def report_dict(results: Sequence[CaseResult], backend_names: Sequence[str], command: str = "") -> dict[str, Any]:
     """The JSON report: versions, the command, one summary per backend, one entry per result."""
     import platform
@@ -116,7 +130,9 @@ def report_dict(results: Sequence[CaseResult], backend_names: Sequence[str], com
         "onnxruntime_version": onnxruntime.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
-        "tolerance_overrides": [asdict(override) for override in TOLERANCE_OVERRIDES],
+        "tolerance_overrides": [
+            {"backend": name, **asdict(override)} for name, override in declared_overrides(backend_names)
+        ],
         "default_excludes": [asdict(exclusion) for exclusion in DEFAULT_EXCLUDES],
         "expected_failures": {
             name: {case: {"category": str(entry.category), "reason": entry.reason} for case, entry in listed.items()}

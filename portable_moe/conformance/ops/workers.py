@@ -17,10 +17,13 @@ from portable_moe import registry
 from portable_moe.conformance.ops.cases import (
     DEFAULT_TIMEOUT,
     ERROR,
+    MODEL_OP,
     TIMEOUT,
     CaseResult,
     ErrorKind,
+    ModelTask,
     OpCase,
+    OpTask,
     Task,
 )
 from portable_moe.conformance.ops.running import describe_error, run_task, settle_expected
@@ -39,7 +42,7 @@ def _run_in_worker(task: Task, cases: dict[str, OpCase]) -> CaseResult:
     try:
         return settle_expected(run_task(task, cases))
     except Exception as error:  # e.g. the backend vanished from the registry in this process
-        return CaseResult(task.key, "", task.backend, ERROR, describe_error(error))
+        return CaseResult(task.name, "", task.backend, ERROR, describe_error(error))
 
 
 class OpPool:
@@ -102,11 +105,11 @@ class OpPool:
 
     def _lost(self, task: Task, lost: LostTask) -> CaseResult:
         """The result of a task whose worker crashed (an error) or ran past its limit (a timeout)."""
-        case, op = (task.key, self._ops.get(task.key, "")) if task.kind == "op" else (Path(task.key).name, "(model)")
+        op = MODEL_OP if isinstance(task, ModelTask) else self._ops.get(task.case, "")
         if lost.kind == TIMED_OUT:
             reason = f"ran past the time limit of {lost.seconds:g} s; the worker was killed and replaced"
             outcome = CaseResult(
-                case,
+                task.name,
                 op,
                 task.backend,
                 TIMEOUT,
@@ -118,9 +121,9 @@ class OpPool:
         elif lost.kind == CRASHED:
             how = f"was {lost.how}" if lost.how.startswith("killed") else lost.how
             reason = f"the worker process {how} while running this case" + (f" (at {lost.frame})" if lost.frame else "")
-            outcome = CaseResult(case, op, task.backend, ERROR, reason, code=ErrorKind.CRASH)
+            outcome = CaseResult(task.name, op, task.backend, ERROR, reason, code=ErrorKind.CRASH)
         else:
-            outcome = CaseResult(case, op, task.backend, ERROR, lost.how)
+            outcome = CaseResult(task.name, op, task.backend, ERROR, lost.how)
         return settle_expected(outcome)
 
     def close(self) -> None:
@@ -154,12 +157,12 @@ def run_tasks(
         return pool.run(tasks, on_result)
 
 
-def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str], strict: bool = False) -> list[Task]:
+def op_tasks(cases: Sequence[OpCase], backend_names: Sequence[str], strict: bool = False) -> list[OpTask]:
     """One task per (case, backend), case-major, so every backend advances together.
 
     With ``strict`` every case is judged by its own tolerance (no tolerance overrides).
     """
-    return [Task("op", name, case.name, strict) for case in cases for name in backend_names]
+    return [OpTask(name, case.name, strict) for case in cases for name in backend_names]
 
 
 def resolve_backends(spec: str) -> tuple[list[str], list[tuple[str, str]]]:
