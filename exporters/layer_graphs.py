@@ -19,6 +19,11 @@ Weights are graph inputs while exporting so that the exporter's optimizer cannot
 new, differently named constants (e.g. a transposed copy). The optimizer then runs once over the
 full graph, where the weights are initializers, and folds what the monolithic export would have
 folded; the lowering's ``after_export`` rewrite runs last.
+
+Because the weights are inputs, the traced graph depends only on the model's structure: it is kept
+in a cache (:mod:`exporters.trace_cache`: in this process, and on disk when
+``PORTABLE_MOE_TRACE_CACHE`` names a directory), and another export of the same structure (other
+weights, seed or weight format) composes from it without tracing again.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
+from exporters import trace_cache
 from exporters.layered import LayeredModel, quiet_exporter
 from exporters.lowerings import Lowering
 from portable_moe.errors import ExportError
@@ -374,6 +380,35 @@ def _export_pieces(
     return program.model, roles
 
 
+def _structure_key(
+    model: torch.nn.Module,
+    kinds: Mapping[Hashable, _Kind],
+    examples: tuple[torch.Tensor, torch.Tensor],
+    axes: Sequence[Mapping[int, str]],
+    lowering: Lowering,
+    opset: int,
+) -> str | None:
+    """What the traced pieces depend on (see :mod:`exporters.trace_cache`); None: do not cache.
+
+    The lowering counts through the routed experts it put in the model and its translation table;
+    its ``after_export`` rewrite runs on every composed graph, after the cache.
+    """
+    table = getattr(lowering.load(), "CUSTOM_TRANSLATION_TABLE", None) or {}
+    # A translation is an onnxscript function: its Python function is what it translates with.
+    translations = sorted((str(op), getattr(function, "function", function)) for op, function in table.items())
+    return trace_cache.structure_key(
+        model,
+        [
+            (key, kind.first, kind.module, kind.weight_names, tuple(kind.example_hidden.shape))
+            for key, kind in kinds.items()
+        ],
+        [(str(tensor.dtype), tuple(tensor.shape)) for tensor in examples],
+        [sorted(tensor_axes.items()) for tensor_axes in axes],
+        translations,
+        opset,
+    )
+
+
 def _copy_dim(dim: Any, prefix: str) -> Any:
     """A dimension of a value in the copy named ``prefix``: the part's own batch and sequence
     symbols get their plain names back (``batch__kind1`` -> ``batch``), and a dimension that depends
@@ -422,8 +457,19 @@ def export_layered(
     kinds, final_hidden = _find_kinds(model, example_ids)
     in_layers = {id(tensor) for layer in layers for tensor in _tensors(layer).values()}
     frame = {name: tensor for name, tensor in _tensors(model).items() if id(tensor) not in in_layers}
-    say(f"tracing the prologue, {len(kinds)} kind(s) of layer for {len(layers)} layer(s), and the head")
-    exported, roles = _export_pieces(model, kinds, (example_ids, final_hidden), axes, frame, lowering, opset)
+    key = _structure_key(model, kinds, (example_ids, final_hidden), axes, lowering, opset)
+    pieces = trace_cache.lookup(key)
+    if pieces is None:
+        say(f"tracing the prologue, {len(kinds)} kind(s) of layer for {len(layers)} layer(s), and the head")
+        traced, roles = _export_pieces(model, kinds, (example_ids, final_hidden), axes, frame, lowering, opset)
+        pieces = trace_cache.store(
+            key, trace_cache.TracedPieces(traced, roles, [kind.output_roles for kind in kinds.values()])
+        )
+    else:
+        say("reusing the traced layers of an earlier export of this structure (the weights are bound anew)")
+        for kind, kind_roles in zip(kinds.values(), pieces.output_roles):
+            kind.output_roles = kind_roles
+    exported, roles = pieces.model, pieces.roles  # a private copy: the cached bytes stay as they are
 
     graph = exported.graph
     inputs = {value.name: value for value in graph.inputs}

@@ -284,10 +284,9 @@ def export_bundle(
         checkpoint_directory(hf)  # a missing directory or a hub id fails before anything else
     lowering = get_lowering(moe_lowering)
     weight_plan = plan_weights(weights, block_size, weight_kernel)  # refuse bad formats before the slow part
-    torch = _import_torch()
-
-    if Path(output_dir).exists() and not overwrite:  # fail before the slow part
+    if Path(output_dir).exists() and not overwrite:  # fail before the slow part (importing torch included)
         raise BundleError(f"{output_dir} already exists; choose another directory or pass overwrite (--force)")
+    torch = _import_torch()
 
     if hf is not None:
         from exporters.hf.source import hf_source

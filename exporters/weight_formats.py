@@ -15,10 +15,12 @@ DeepSeek's inference keeps it) and rewrites each other weight:
   * ``dequantize`` (standard ONNX, every backend): ``DequantizeLinear`` then the original op.
     Per-channel scales use the per-axis form (opset 13); blocks use ``block_size`` (opset 21, so
     the model's opset is raised to 21), as does int4 storage.
-  * ``matmulnbits`` (ONNX Runtime's ``com.microsoft::MatMulNBits``, the fast path for ORT
-    backends): each 2-D ``MatMul``/``Gemm`` weight becomes one fused dequantize-and-multiply node;
-    the weights it cannot take (3-D expert stacks of the dense and capacity lowerings, the fused
-    lowering's MoE node) fall back to ``dequantize``.
+  * ``matmulnbits`` (ONNX Runtime's contrib operators, the fast path for ORT backends): each 2-D
+    ``MatMul``/``Gemm`` weight becomes one ``com.microsoft::MatMulNBits`` (dequantize and multiply
+    fused), and the fused lowering's ``com.microsoft::MoE`` node becomes one ``com.microsoft::QMoE``
+    with the same routing, which reads only the selected experts' codes; the weights neither can
+    take (3-D expert stacks of the dense and capacity lowerings) fall back to ``dequantize``. Both
+    carry :data:`MATMULNBITS_ACCURACY_LEVEL` (int8 activations, see there).
 
 Both kernels hold the same codes and scales, so they compute with the same dequantized weights.
 The pass itself is :mod:`exporters.weight_pass` (:func:`~exporters.weight_pass.convert_weights`
@@ -42,6 +44,13 @@ BLOCKED_OPSET = 21
 # MatMulNBits takes blocks of a power of two of at least 16 elements; the standard form takes the same.
 MIN_BLOCK_SIZE = 16
 KERNELS = ("dequantize", "matmulnbits")
+# MatMulNBits' accuracy_level 4 lets ONNX Runtime quantize each block of activations to int8 and use its
+# integer dot-product kernels; levels 0-1 keep float32 activations and dequantize weights on the fly. On
+# ONNX Runtime 1.32 CPU (AVX2, no VNNI) one int4 1024x1024 product at one row took 4x (medians) to 20x
+# (fastest calls) less time at level 4 than at level 0 (which was no faster than float32), and an int8 one
+# about 30x less (level 0 has no fast 8-bit path). It is also the level ONNX Runtime's own rewrite of DequantizeLinear+MatMul picks on CPU,
+# so both kernels now compute with int8 activations there (see docs/benchmarks.md, "weight formats").
+MATMULNBITS_ACCURACY_LEVEL = 4
 
 
 @dataclass(frozen=True)

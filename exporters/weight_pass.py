@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.weight_formats import (
     BLOCKED_OPSET,
+    MATMULNBITS_ACCURACY_LEVEL,
     WeightPlan,
     format_key,
     get_weight_format,
@@ -82,7 +83,9 @@ def fold_weight_preparation(proto: onnx.ModelProto) -> None:
     expert weights), so that every matrix product reads its weight straight from an initializer.
 
     ONNX Runtime folds these when it loads the model anyway; here it lets the pass see per-expert
-    weights. Runs onnx's reference evaluator one node at a time.
+    weights. ``DequantizeLinear`` stays: ONNX Runtime does not fold it either (it keeps it for its
+    quantized kernels), and folded it would turn stored codes back into float32 weights.
+    Runs onnx's reference evaluator one node at a time.
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -94,6 +97,7 @@ def fold_weight_preparation(proto: onnx.ModelProto) -> None:
     for node in graph.node:
         constant = (
             node.domain in ("", "ai.onnx")
+            and node.op_type != "DequantizeLinear"
             and node.input
             and all(name in values for name in node.input if name)
             and not outputs.intersection(node.output)
@@ -232,6 +236,60 @@ def _dequantize_standard(
     return value
 
 
+def _unsigned_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes as ONNX Runtime's MatMulNBits and QMoE store them along the last (reduction) axis: unsigned, with
+    their default zero point 2^(bits-1), two int4 codes per byte (the first in the low nibble)."""
+    unsigned = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    if bits == 4:
+        unsigned = (unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)).astype(np.uint8)
+    return unsigned
+
+
+# com.microsoft::MoE weight input -> the QMoE inputs of its codes and scales; MoE bias input -> QMoE's.
+_QMOE_WEIGHT_INPUTS = {2: (2, 3), 4: (5, 6), 6: (8, 9)}
+_QMOE_BIAS_INPUTS = {3: 4, 5: 7, 7: 10}
+
+
+def _qmoe_nodes(weights: Sequence[_Weight]) -> dict[int, onnx.NodeProto]:
+    """The com.microsoft::MoE nodes (by id) every expert weight of which is converted and used by that node alone."""
+    uses: dict[int, set[int]] = defaultdict(set)
+    nodes: dict[int, onnx.NodeProto] = {}
+    for weight in weights:
+        for node, index in weight.consumers:
+            if (node.domain, node.op_type) == ("com.microsoft", "MoE") and len(weight.consumers) == 1:
+                uses[id(node)].add(index)
+                nodes[id(node)] = node
+    return {
+        key: node
+        for key, node in nodes.items()
+        if uses[key] == {index for index in _QMOE_WEIGHT_INPUTS if index < len(node.input) and node.input[index]}
+    }
+
+
+def _qmoe_node(
+    edit: _GraphEdit, node: onnx.NodeProto, parts: Mapping[int, tuple[str, str]], bits: int, block_size: int
+) -> onnx.NodeProto:
+    """A com.microsoft::QMoE replacing the MoE ``node``: same routing and attributes, block-quantized experts.
+
+    ``parts`` maps each MoE weight input index to the names of its stored codes and scales.
+    """
+    inputs = [""] * 11
+    inputs[0], inputs[1] = node.input[0], node.input[1]
+    for index, (codes_name, scales_name) in parts.items():
+        inputs[_QMOE_WEIGHT_INPUTS[index][0]], inputs[_QMOE_WEIGHT_INPUTS[index][1]] = codes_name, scales_name
+    for index, target in _QMOE_BIAS_INPUTS.items():
+        if index < len(node.input):
+            inputs[target] = node.input[index]
+    while not inputs[-1]:
+        inputs.pop()
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return helper.make_node(
+        "QMoE", inputs, list(node.output), name=edit.name(f"{node.name or 'moe'}.quantized"), domain="com.microsoft",
+        **attributes, expert_weight_bits=bits, block_size=block_size, weights_prepacked=0,
+        accuracy_level=MATMULNBITS_ACCURACY_LEVEL,
+    )  # fmt: skip
+
+
 def _matmulnbits_node(
     edit: _GraphEdit, node: onnx.NodeProto, weight: _Weight, codes: np.ndarray, scales: np.ndarray, bits: int,
     block_size: int,
@@ -244,13 +302,10 @@ def _matmulnbits_node(
         return None
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and attributes.get("beta", 1.0) != 1.0:
         return None
-    # MatMulNBits wants B as [N, K] in K-blocks of unsigned codes (zero point 2^(bits-1), its default).
-    per_row = np.moveaxis(codes, weight.axis, -1).astype(np.int16) + 2 ** (bits - 1)
+    # MatMulNBits wants B as [N, K] in K-blocks of unsigned codes.
+    per_row = np.moveaxis(codes, weight.axis, -1)
     columns, rows = per_row.shape  # N, K
-    blocks = rows // block_size
-    packed = per_row.astype(np.uint8).reshape(columns, blocks, block_size)
-    if bits == 4:
-        packed = (packed[..., 0::2] | (packed[..., 1::2] << 4)).astype(np.uint8)
+    packed = _unsigned_codes(per_row, bits).reshape(columns, rows // block_size, -1)
     scale_rows = np.moveaxis(scales, weight.axis, -1).reshape(-1).astype(np.float32)
     inputs = [
         node.input[0],
@@ -262,6 +317,7 @@ def _matmulnbits_node(
     return helper.make_node(
         "MatMulNBits", inputs, list(node.output), name=edit.name(f"{node.name or weight.name}.nbits"),
         domain="com.microsoft", K=rows, N=columns, bits=bits, block_size=block_size,
+        accuracy_level=MATMULNBITS_ACCURACY_LEVEL,
     )  # fmt: skip
 
 
@@ -313,6 +369,9 @@ def convert_weights(
     tensors: dict[str, dict[str, Any]] = {}
     replaced: dict[str, str] = {}  # original weight name -> value carrying the float32 weight
     substitutes: dict[int, onnx.NodeProto] = {}  # id of a replaced node -> its fused replacement
+    # MoE nodes that become QMoE (matmulnbits kernel with blocks), and their stored codes and scales by input.
+    qmoe_nodes = _qmoe_nodes(weights_list) if kernel == "matmulnbits" and block_size else {}
+    qmoe_parts: dict[int, dict[int, tuple[str, str]]] = defaultdict(dict)
     for weight in weights_list:
         record = {
             "format": weights,
@@ -334,6 +393,13 @@ def convert_weights(
             axis=weight.axis,
             bytes=math.ceil(codes.size * weight_format.bits / 8) + scales.size * 4,
         )
+        (moe, index), *_ = weight.consumers
+        if kernel == "matmulnbits" and id(moe) in qmoe_nodes:
+            # QMoE wants [E, N, K] per expert: the MoE layout, with the reduction axis last already.
+            codes_name = edit.constant(f"{weight.name}.nbits", _unsigned_codes(codes, weight_format.bits))
+            qmoe_parts[id(moe)][index] = (codes_name, edit.constant(f"{weight.name}.scale", scales))
+            tensors[weight.name] = {**record, "kernel": "qmoe"}
+            continue
         fused = []
         if kernel == "matmulnbits":
             fused = [
@@ -353,6 +419,10 @@ def convert_weights(
             _set_opset(model, "", BLOCKED_OPSET)
         else:
             _set_opset(model, "", 13)
+    for key, parts in qmoe_parts.items():
+        substitutes[key] = _qmoe_node(edit, qmoe_nodes[key], parts, weight_format.bits, block_size)
+        edit.nodes.append(substitutes[key])
+        _set_opset(model, "com.microsoft", 1)
     _rebuild_graph(model, edit, replaced, substitutes)
     for name, reason in kept.items():
         tensor = next((t for t in model.graph.initializer if t.name == name), None)
@@ -368,6 +438,7 @@ def convert_weights(
         "key": format_key(weights, block_size),
         "block_size": block_size,
         "kernel": kernel if weight_format.quantized else None,
+        "accuracy_level": MATMULNBITS_ACCURACY_LEVEL if kernel == "matmulnbits" else None,
         "router": "float32",
         "converted": len(weights_list),
         "tensors": dict(sorted(tensors.items())),

@@ -14,6 +14,17 @@ _EXPORTS: dict[tuple[str, str, str], list[float]] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _shared_trace_cache(tmp_path_factory):
+    """One on-disk trace cache for the session, this process and the exports it starts in subprocesses
+    (CLI, demo, examples): each model structure is traced once per session (see exporters.trace_cache)."""
+    from exporters.trace_cache import ENVIRONMENT_VARIABLE
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENVIRONMENT_VARIABLE, str(tmp_path_factory.mktemp("traces")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _count_exports():
     """Record every call of the exporter (without importing torch: the wrapper imports nothing)."""
     import exporters.torch_export as torch_export
@@ -51,8 +62,14 @@ def pytest_terminal_summary(terminalreporter):
         return
     total = sum(sum(seconds) for seconds in _EXPORTS.values())
     count = sum(len(seconds) for seconds in _EXPORTS.values())
+    from exporters.trace_cache import trace_cache_statistics
+
+    statistics = trace_cache_statistics()
     terminalreporter.section("portable-moe exports")
-    terminalreporter.write_line(f"{count} model export(s) in this process, {total:.1f} s in all:")
+    terminalreporter.write_line(
+        f"{count} model export(s) in this process, {total:.1f} s in all; layer graphs traced "
+        f"{statistics['traced']} time(s), reused from the trace cache {statistics['reused']} time(s):"
+    )
     for (preset, lowering, weights), seconds in sorted(_EXPORTS.items()):
         times = ", ".join(f"{value:.1f} s" for value in seconds)
         terminalreporter.write_line(f"  {preset} / {lowering} / weights {weights}: {times}")

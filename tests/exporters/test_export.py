@@ -40,10 +40,25 @@ def test_v4_routing_exports_and_matches(bundle_factory):
 
 
 def test_a_graph_that_breaks_parity_writes_no_bundle(tmp_path, monkeypatch):
+    import onnx_ir as ir
+
     from exporters.reference_model import routed_experts_dense
 
+    def scale_the_logits(model: ir.Model) -> None:
+        """Off by 1%: logits times 1.01 (a rewrite gone wrong, after the trace)."""
+        logits = next(value for value in model.graph.outputs if value.name == "logits")
+        factor = ir.Value(name="broken.factor", const_value=ir.tensor(np.array(1.01, dtype=np.float32)))
+        model.graph.register_initializer(factor)
+        scaled = ir.node("Mul", [logits, factor], outputs=[ir.Value(name="broken.logits")])
+        model.graph.append(scaled)
+        logits.name = "logits.unscaled"
+        scaled.outputs[0].name = "logits"
+        scaled.outputs[0].type, scaled.outputs[0].shape = logits.type, logits.shape
+        model.graph.outputs[model.graph.outputs.index(logits)] = scaled.outputs[0]
+
     module = types.ModuleType("broken_lowering")
-    module.routed_experts = lambda *args: routed_experts_dense(*args) * 1.01
+    module.routed_experts = routed_experts_dense  # the dense trace (often already cached), broken afterwards
+    module.after_export = scale_the_logits
     monkeypatch.setitem(sys.modules, "broken_lowering", module)
     monkeypatch.setitem(LOWERINGS, "broken", Lowering("broken", "off by 1%", "broken_lowering"))
     with pytest.raises(

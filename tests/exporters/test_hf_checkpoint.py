@@ -17,7 +17,6 @@ from exporters import export_bundle  # noqa: E402
 from exporters.hf.architectures import ARCHITECTURES  # noqa: E402
 from exporters.hf.checkpoint import dequantize_fp8_blocks  # noqa: E402
 from exporters.hf.loading import load_checkpoint  # noqa: E402
-from exporters.hf.model import LoweredMoEBlock  # noqa: E402
 from portable_moe import cli  # noqa: E402
 from portable_moe.errors import ExportError  # noqa: E402
 
@@ -60,18 +59,6 @@ def test_deepseek_router_uses_group_limit_bias_and_scaling(hf_random_model):
     unbiased_top = scores.topk(2, dim=-1).indices.sort(dim=-1).values
     assert not torch.equal(unbiased_top, ids.sort(dim=-1).values)  # the bias (or the group limit) changed choices
     torch.testing.assert_close(weights.sum(dim=-1), torch.full((64,), 2.5))
-
-
-@pytest.mark.parametrize("architecture", ARCHITECTURE_NAMES)
-def test_lowered_block_matches_transformers_block(hf_random_model, architecture):
-    model = hf_random_model(architecture)
-    block = _moe_block(model)
-    hidden = _hidden(40, model.config.hidden_size).reshape(2, 20, -1)
-    with torch.no_grad():
-        expected = block(hidden)
-        out, expert_ids, dropped = LoweredMoEBlock(block, ARCHITECTURES[architecture])(hidden)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    assert expert_ids.shape == (2, 20, model.config.num_experts_per_tok) and dropped is None
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURE_NAMES)

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints exported to bundles and checked against transformers on every backend.
 
-Exports are slow (seconds each), so coverage is: every architecture with one lowering, and every
-lowering with DeepSeek-V3 (not the full architecture x lowering matrix). Each bundle is exported
+Exports are slow (seconds each), so full exports cover every architecture with one lowering and
+every lowering with DeepSeek-V3; the whole architecture x lowering matrix is checked at the level
+of the MoE block, against transformers' own block, in test_hf_blocks.py. Each bundle is exported
 once per session (fixtures in conftest.py).
 """
 

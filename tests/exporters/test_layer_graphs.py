@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="exporting needs torch (pip install 'portable-moe[export]')")
 
+from exporters import trace_cache  # noqa: E402
 from exporters.layer_graphs import export_layered  # noqa: E402
 from exporters.lowerings import get_lowering  # noqa: E402
 from exporters.reference_model import build_model, golden_inputs  # noqa: E402
@@ -141,3 +143,175 @@ def test_the_config_must_name_the_layers_that_route(tmp_path):
         ExportError, match=r"layers \[1, 2\] return expert ids but the config's moe_layer_indices are \[2\]"
     ):
         export_model_to_onnx(model, tmp_path / "model.onnx")
+
+
+class _ToyLayer(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, hidden):
+        return hidden + torch.relu(self.linear(hidden)), None, None
+
+
+class _Toy(torch.nn.Module):
+    """A LayeredModel that traces in about a second: an embedding, two residual linear layers, a head."""
+
+    def __init__(self, width: int = 8, seed: int = 0, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config = dataclasses.replace(get_preset("tiny"), name="toy", num_hidden_layers=2, first_k_dense_replace=2)
+        self.embed = torch.nn.Embedding(256, width)
+        self.layers = torch.nn.ModuleList(_ToyLayer(width) for _ in range(2))
+        self.out = torch.nn.Linear(width, 256, bias=False)
+        self.scale = scale  # a plain attribute the trace bakes in as a constant
+
+    def prologue(self, input_ids):
+        return (self.embed(input_ids) * self.scale,)
+
+    def layer_modules(self):
+        return list(self.layers)
+
+    def layer_kind(self, index):
+        return "residual linear"
+
+    def head(self, hidden):
+        return self.out(hidden)
+
+    def forward(self, input_ids):
+        hidden = self.prologue(input_ids)[0]
+        for layer in self.layers:
+            hidden = layer(hidden)[0]
+        return self.head(hidden), ()
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    """The number of times the exporter traced (rather than took a traced graph from the cache)."""
+    import exporters.layer_graphs as layer_graphs
+
+    calls = []
+    trace = layer_graphs._export_pieces
+    monkeypatch.setattr(layer_graphs, "_export_pieces", lambda *args: calls.append(1) or trace(*args))
+    trace_cache.clear_trace_cache()
+    yield calls
+    trace_cache.clear_trace_cache()
+
+
+def _toy_onnx(model, messages=None) -> bytes:
+    import onnx_ir
+
+    exported = export_layered(model, _ids(2, 5), lowering=get_lowering("dense"), opset=20, progress=messages)
+    return onnx_ir.to_proto(exported).SerializeToString()
+
+
+def test_other_weights_reuse_the_trace_and_write_the_same_bytes_as_a_fresh_trace(count_traces, tmp_path, monkeypatch):
+    monkeypatch.setenv(trace_cache.ENVIRONMENT_VARIABLE, str(tmp_path))
+    messages = []
+    _toy_onnx(_Toy(seed=0))
+    [written] = tmp_path.glob("*.onnx")  # the traced graph, on disk for later processes
+    cached = _toy_onnx(_Toy(seed=1), messages.append)
+    assert len(count_traces) == 1 and "reusing the traced layers" in messages[0]
+    trace_cache.clear_trace_cache()  # as a new process: memory empty, the directory kept
+    assert _toy_onnx(_Toy(seed=1)) == cached and len(count_traces) == 1
+    written.write_bytes(b"not a graph")  # unreadable (say, a disk that filled up): traced afresh
+    trace_cache.clear_trace_cache()
+    fresh = _toy_onnx(_Toy(seed=1))
+    assert len(count_traces) == 2
+    assert cached == fresh
+    assert cached != _toy_onnx(_Toy(seed=0))  # the weights are really the new model's (from the cache too)
+    assert len(count_traces) == 2
+
+
+def test_a_change_of_structure_is_another_key():
+    """Another key is a miss by construction (the cache is a dict); no tracing needed to see it."""
+    model, dense = _Toy(), get_lowering("dense")
+    keys = [
+        _key(model, _ids(2, 5), dense, 20),
+        _key(_Toy(width=16), _ids(2, 5), dense, 20),  # other shapes
+        _key(_Toy(scale=2.0), _ids(2, 5), dense, 20),  # another constant baked into the graph
+        _key(_Toy().eval(), _ids(2, 5), dense, 20),  # another mode
+        _key(model, _ids(3, 5), dense, 20),  # another example shape
+        _key(model, _ids(2, 5), get_lowering("fused"), 20),  # another translation table
+        _key(model, _ids(2, 5), dense, 21),
+    ]
+    assert len(set(keys)) == len(keys) and None not in keys
+    assert _key(_Toy(seed=5), _ids(2, 5), dense, 20) == keys[0]  # other weights: the same key
+    # The tiny preset: another lowering's or option's routed experts are another function or closure.
+    tiny = build_model(get_preset("tiny"))
+    capacity = get_lowering("capacity")
+    variants = []
+    for lowering, options in ((capacity, {"capacity_factor": 2.0}), (capacity, {"capacity_factor": 3.0}), (dense, {})):
+        tiny.set_routed_experts(lowering.routed_experts(options))
+        variants.append(_key(tiny, _ids(2, 5), lowering, 20))
+    assert len(set(variants)) == 3 and None not in variants
+
+
+def _key(model, ids, lowering, opset):
+    from exporters.layer_graphs import _dynamic_axes, _find_kinds, _structure_key
+
+    kinds, final_hidden = _find_kinds(model, ids)
+    return _structure_key(model, kinds, (ids, final_hidden), _dynamic_axes(model, ids), lowering, opset)
+
+
+def test_the_key_describes_closures_partials_and_tensor_constants():
+    import functools
+
+    def bound(scale):
+        return lambda hidden: hidden * scale
+
+    keys = [
+        trace_cache.structure_key(value)
+        for value in (
+            bound(1.0),
+            bound(2.0),
+            functools.partial(torch.add, alpha=1),
+            functools.partial(torch.add, alpha=2),
+            torch.zeros(3),
+            torch.ones(3),
+            torch.nn.Parameter(torch.zeros(3)),
+        )
+    ]
+    assert len(set(keys)) == len(keys) and None not in keys
+    assert trace_cache.structure_key(bound(1.0)) == keys[0]
+    # Parameters and buffers are graph inputs: their values are not part of the key, their shapes are.
+    assert trace_cache.structure_key(torch.nn.Linear(2, 2)) == trace_cache.structure_key(torch.nn.Linear(2, 2))
+    assert trace_cache.structure_key(torch.nn.Linear(2, 2)) != trace_cache.structure_key(torch.nn.Linear(2, 3))
+    # What cannot be described is not cached.
+    assert trace_cache.structure_key(torch.nn.Linear(2, 2), object()) is None
+
+
+def test_the_key_is_the_same_in_another_process():
+    """Keys on disk are found by later processes: nothing in the key may vary by process (set literals'
+    order varies with hash randomization, for one)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import torch\n"
+        "from exporters import trace_cache\n"
+        "def routed(hidden, names=None):\n"
+        "    return hidden if names in {'alpha', 'beta', 'gamma', 'delta'} else -hidden\n"
+        "torch.manual_seed(0)\n"
+        "print(trace_cache.structure_key(torch.nn.Linear(2, 2), routed))\n"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(keys) == 1 and len(next(iter(keys))) == 64, keys
+
+
+def test_the_key_changes_with_the_exporting_stack_and_the_source(monkeypatch):
+    """A key on disk outlives the process: another torch, or an edited model file, must miss it."""
+    layer = torch.nn.Linear(2, 2)
+    key = trace_cache.structure_key(layer)
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_cache, "_version", lambda distribution: "0.0-other")
+        assert trace_cache.structure_key(layer) != key
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_cache, "_source_digest", lambda module: (module, "edited"))
+        assert trace_cache.structure_key(layer) != key
+    assert trace_cache.structure_key(layer) == key

@@ -12,8 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from exporters.fp8_sources import decode_float8_e4m3, dequantize_fp8_blocks, requantize_fp8_blocks
-from exporters.weight_formats import dequantize, plan_weights, quantize
-from exporters.weight_pass import apply_weight_plan, convert_bundle
+from exporters.weight_formats import MATMULNBITS_ACCURACY_LEVEL, dequantize, plan_weights, quantize
+from exporters.weight_pass import apply_weight_plan, convert_bundle, fold_weight_preparation
 from portable_moe import compare, get_backend
 from portable_moe.compare import compare_outputs, tolerance_for, with_weights
 from portable_moe.conformance.model_check import check_backend
@@ -168,6 +168,11 @@ def test_matmulnbits_holds_the_same_codes_packed(tiny_bundle, weight_bundle):
     # 2-D weights take the fused node; the dense lowering's 3-D expert stacks keep DequantizeLinear.
     assert fused and kernels == {"matmulnbits", "dequantize", None}
     assert {"com.microsoft"} <= {opset.domain for opset in proto.opset_import}
+    # int8 activations: ONNX Runtime's integer kernels (level 0 dequantizes every weight per call).
+    levels = {
+        onnx.helper.get_attribute_value(a) for node in fused for a in node.attribute if a.name == "accuracy_level"
+    }
+    assert levels == {MATMULNBITS_ACCURACY_LEVEL} == {bundle.manifest["weights"]["accuracy_level"]}
     for node in fused:
         name = node.input[1].removesuffix(".nbits")
         entry = bundle.manifest["weights"]["tensors"][name]
@@ -178,6 +183,52 @@ def test_matmulnbits_holds_the_same_codes_packed(tiny_bundle, weight_bundle):
         np.testing.assert_array_equal(
             numpy_helper.to_array(converted[node.input[2]]), np.moveaxis(scales, entry["axis"], -1).reshape(-1)
         )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_lowering_experts_become_one_qmoe_node_holding_the_same_codes(bundle_factory, tmp_path, bits):
+    """The fused lowering's MoE node becomes ONNX Runtime's QMoE, which reads only the selected experts' codes."""
+    fused = bundle_factory("tiny", "fused")  # shared with tests/exporters/test_lowerings.py
+    bundle = convert_bundle(fused, tmp_path / f"int{bits}", f"int{bits}", 32, "matmulnbits")  # validates on cpu
+    proto = bundle.load_onnx()
+    moe_nodes = [node for node in proto.graph.node if node.op_type in ("MoE", "QMoE")]
+    assert [node.op_type for node in moe_nodes] == ["QMoE"] * len(fused.routing_outputs)
+    original, converted = _initializers(fused.load_onnx()), _initializers(proto)
+    for node in moe_nodes:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["expert_weight_bits"] == bits and attributes["block_size"] == 32
+        for codes_input in (2, 5):  # fc1 (gate and up interleaved) and fc2, [experts, out, in]
+            name = node.input[codes_input].removesuffix(".nbits")
+            assert bundle.manifest["weights"]["tensors"][name]["kernel"] == "qmoe"
+            codes, scales = quantize(numpy_helper.to_array(original[name]), bits, 32, -1)
+            packed = numpy_helper.to_array(converted[node.input[codes_input]]).astype(np.int16)
+            if bits == 4:
+                packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(codes.shape)
+            np.testing.assert_array_equal(packed - 2 ** (bits - 1), codes)
+            np.testing.assert_array_equal(numpy_helper.to_array(converted[node.input[codes_input + 1]]), scales)
+    assert check_backend(bundle, get_backend("cpu")).status == "passed"
+
+
+def test_folding_weight_preparation_keeps_stored_codes():
+    """Concat of initializers folds (as ONNX Runtime does at load); DequantizeLinear of codes stays."""
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 10, opset_import: ["" : 21]>
+        agraph (float[1, 4] x) => (float[1, 2] y)
+        <int8[4, 2] codes = {1, 2, 3, 4, 5, 6, 7, 8}, float scale = {0.5}, float[2, 2] a = {1, 2, 3, 4},
+         float[2, 2] b = {5, 6, 7, 8}, int64[1] zero = {0}, int64[1] one = {1}>
+        {
+            weight = DequantizeLinear(codes, scale)
+            stacked = Concat<axis = 0>(a, b)
+            bias = Slice(stacked, zero, one, zero)
+            product = MatMul(x, weight)
+            y = Add(product, bias)
+        }
+        """
+    )
+    fold_weight_preparation(proto)
+    assert [node.op_type for node in proto.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert {"codes", "scale"} <= {tensor.name for tensor in proto.graph.initializer}
 
 
 def test_router_stays_float32_and_the_manifest_records_every_tensor(tiny_bundle, weight_bundle):
@@ -297,6 +348,67 @@ def test_a_loosened_row_would_hide_a_real_routing_change(weight_bundle, monkeypa
     loosened = compare.Tolerance(atol=1e9, rtol=1.0, min_routing_agreement=0.0, reason="loosened")
     monkeypatch.setitem(compare.WEIGHT_TOLERANCES, "int8/channel", loosened)
     assert all(c.passed for c in compare_outputs(expected, broken, bundle.routing_outputs, precision))
+
+
+def _drop_selection_bias(proto: onnx.ModelProto, routers: list[str]) -> None:
+    biases = [t for t in proto.graph.initializer if t.name.endswith("e_score_correction_bias")]
+    assert len(biases) == len(routers)
+    for tensor in biases:
+        tensor.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(tensor)), tensor.name))
+
+
+def _swap_routers(proto: onnx.ModelProto, routers: list[str]) -> None:
+    """Each MoE layer reads the next layer's router (a weight mapped to the wrong layer)."""
+    tensors = {t.name: t for t in proto.graph.initializer if t.name in routers}
+    arrays = [numpy_helper.to_array(tensors[name]) for name in routers]
+    for name, array in zip(routers, arrays[1:] + arrays[:1]):
+        tensors[name].CopyFrom(numpy_helper.from_array(array, name))
+
+
+@pytest.mark.parametrize(
+    ("weights", "block_size", "wrong_change"),
+    [("int8", 0, _drop_selection_bias), ("int4", 32, _swap_routers)],
+    ids=["int8-bias-dropped", "int4-routers-swapped"],
+)
+def test_a_wrong_router_fails_the_row_the_honest_format_passes(weight_bundle, weights, block_size, wrong_change):
+    """Issue 14 part 6: the format's own flips pass its row; a real routing change on top of them does not."""
+    bundle = weight_bundle(weights, block_size, "dequantize")
+    routers = sorted(
+        name for name, entry in bundle.manifest["weights"]["tensors"].items() if "router" in entry.get("note", "")
+    )
+    assert len(routers) == len(bundle.routing_outputs) == 2
+    proto = bundle.load_onnx()
+    wrong_change(proto, routers)
+    feeds, expected = bundle.golden_sets()[0]
+    cpu = get_backend("cpu")
+    precision = with_weights("exact", bundle.weight_format)
+
+    def routing(actual):
+        return [c for c in compare_outputs(expected, actual, bundle.routing_outputs, precision) if c.kind == "routing"]
+
+    honest, wrong = routing(cpu.compile(bundle.load_onnx()).run(feeds)), routing(cpu.compile(proto).run(feeds))
+    assert all(c.passed for c in honest)
+    failed = [c for c in wrong if not c.passed]  # the check fails when any MoE layer does
+    assert failed and all("expert overlap" in c.message for c in failed)
+    row = compare.WEIGHT_TOLERANCES[bundle.weight_format]
+    assert min(c.expert_overlap for c in wrong) < row.min_expert_overlap <= min(c.expert_overlap for c in honest)
+
+
+def test_expert_overlap_counts_the_experts_each_token_kept():
+    expected = np.array([[[0, 1, 2], [3, 4, 5]], [[0, 1, 2], [6, 7, 0]]])
+    actual = np.array([[[2, 1, 0], [3, 4, 9]], [[5, 6, 7], [0, 6, 7]]])  # 3, 2, 0 and 3 of 3 kept
+    assert compare.expert_overlap(expected, actual) == pytest.approx(8 / 12)
+    assert compare.expert_overlap(expected, expected) == 1.0
+    row = compare.Tolerance(atol=0, rtol=0, min_routing_agreement=0.0, reason="", min_expert_overlap=0.7)
+    (verdict,) = compare_outputs({"ids": expected}, {"ids": actual}, {"ids": 1}, "exact")
+    assert not verdict.passed and verdict.expert_overlap == pytest.approx(8 / 12)
+    # A row's agreement bounds its overlap from below; combined rows keep the looser requirement.
+    assert row.required_overlap == 0.7
+    assert compare.Tolerance(0, 0, 0.9, "").required_overlap == 0.9
+    combined = tolerance_for(
+        "float32", with_weights("force_fp16", "int4/block"), get_backend("npu-sim").capabilities.precision_modes
+    )
+    assert combined.min_expert_overlap == compare.WEIGHT_TOLERANCES["int4/block"].min_expert_overlap
 
 
 def test_values_after_a_flip_are_left_to_the_routing_verdict():
