@@ -135,13 +135,13 @@ TOLERANCES: dict[str, PrecisionMode] = {
 # error. Conformance adds the int8/channel weight row (portable_moe.compare.WEIGHT_TOLERANCES) on top: atol sums,
 # the lower routing thresholds apply. Measured with scripts/measure_w8a8.py (npu-sim, dense lowering, int8
 # per-channel bundles vs the float32 golden; tiny: golden + 24 random sets, small: golden + 6; docs/benchmarks.md):
-_W8A8_ACTIVATIONS_ATOL = 0.2
+_W8A8_ACTIVATIONS_ATOL = 0.25
 _W8A8_REASON = (
-    "int8 activations per token (W8A8) on int8/channel weights: logits needed atol 0.35 (tiny) and 0.19 (small) "
-    "under force_fp16, against 0.24 and 0.14 with float16 activations (W8A16), so int8 activations added <= 0.12; "
-    "the mode's atol plus 0.2 for them (~1.7x). Routing per set: agreement >= 0.906 (tiny) and 0.812 (small), "
-    "expert overlap >= 0.938 and 0.969; thresholds 0.75 and 0.9 sit below those, and the int8/channel weight row "
-    "(0.7, 0.85) is the lower one that applies"
+    "int8 activations per token (W8A8) on int8/channel weights: over the four modes logits needed atol <= 0.41 "
+    "(tiny) and <= 0.23 (small), against 0.24 and 0.14 with float16 activations (W8A16, force_fp16): int8 "
+    "activations added <= 0.18, so the mode's atol plus 0.25. Routing per set: agreement >= 0.875 (tiny) and "
+    ">= 0.75 (small), expert overlap >= 0.922 and >= 0.943; thresholds 0.7 and 0.85 sit below those (as the "
+    "int8/channel weight row's, which conformance combines with this one)"
 )
 for _mode, _declared in list(TOLERANCES.items()):
     _row = _declared.tolerances["float32"]
@@ -150,8 +150,8 @@ for _mode, _declared in list(TOLERANCES.items()):
             "float32": Tolerance(
                 atol=_row.atol + _W8A8_ACTIVATIONS_ATOL,
                 rtol=_row.rtol,
-                min_routing_agreement=0.75,
-                min_expert_overlap=0.9,
+                min_routing_agreement=0.7,
+                min_expert_overlap=0.85,
                 reason=f"{_W8A8_REASON}; the mode's own row: {_row.reason}",
             ),
         },
