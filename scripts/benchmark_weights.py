@@ -83,8 +83,8 @@ NOTES = [
     "float32 graph), so a verdict says how decisively the converted model chose, not the float32 one.",
     "- npu-sim folds `DequantizeLinear` of constant weights at compile time and runs the matrix products in "
     "float16 under its default precision mode: numerically weight-only int8 with float16 activations "
-    "(W8A16); its memory report counts the folded weights, not int8 codes. W8A8 (int8 activations) is not "
-    "simulated. On random inputs its float16 mode flips some near-ties even for float32 weights, which its "
+    "(W8A16); its memory report counts the folded weights, not int8 codes. W8A8 (int8 activations, "
+    "`-O activations=int8`) is measured separately, see [W8A8 on npu-sim](#w8a8-on-npu-sim). On random inputs its float16 mode flips some near-ties even for float32 weights, which its "
     "tolerance row (routing agreement 1.0) does not allow.",
     "- The roofline counts contrib nodes (`MatMulNBits`, `MoE`, `QMoE`) as free (ONNX shape inference cannot "
     "size them), so it is given for the standard form of the sparse and dense lowerings only; the fast path "

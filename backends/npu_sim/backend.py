@@ -42,12 +42,15 @@ from backends.npu_sim.partition import (
     plan_graph,
 )
 from backends.npu_sim.precision import (
+    ACTIVATION_CHOICES,
     OP_TOLERANCE_OVERRIDES,
     PRECISION_MODES,
     TOLERANCES,
     apply_precision,
     float16_nodes,
     float16_tensors,
+    quantize_activations,
+    reported_precision,
 )
 from backends.npu_sim.static_cache import DEFAULT_CACHE_POSITIONS, StaticCacheDecoder, decoder_gears
 from portable_moe.backend import Backend, Capabilities, CompiledModel, ModelInput, Option, ProbeResult
@@ -62,7 +65,7 @@ ARTIFACT_VERSION = 1
 # Outputs through which the capacity lowering reports how many (token, slot) pairs it dropped.
 _DROPPED_SLOTS_PREFIX = "dropped_slots"
 # Options that change what an artifact contains (the others only change how it is used).
-_ARTIFACT_OPTIONS = ("precision", "router_fp32", "fold_constants")
+_ARTIFACT_OPTIONS = ("precision", "activations", "router_fp32", "fold_constants")
 
 
 @dataclass
@@ -221,7 +224,7 @@ class NpuSimCompiledModel(CompiledModel):
         options: Mapping[str, Any],
     ) -> None:
         super().__init__(backend, model)
-        self.precision = str(options["precision"])
+        self.precision = reported_precision(str(options["precision"]), str(options["activations"]))
         self.gears = gears
         self._entries = entries
         self._report = report
@@ -350,6 +353,12 @@ class NpuSimBackend(Backend):
             parse=_directory_path,
         ),
         "memory_gib": Option(64.0, float, "simulated device memory budget in GiB", minimum=0),
+        "activations": Option(
+            "float",
+            str,
+            "int8: Ascend W8A8 (int8 activations per token into int8-weight matrix products; int8/channel bundles)",
+            choices=ACTIVATION_CHOICES,
+        ),
         "router_fp32": Option(True, bool, "keep the MoE router in float32 under float16 modes"),
         "fold_constants": Option(True, bool, "fold constant subgraphs at compile time"),
         "chip": Option("ascend-910b", str, "chip whose roofline prices the compile report", parse=_known_chip),
@@ -395,6 +404,7 @@ class NpuSimBackend(Backend):
     def _compile(self, model: ModelInput, options: dict[str, Any]) -> CompiledModel:
         if options["fail_on_compile"]:
             raise BackendError("simulated device error while compiling (fault injected by fail_on_compile=True)")
+        _check_activations(model, options)
         budget = int(options["memory_gib"] * GIB)
         chip = get_chip(str(options["chip"]))
         cache_pairs = find_cache_pairs(model.proto)
@@ -469,7 +479,7 @@ class NpuSimBackend(Backend):
             simulated=True,
             note="simulated device: every node is computed by ONNX Runtime on this machine's CPU; "
             "placement, transfers, memory and latency are modelled",
-            precision=str(options["precision"]),
+            precision=reported_precision(str(options["precision"]), str(options["activations"])),
             gears=[rows[gear] for gear in gears],
             **_summarise(largest, budget),
             cache={
@@ -501,6 +511,9 @@ def _build_gear(
     """
     opset = ai_onnx_opset(proto)
     static = gear_module.infer_shapes(gear_module.static_model(proto, gear))
+    if options["activations"] == "int8":
+        static, _ = quantize_activations(static)
+        static = gear_module.infer_shapes(static)
     folded: list[onnx.NodeProto] = []
     if options["fold_constants"]:
         static, folded = gear_module.fold_constants(static, opset)
@@ -562,6 +575,12 @@ _STATIC_CACHE_NOTE = [
 def _notes(model: ModelInput, options: Mapping[str, Any]) -> list[str]:
     """What a reader of the report should keep in mind for this model and these options."""
     notes = []
+    if options["activations"] == "int8":
+        notes.append(
+            "activations=int8 (W8A8): every int8-weight matrix product quantizes its input per token (scale = "
+            "max|x| / 127, round half to even), multiplies int8 by int8 into int32 and dequantizes the result; the "
+            "other nodes follow the precision mode"
+        )
     if options["precision"] != "must_keep_origin_dtype":
         notes.append(
             "float16 nodes read and write float16-rounded values and accumulate in float32 inside the op "
@@ -576,6 +595,19 @@ def _notes(model: ModelInput, options: Mapping[str, Any]) -> list[str]:
             "that dropped any"
         )
     return notes
+
+
+def _check_activations(model: ModelInput, options: Mapping[str, Any]) -> None:
+    """Refuse int8 activations (W8A8) for a model without per-channel int8 weights."""
+    if options["activations"] != "int8":
+        return
+    weights = model.bundle.weight_format if model.bundle is not None else "float32"
+    if weights != "int8/channel":
+        raise BackendError(
+            f"npu-sim activations=int8 (Ascend W8A8) needs int8 weights with one scale per output channel, and this "
+            f"model's weights are {weights}; convert a float32 bundle with `portable-moe convert ... --weights int8` "
+            "(block size 0), or leave activations=float"
+        )
 
 
 def _check_budget(analysis: Mapping[str, Any], budget: int) -> None:

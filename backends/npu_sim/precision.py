@@ -38,6 +38,14 @@ from portable_moe.compare import PrecisionMode, Tolerance, ToleranceOverride
 
 PRECISION_MODES = ("force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype", "allow_mix_precision")
 FLOAT16_SUFFIX = "__fp16"
+# W8A8: int8 activations into int8-weight matrix products (option activations=int8).
+ACTIVATION_CHOICES = ("float", "int8")
+W8A8_SUFFIX = "+w8a8"
+# Names of the nodes quantize_activations adds contain this; they compute in float32 under every mode (the
+# int32 accumulator overflows float16), as Ascend's quantize and dequantize steps do inside their kernels.
+W8A8_NODE_MARK = ".w8a8_"
+# Ascend's dynamic per-token quantization is symmetric: codes in [-127, 127], zero point 0.
+_INT8_LIMIT = 127.0
 
 # A routing flip at an oracle margin at most this is a near-tie. The float32 mode perturbs router scores
 # (~1: sigmoid outputs plus a bias) by ~1e-7..1e-6 through reordered sums; the float16 modes by up to 2.4e-3
@@ -122,6 +130,34 @@ TOLERANCES: dict[str, PrecisionMode] = {
         near_tie_reason=_FLOAT32_NEAR_TIE_REASON,
     ),
 }
+
+# W8A8 (option activations=int8; a compiled model reports "<mode>+w8a8"): int8 activations add to the mode's own
+# error. Conformance adds the int8/channel weight row (portable_moe.compare.WEIGHT_TOLERANCES) on top: atol sums,
+# the lower routing thresholds apply. Measured with scripts/measure_w8a8.py (npu-sim, dense lowering, int8
+# per-channel bundles vs the float32 golden; tiny: golden + 24 random sets, small: golden + 6; docs/benchmarks.md):
+_W8A8_ACTIVATIONS_ATOL = 0.25
+_W8A8_REASON = (
+    "int8 activations per token (W8A8) on int8/channel weights: over the four modes logits needed atol <= 0.41 "
+    "(tiny) and <= 0.23 (small), against 0.24 and 0.14 with float16 activations (W8A16, force_fp16): int8 "
+    "activations added <= 0.18, so the mode's atol plus 0.25. Routing per set: agreement >= 0.875 (tiny) and "
+    ">= 0.75 (small), expert overlap >= 0.922 and >= 0.943; thresholds 0.7 and 0.85 sit below those (as the "
+    "int8/channel weight row's, which conformance combines with this one)"
+)
+for _mode, _declared in list(TOLERANCES.items()):
+    _row = _declared.tolerances["float32"]
+    TOLERANCES[_mode + W8A8_SUFFIX] = PrecisionMode(
+        tolerances={
+            "float32": Tolerance(
+                atol=_row.atol + _W8A8_ACTIVATIONS_ATOL,
+                rtol=_row.rtol,
+                min_routing_agreement=0.7,
+                min_expert_overlap=0.85,
+                reason=f"{_W8A8_REASON}; the mode's own row: {_row.reason}",
+            ),
+        },
+        near_tie_margin=_declared.near_tie_margin,
+        near_tie_reason=f"{_declared.near_tie_reason}; int8/channel weights' wider margin applies on top",
+    )
 
 # onnx's node test cases (the op suite) in float16 compute; declared in Capabilities.op_tolerance_overrides.
 OP_TOLERANCE_OVERRIDES: tuple[ToleranceOverride, ...] = (
@@ -241,7 +277,7 @@ def float16_nodes(
         entry = table.entry(node.op_type)
         if mode == "must_keep_origin_dtype" or not placements[index].on_device or entry is None or not entry.fp16:
             continue
-        if index in keep:
+        if index in keep or W8A8_NODE_MARK in node.name:
             continue
         flags = _float_type_variable(node, opset)
         if flags is None:
@@ -382,3 +418,162 @@ def float16_tensors(model: onnx.ModelProto, decided: Sequence[bool], types: Valu
             if flag and name and types.get(name, (None, None))[0] == "float32":
                 names.add(name)
     return names
+
+
+def reported_precision(mode: str, activations: str) -> str:
+    """The precision a compiled model reports: the mode, with ``+w8a8`` when activations are int8."""
+    return mode + W8A8_SUFFIX if activations == "int8" else mode
+
+
+def _int8_weight(
+    value: str, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]
+) -> tuple[np.ndarray, np.ndarray, list[onnx.NodeProto]] | None:
+    """The int8 codes and per-output-channel scales behind a matrix product's weight input, in its shape.
+
+    Follows ``value`` back through Transpose and Reshape nodes (with constant shapes) to a per-axis
+    DequantizeLinear of int8 codes with no zero point, and applies the same Reshape and Transpose to
+    the codes and to the scales spread over the codes' shape. Returns ``(codes, scales, chain)``
+    with ``scales`` of shape ``codes.shape`` (one value per output channel, repeated along the
+    reduction axis), or None when ``value`` is not such a weight.
+    """
+    chain: list[onnx.NodeProto] = []
+    while value in producers and producers[value].op_type in ("Transpose", "Reshape"):
+        node = producers[value]
+        if node.op_type == "Reshape" and (len(node.input) < 2 or node.input[1] not in initializers):
+            return None
+        chain.append(node)
+        value = node.input[0]
+    dequantize = producers.get(value)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) > 2:
+        return None
+    codes_name, scale_name = dequantize.input[0], dequantize.input[1]
+    if codes_name not in initializers or scale_name not in initializers:
+        return None
+    if initializers[codes_name].data_type != onnx.TensorProto.INT8:
+        return None
+    attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in dequantize.attribute}
+    if attributes.get("block_size", 0):
+        return None
+    codes = numpy_helper.to_array(initializers[codes_name])
+    scale = numpy_helper.to_array(initializers[scale_name]).astype(np.float32)
+    axis = int(attributes.get("axis", 1)) % codes.ndim
+    if scale.ndim == 1:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    scales = np.broadcast_to(scale, codes.shape)
+    for node in reversed(chain):
+        if node.op_type == "Reshape":
+            target = numpy_helper.to_array(initializers[node.input[1]])
+            codes, scales = codes.reshape(target), scales.reshape(target)
+        else:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            codes, scales = np.transpose(codes, perm), np.transpose(scales, perm)
+    return codes, scales, [dequantize, *reversed(chain)]
+
+
+def _add_node(
+    nodes: list[onnx.NodeProto], base: str, op_type: str, inputs: list[str], suffix: str, **attrs: object
+) -> str:
+    """Append a node named, and writing one value named, ``<base>.<suffix>``; return that name."""
+    nodes.append(onnx.helper.make_node(op_type, inputs, [f"{base}.{suffix}"], f"{base}.{suffix}", **attrs))
+    return f"{base}.{suffix}"
+
+
+def quantize_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Rewrite ``model`` so that its int8-weight matrix products compute as Ascend's W8A8 does.
+
+    Each MatMul (or Gemm taking ``A @ B.T``) whose weight is a per-channel int8 DequantizeLinear
+    becomes: per row of the activation (each token), ``scale = max|x| / 127`` (1 where the row is
+    all zeros), codes ``clip(round_half_even(x / scale), -127, 127)`` as int8; an int8 x int8
+    MatMulInteger accumulating in int32; the int32 result converted to float32 and multiplied by
+    the activation's scale, then by the weight's per-channel scale. These nodes compute in float32
+    under every precision mode (see ``W8A8_NODE_MARK``). Intermediate names end in
+    ``.w8a8_codes`` (the activation's int8 codes) and ``.w8a8_int32`` (the accumulator).
+
+    Returns:
+        ``(rewritten model, number of matrix products rewritten)``.
+    """
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output if name}
+    opset = ai_onnx_opset(model)
+    new_nodes: list[onnx.NodeProto] = []
+    new_initializers: list[onnx.TensorProto] = []
+    constants: dict[str, str] = {}
+    replaced: list[onnx.NodeProto] = []
+    rewritten = 0
+
+    def constant(name: str, array: np.ndarray) -> str:
+        if name not in constants:
+            constants[name] = f"w8a8.{name}"
+            new_initializers.append(numpy_helper.from_array(array, constants[name]))
+        return constants[name]
+
+    for node in graph.node:
+        attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+        found = None
+        if node.op_type == "MatMul" or (
+            node.op_type == "Gemm"
+            and attributes.get("alpha", 1.0) == 1.0
+            and not attributes.get("transA", 0)
+            and (len(node.input) < 3 or not node.input[2])
+        ):
+            found = _int8_weight(node.input[1], producers, initializers)
+        if found is None:
+            new_nodes.append(node)
+            continue
+        codes, scales, chain = found
+        if node.op_type == "Gemm" and attributes.get("transB", 0):
+            codes, scales = np.swapaxes(codes, -1, -2), np.swapaxes(scales, -1, -2)
+        channel_scales = scales[..., :1, :]
+        if codes.ndim < 2 or not np.array_equal(np.broadcast_to(channel_scales, scales.shape), scales):
+            new_nodes.append(node)  # scales vary along the reduction axis: not per output channel
+            continue
+        replaced.extend(chain)
+        rewritten += 1
+        base, x, output = node.output[0], node.input[0], node.output[0]
+        weight_codes = f"{base}.w8a8_weight"
+        new_initializers.append(numpy_helper.from_array(np.ascontiguousarray(codes), weight_codes))
+        weight_scales = f"{base}.w8a8_weight_scale"
+        new_initializers.append(numpy_helper.from_array(np.ascontiguousarray(channel_scales), weight_scales))
+        limit, one = constant("limit", np.array(_INT8_LIMIT, np.float32)), constant("one", np.array(1.0, np.float32))
+        zero, low = constant("zero", np.array(0.0, np.float32)), constant("low", np.array(-_INT8_LIMIT, np.float32))
+
+        make = functools.partial(_add_node, new_nodes, base)
+
+        magnitude = make("Abs", [x], "w8a8_abs")
+        if opset >= 18:
+            peak = make(
+                "ReduceMax", [magnitude, constant("last_axis", np.array([-1], np.int64))], "w8a8_max", keepdims=1
+            )
+        else:
+            peak = make("ReduceMax", [magnitude], "w8a8_max", axes=[-1], keepdims=1)
+        raw_scale = make("Div", [peak, limit], "w8a8_raw_scale")
+        scale = make("Where", [make("Equal", [raw_scale, zero], "w8a8_all_zero"), one, raw_scale], "w8a8_scale")
+        rounded = make("Round", [make("Div", [x, scale], "w8a8_scaled")], "w8a8_rounded")
+        clipped = make("Clip", [rounded, low, limit], "w8a8_clipped")
+        quantized = make("Cast", [clipped], "w8a8_codes", to=onnx.TensorProto.INT8)
+        accumulated = make("MatMulInteger", [quantized, weight_codes], "w8a8_int32")
+        as_float = make("Cast", [accumulated], "w8a8_float", to=onnx.TensorProto.FLOAT)
+        per_token = make("Mul", [as_float, scale], "w8a8_dequantized")
+        new_nodes.append(onnx.helper.make_node("Mul", [per_token, weight_scales], [output], f"{base}.w8a8_output"))
+
+    if not replaced:
+        return model, 0
+    kept = new_nodes
+    while True:  # drop the weights' DequantizeLinear chains that nothing reads any more
+        read = {name for node in kept for name in node.input} | {value.name for value in graph.output}
+        remaining = [node for node in kept if not (node in replaced and not read.intersection(node.output))]
+        if len(remaining) == len(kept):
+            break
+        kept = remaining
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.node[:]
+    result.graph.node.extend(kept)
+    used = set().union(*(referenced_names(node) for node in kept)) | {value.name for value in graph.input}
+    kept_initializers = [tensor for tensor in graph.initializer if tensor.name in used]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept_initializers + new_initializers)
+    return result, rewritten

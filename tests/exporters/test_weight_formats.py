@@ -597,3 +597,87 @@ def test_weights_prepared_from_initializers_are_folded_then_converted():
     x = generator.standard_normal((3, 32)).astype(np.float32)
     expected = x @ dequantize(codes, scales, 16, axis=1).T
     np.testing.assert_allclose(ReferenceEvaluator(converted).run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def _w8a8_reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray):
+    """Ascend W8A8 in numpy: per-token symmetric int8 activations, int32 accumulation, dequantized output."""
+    scale = np.max(np.abs(x), axis=-1, keepdims=True) / np.float32(127)
+    scale = np.where(scale == 0, np.float32(1), scale)
+    quantized = np.clip(np.round(x / scale), -127, 127).astype(np.int8)  # np.round: half to even
+    accumulated = np.matmul(quantized.astype(np.int32), codes.astype(np.int32))
+    return quantized, accumulated, (accumulated.astype(np.float32) * scale) * scales
+
+
+def test_w8a8_rewrite_matches_a_numpy_reference_bit_exactly():
+    import onnxruntime
+
+    from backends.npu_sim.precision import quantize_activations
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(-127, 128, size=(16, 8)).astype(np.int8)
+    scales = rng.uniform(0.001, 0.02, size=8).astype(np.float32)
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    x[0, 0] = 0.0  # an all-zero token: scale 1, codes 0
+    x[0, 1, :4] = [127.0, 0.5, 1.5, -2.5]  # scale 1: halves round to even (0, 2, -2)
+    x[0, 1, 4:] = 0.25
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("DequantizeLinear", ["codes", "scales"], ["weight"], axis=1),
+            onnx.helper.make_node("MatMul", ["x", "weight"], ["y"]),
+            onnx.helper.make_node("Gemm", ["x2", "weight_t"], ["y2"], transB=1),
+            onnx.helper.make_node("Transpose", ["weight"], ["weight_t"]),
+        ],
+        "w8a8",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 16]),
+            onnx.helper.make_tensor_value_info("x2", onnx.TensorProto.FLOAT, [3, 16]),
+        ],
+        [
+            onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 8]),
+            onnx.helper.make_tensor_value_info("y2", onnx.TensorProto.FLOAT, [3, 8]),
+        ],
+        [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+    rewritten, count = quantize_activations(model)
+    assert count == 2
+    assert not [node for node in rewritten.graph.node if node.op_type in ("DequantizeLinear", "Transpose", "MatMul")]
+    extra = ["y.w8a8_codes", "y.w8a8_int32", "y2.w8a8_codes", "y2.w8a8_int32"]
+    rewritten.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
+    session = onnxruntime.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, y2, codes_x, int32_x, codes_x2, int32_x2 = session.run(None, {"x": x, "x2": x[1]})
+    for actual_codes, actual_int32, actual, source in [(codes_x, int32_x, y, x), (codes_x2, int32_x2, y2, x[1])]:
+        quantized, accumulated, expected = _w8a8_reference(source, codes, scales)
+        np.testing.assert_array_equal(actual_codes, quantized)
+        np.testing.assert_array_equal(actual_int32, accumulated)
+        np.testing.assert_array_equal(actual, expected)
+    assert codes_x[0, 0].tolist() == [0] * 16 and codes_x[0, 1, :4].tolist() == [127, 0, 2, -2]
+
+
+def test_npu_sim_w8a8_passes_its_row_and_really_quantizes_activations(weight_bundle, tmp_path):
+    from backends.npu_sim.backend import NpuSimBackend
+
+    bundle = weight_bundle("int8", 0, "dequantize")
+    batch, seq = bundle.golden_sets()[0][0]["input_ids"].shape
+    options = {"activations": "int8", "batch_sizes": (batch,), "seq_lengths": (seq,), "cache_dir": tmp_path}
+    result = check_backend(bundle, NpuSimBackend(), options)
+    assert result.passed, result.reason
+    compiled = NpuSimBackend().compile(bundle, options)
+    assert compiled.precision == compiled.report().precision == "force_fp16+w8a8"
+    artifact = onnx.load(compiled.report().gears[0].artifact)
+    op_types = [node.op_type for node in artifact.graph.node]
+    quantized = [n for n, entry in bundle.manifest["weights"]["tensors"].items() if entry.get("format") == "int8"]
+    assert op_types.count("MatMulInteger") == len(quantized) > 20 and "DequantizeLinear" not in op_types
+    assert compiled.report().gears[0].host_nodes == 0  # the W8A8 nodes run on the simulated device
+    feeds, _ = bundle.golden_sets()[0]
+    w8a16 = NpuSimBackend().compile(bundle, {**options, "activations": "float"}).run(feeds)["logits"]
+    assert not np.array_equal(compiled.run(feeds)["logits"], w8a16)
+
+
+def test_npu_sim_refuses_int8_activations_without_per_channel_int8_weights(tiny_bundle, tmp_path):
+    from backends.npu_sim.backend import NpuSimBackend
+
+    with pytest.raises(BackendError, match=r"activations=int8 \(Ascend W8A8\) needs int8 weights with one scale per "):
+        NpuSimBackend().compile(tiny_bundle, {"activations": "int8", "cache_dir": tmp_path})
+    with pytest.raises(BackendError, match=r"option activations must be one of float, int8, got 'int4'"):
+        NpuSimBackend().compile(tiny_bundle, {"activations": "int4", "cache_dir": tmp_path})
