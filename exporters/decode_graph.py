@@ -396,8 +396,12 @@ def finish_decoder(
     weight_plan: Any,
     precision: str,
     say: Progress,
+    fp8_sources: Any = None,
 ) -> dict[str, Any]:
     """Store the decoder's weights in the bundle's format, validate it, and return its manifest entry.
+
+    ``fp8_sources`` (an :class:`exporters.fp8_sources.FP8Sources`): the FP8 checkpoint's blocks, so
+    that the decoder's weights keep their scales as the model's do.
 
     Raises:
         ExportError: when the graph fails the ONNX checker or disagrees with torch.
@@ -412,7 +416,7 @@ def finish_decoder(
 
     layout = export.layout
     names, routing = decoder_output_names(layout, config)
-    apply_weight_plan(export.path, weight_plan, list(routing), None)
+    apply_weight_plan(export.path, weight_plan, list(routing), None, fp8_sources)
     validate_graph(export.path, export.cases, routing, precision, say, "torch (with a cache)")
     say(f"validating: the decoder's greedy continuation against the golden one from {export.reference}")
     check_continuation(export, config, precision)

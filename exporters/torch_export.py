@@ -22,7 +22,7 @@ from exporters.layered import LayeredModel, quiet_exporter
 from exporters.lowerings import Lowering, get_lowering
 from exporters.sources import ExportSource, output_names
 from exporters.validation import Progress, validate_graph
-from exporters.weight_formats import plan_weights
+from exporters.weight_formats import get_weight_format, plan_weights
 from exporters.weight_pass import apply_weight_plan
 from portable_moe.bundle import MODEL_NAME, Bundle, bundle_writer, load_bundle, write_manifest
 from portable_moe.compare import with_weights
@@ -344,7 +344,12 @@ def export_bundle(
 
         import onnx
 
-        weights_record = apply_weight_plan(model_path, weight_plan, list(routing), say)
+        fp8_sources = None
+        if hf is not None and get_weight_format(weight_plan.weights).quantized:
+            from exporters.fp8_sources import fp8_sources_of_checkpoint
+
+            fp8_sources = fp8_sources_of_checkpoint(hf)
+        weights_record = apply_weight_plan(model_path, weight_plan, list(routing), say, fp8_sources)
         golden_feeds = {"input_ids": golden_ids.numpy()}
         validate_graph(
             model_path,
@@ -359,7 +364,7 @@ def export_bundle(
             from exporters.decode_graph import finish_decoder
 
             precision = with_weights("exact", weights_record["key"])
-            extra_generation = {"generation": finish_decoder(decoder, config, weight_plan, precision, say)}
+            extra_generation = {"generation": finish_decoder(decoder, config, weight_plan, precision, say, fp8_sources)}
         proto = onnx.load(str(model_path), load_external_data=False)
         inputs, outputs = specs_from_onnx(proto)
         extra: dict[str, Any] = {

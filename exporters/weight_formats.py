@@ -28,7 +28,8 @@ on a model, :func:`~exporters.weight_pass.convert_bundle` on a written bundle); 
 records every initializer's format.
 
 :func:`exporters.fp8_sources.requantize_fp8_blocks` takes a DeepSeek-V3-style FP8 (e4m3) weight
-with 128x128 block scales straight into int8/int4 blocks, for checkpoints that arrive in FP8.
+with 128x128 block scales straight into int8/int4 blocks, for checkpoints that arrive in FP8; the
+pass does so for the weights :class:`exporters.fp8_sources.FP8Sources` finds, when the blocks fit.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporters.fp8_sources import FP8Sources
 from exporters.weight_formats import (
     BLOCKED_OPSET,
     MATMULNBITS_ACCURACY_LEVEL,
@@ -335,6 +336,7 @@ def convert_weights(
     block_size: int | None = None,
     kernel: str = "dequantize",
     routing_outputs: Sequence[str] = (),
+    fp8_sources: FP8Sources | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Rewrite a float32 model's matrix-product weights into ``weights`` (the graph pass).
 
@@ -344,11 +346,15 @@ def convert_weights(
         block_size: for int8/int4, inputs per scale (0: per output channel); None: the format's default.
         kernel: "dequantize" (standard ONNX) or "matmulnbits" (ONNX Runtime's fused node where it fits).
         routing_outputs: the routing output names, whose routers stay float32.
+        fp8_sources: the FP8 checkpoint the model was exported from: int8/int4 weights that came
+            from its blocks take their codes and scales from them (see :class:`FP8Sources`).
 
     Returns:
         ``(new model, manifest record)``; the record holds the format, block size, kernel, the
         opset, and ``tensors``: every float initializer of the result by its original name ->
-        ``{"format", "block_size", "shape", "bytes"}`` (kept tensors say why they were kept).
+        ``{"format", "block_size", "shape", "bytes"}`` (kept tensors say why they were kept; those
+        whose scales came from FP8 blocks say ``"scales": "fp8"``); with ``fp8_sources``,
+        ``fp8_scales`` says how many kept them, or why none could (``fallback``).
 
     Raises:
         ExportError: unknown format or kernel, a bad block size, a model that is not float32, or
@@ -372,6 +378,7 @@ def convert_weights(
     # MoE nodes that become QMoE (matmulnbits kernel with blocks), and their stored codes and scales by input.
     qmoe_nodes = _qmoe_nodes(weights_list) if kernel == "matmulnbits" and block_size else {}
     qmoe_parts: dict[int, dict[int, tuple[str, str]]] = defaultdict(dict)
+    fp8_fallback = fp8_sources.fallback_reason(weights, block_size) if fp8_sources else None
     for weight in weights_list:
         record = {
             "format": weights,
@@ -387,7 +394,11 @@ def convert_weights(
             replaced[weight.name] = edit.node("Cast", [stored], f"{weight.name}.float32", to=TensorProto.FLOAT)
             tensors[weight.name] = {**record, "bytes": weight.array.size * 2}
             continue
-        codes, scales = quantize(weight.array, weight_format.bits, block_size, weight.axis)
+        from_fp8 = None
+        if fp8_sources and not fp8_fallback:
+            from_fp8 = fp8_sources.quantize(weight.array, weight.axis, weights, block_size)
+            record.update({"scales": "fp8"} if from_fp8 else {})
+        codes, scales = from_fp8 or quantize(weight.array, weight_format.bits, block_size, weight.axis)
         record.update(
             block_size=block_size,
             axis=weight.axis,
@@ -443,6 +454,9 @@ def convert_weights(
         "converted": len(weights_list),
         "tensors": dict(sorted(tensors.items())),
     }
+    if fp8_sources:
+        kept_fp8 = sum(entry.get("scales") == "fp8" for entry in tensors.values())
+        record["fp8_scales"] = {"kept": kept_fp8, "fallback": fp8_fallback}
     return model, record
 
 
@@ -475,16 +489,30 @@ def _rebuild_graph(
 
 
 def apply_weight_plan(
-    model_path: Path, plan: WeightPlan, routing_outputs: Sequence[str], say: Callable[[str], None] | None = None
+    model_path: Path,
+    plan: WeightPlan,
+    routing_outputs: Sequence[str],
+    say: Callable[[str], None] | None = None,
+    fp8_sources: FP8Sources | None = None,
 ) -> dict[str, Any]:
     """Rewrite the model file at ``model_path`` in place to ``plan``'s format; return the manifest record.
 
-    A float32 plan leaves the file as it is and only records every tensor's format.
+    A float32 plan leaves the file as it is and only records every tensor's format. ``fp8_sources``:
+    see :func:`convert_weights`.
     """
     proto = onnx.load(str(model_path))
     if plan.weights != "float32" and say:
         say(f"storing weights as {plan.key} ({plan.kernel} kernel); the router stays float32")
-    converted, record = convert_weights(proto, plan.weights, plan.block_size, plan.kernel, routing_outputs)
+    converted, record = convert_weights(
+        proto, plan.weights, plan.block_size, plan.kernel, routing_outputs, fp8_sources=fp8_sources
+    )
+    fp8 = record.get("fp8_scales")
+    if fp8 and say:
+        say(
+            f"FP8 source: {fp8['kept']} weights keep their FP8 block scales"
+            if not fp8["fallback"]
+            else f"FP8 source: block scales not kept: {fp8['fallback']}"
+        )
     if plan.weights != "float32":
         onnx.save(converted, str(model_path))
     return record

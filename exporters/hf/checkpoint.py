@@ -154,7 +154,12 @@ class CheckpointReader:
             self.files_read[file_name] = sha256_of(path)
         return self._headers[file_name]
 
-    def _raw(self, name: str) -> Any:
+    def dtype_of(self, name: str) -> str:
+        """The safetensors dtype of a tensor the checkpoint holds ("BF16", "F8_E4M3", ...)."""
+        return self._header(self._where[name])[0].get(name, {}).get("dtype", "")
+
+    def raw(self, name: str) -> Any:
+        """One tensor as stored (a torch tensor of the file's dtype)."""
         import torch
 
         file_name = self._where[name]
@@ -187,7 +192,7 @@ class CheckpointReader:
 
         if name not in self._where:
             raise ExportError(f"{self.directory}: the checkpoint has no tensor {name!r}; it does not match its config")
-        value = self._raw(name)
+        value = self.raw(name)
         if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name + SCALE_SUFFIX
             if scale_name not in self._where or self.block_size is None:
@@ -195,7 +200,7 @@ class CheckpointReader:
                     f"{self.directory}: {name!r} is FP8 but the checkpoint has no {scale_name!r} or its config no "
                     "quantization_config.weight_block_size; only block-scaled FP8 is supported"
                 )
-            return dequantize_fp8_blocks(value, self._raw(scale_name), self.block_size).to(dtype)
+            return dequantize_fp8_blocks(value, self.raw(scale_name), self.block_size).to(dtype)
         return value.to(dtype)
 
 

@@ -36,7 +36,7 @@ def hf_config(architecture: str, **overrides: Any) -> Any:
             routed_scaling_factor=2.5,
             first_k_dense_replace=1,
             kv_lora_rank=16,
-            q_lora_rank=24,
+            q_lora_rank=32,  # a multiple of 16, so that int8/int4 blocks of 16 fit every projection
             qk_rope_head_dim=8,
             qk_nope_head_dim=8,
             v_head_dim=8,
