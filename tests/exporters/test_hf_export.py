@@ -1,8 +1,9 @@
 """Hugging Face checkpoints exported to bundles and checked against transformers on every backend.
 
 Exports are slow (seconds each), so full exports cover every architecture with one lowering and
-every lowering with DeepSeek-V3; the whole architecture x lowering matrix is checked at the level
-of the MoE block, against transformers' own block, in test_hf_blocks.py. Each bundle is exported
+the dense, sparse and capacity lowerings; the whole architecture x lowering matrix (fused included)
+is checked at the level of the MoE block, against transformers' own block, in test_hf_blocks.py, and
+every lowering's ONNX translation on the presets in test_lowerings.py. Each bundle is exported
 once per session (fixtures in conftest.py).
 """
 
@@ -24,10 +25,8 @@ DEEPSEEK = "DeepseekV3ForCausalLM"
 CASES = [
     ("deepseek-dense-generation", DEEPSEEK, "dense", {"generation": True}),  # test_hf_generation.py shares it
     ("deepseek-fp8-sparse", "fp8", "sparse", {}),
-    ("deepseek-capacity-external-data", DEEPSEEK, "capacity", {"external_data_threshold_bytes": 0}),
-    ("deepseek-fused", DEEPSEEK, "fused", {}),
     ("qwen3-sparse-32-experts", "Qwen3MoeForCausalLM", "sparse", {"golden_batch": 1, "golden_seq": 3}),
-    ("qwen2-capacity", "Qwen2MoeForCausalLM", "capacity", {}),
+    ("qwen2-capacity-external-data", "Qwen2MoeForCausalLM", "capacity", {"external_data_threshold_bytes": 0}),
 ]
 QWEN3_OVERRIDES = {"num_experts": 32, "num_experts_per_tok": 2}
 
@@ -69,7 +68,7 @@ def test_bundle_conforms_on_every_backend_that_takes_its_lowering(case):
 
 def test_golden_data_comes_from_transformers(hf_checkpoint, hf_bundle):
     directory = hf_checkpoint("Qwen2MoeForCausalLM")
-    bundle = hf_bundle(directory, "capacity")
+    bundle = hf_bundle(directory, "capacity", external_data_threshold_bytes=0)
     (feeds, golden), *_ = bundle.golden_sets()
     expected = _transformers_outputs(directory, feeds["input_ids"])
     np.testing.assert_array_equal(golden["logits"], expected["logits"])
@@ -98,7 +97,7 @@ def test_experts_no_token_visited_while_tracing_stay_exact_at_any_shape(hf_check
 
 
 def test_external_data_is_written_hashed_and_loaded(hf_checkpoint, hf_bundle):
-    bundle = hf_bundle(hf_checkpoint(DEEPSEEK), "capacity", external_data_threshold_bytes=0)
+    bundle = hf_bundle(hf_checkpoint("Qwen2MoeForCausalLM"), "capacity", external_data_threshold_bytes=0)
     import onnx
 
     data_files = [name for name in bundle.manifest["files"] if name.startswith("model.onnx") and name != "model.onnx"]
@@ -134,7 +133,7 @@ def test_a_graph_that_disagrees_with_transformers_fails_with_exit_code_1(hf_chec
     from exporters.validation import _check_parity
     from portable_moe.errors import ExportParityError
 
-    bundle = hf_bundle(hf_checkpoint("Qwen2MoeForCausalLM"), "capacity")
+    bundle = hf_bundle(hf_checkpoint("Qwen2MoeForCausalLM"), "capacity", external_data_threshold_bytes=0)
     (feeds, golden), *_ = bundle.golden_sets()
     wrong = {**golden, "logits": golden["logits"] + 1e-2}
     with pytest.raises(
