@@ -152,6 +152,23 @@ def _exposing_session(bundle: Bundle, extra: list[str]) -> onnxruntime.Inference
     return onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def set_figures(expected: dict, actual: dict, routing: list[str]) -> tuple[float | None, float, float]:
+    """One input set's figures for a tolerance row: (atol the logits need at rtol 1e-2 before the
+    sequence's first routing flip, or None when every position flipped; the lowest per-layer share of
+    tokens whose expert set is unchanged; the lowest per-layer share of each token's experts kept)."""
+    agree = np.ones(expected["logits"].shape[:-1], bool)
+    per_layer = []
+    for name in routing:
+        same = np.all(np.sort(actual[name], -1) == np.sort(expected[name], -1), -1)
+        per_layer.append(float(same.mean()))
+        agree &= same
+    overlap = min(expert_overlap(expected[name], actual[name]) for name in routing)
+    before_flip = np.cumsum(~agree, axis=-1) == 0
+    excess = np.abs(actual["logits"].astype(np.float64) - expected["logits"]) - 1e-2 * np.abs(expected["logits"])
+    atol = float(excess[before_flip].max()) if before_flip.any() else None
+    return atol, min(per_layer), overlap
+
+
 def tolerance_evidence(base: Bundle, bundle: Bundle, sets: list) -> dict[str, Any]:
     """atol needed before the first flip, lowest per-set agreement, first-layer router perturbation (cpu)."""
     routing = list(bundle.routing_outputs)
@@ -162,18 +179,11 @@ def tolerance_evidence(base: Bundle, bundle: Bundle, sets: list) -> dict[str, An
     atols, agreements, overlaps, perturbations = [], [], [], []
     for feeds, expected in sets:
         actual = dict(zip(names, ours_session.run(None, feeds)))
-        agree = np.ones(expected["logits"].shape[:-1], bool)
-        per_layer = []
-        for name in routing:
-            same = np.all(np.sort(actual[name], -1) == np.sort(expected[name], -1), -1)
-            per_layer.append(float(same.mean()))
-            agree &= same
-        agreements.append(min(per_layer))
-        overlaps.append(min(expert_overlap(expected[name], actual[name]) for name in routing))
-        before_flip = np.cumsum(~agree, axis=-1) == 0
-        excess = np.abs(actual["logits"].astype(np.float64) - expected["logits"]) - 1e-2 * np.abs(expected["logits"])
-        if before_flip.any():
-            atols.append(float(excess[before_flip].max()))
+        atol, agreement, overlap = set_figures(expected, actual, routing)
+        agreements.append(agreement)
+        overlaps.append(overlap)
+        if atol is not None:
+            atols.append(atol)
         if extra:
             ours, reference = actual[extra[0]], base_session.run(extra, feeds)[0]
             finite = np.isfinite(ours) & np.isfinite(reference)

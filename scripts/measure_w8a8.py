@@ -25,12 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_weights import input_sets, log  # noqa: E402
+from benchmark_weights import input_sets, log, set_figures  # noqa: E402
 
 from backends.npu_sim.backend import NpuSimBackend  # noqa: E402
 from backends.npu_sim.precision import PRECISION_MODES  # noqa: E402
 from exporters import convert_bundle, export_bundle  # noqa: E402
-from portable_moe.compare import expert_overlap  # noqa: E402
 from portable_moe.conformance.model_check import check_backend  # noqa: E402
 
 
@@ -41,18 +40,11 @@ def measure(bundle, sets, options) -> dict:
     atols, agreements, overlaps = [], [], []
     for feeds, expected in sets:
         actual = compiled.run(feeds)
-        agree = np.ones(expected["logits"].shape[:-1], bool)
-        per_layer = []
-        for name in routing:
-            same = np.all(np.sort(actual[name], -1) == np.sort(expected[name], -1), -1)
-            per_layer.append(float(same.mean()))
-            agree &= same
-        agreements.append(min(per_layer))
-        overlaps.append(min(expert_overlap(expected[name], actual[name]) for name in routing))
-        before_flip = np.cumsum(~agree, axis=-1) == 0
-        excess = np.abs(actual["logits"].astype(np.float64) - expected["logits"]) - 1e-2 * np.abs(expected["logits"])
-        if before_flip.any():
-            atols.append(float(excess[before_flip].max()))
+        atol, agreement, overlap = set_figures(expected, actual, routing)
+        agreements.append(agreement)
+        overlaps.append(overlap)
+        if atol is not None:
+            atols.append(atol)
     result = check_backend(bundle, NpuSimBackend(), options, input_sets=sets)
     return {
         "precision": compiled.precision,
