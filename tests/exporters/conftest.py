@@ -159,40 +159,45 @@ def save_fp8_checkpoint(source: Path, directory: Path, block: tuple[int, int] = 
 
 
 @pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    """``make(architecture, **config_overrides) -> directory``: each distinct checkpoint written once."""
+def hf_checkpoint(run_wide):
+    """``make(architecture, **config_overrides) -> directory``: each distinct checkpoint written once per run."""
     pytest.importorskip("transformers", reason="Hugging Face export needs pip install 'portable-moe[hf]'")
-    made: dict[tuple, Path] = {}
-    root = tmp_path_factory.mktemp("hf-checkpoints")
+    checkpoints = run_wide("hf-checkpoints")
 
     def make(architecture: str, **overrides: Any) -> Path:
-        key = (architecture, *sorted((name, repr(value)) for name, value in overrides.items()))
-        if key not in made:
-            made[key] = save_checkpoint(root / f"{architecture}-{len(made)}", architecture, **overrides)
-        return made[key]
+        key = repr((architecture, *sorted((name, repr(value)) for name, value in overrides.items())))
+        return checkpoints.get(
+            key, architecture, lambda directory: save_checkpoint(directory, architecture, **overrides), Path
+        )
 
     return make
 
 
 @pytest.fixture(scope="session")
-def fp8_deepseek_checkpoint(hf_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp8_deepseek_checkpoint(hf_checkpoint, run_wide) -> Path:
     """The tiny DeepSeek-V3 checkpoint in block-scaled FP8, in two shards with an index."""
-    return save_fp8_checkpoint(hf_checkpoint("DeepseekV3ForCausalLM"), tmp_path_factory.mktemp("fp8") / "deepseek-fp8")
+    source = hf_checkpoint("DeepseekV3ForCausalLM")
+    return run_wide("fp8-checkpoints").get(
+        str(source), "deepseek-fp8", lambda directory: save_fp8_checkpoint(source, directory), Path
+    )
 
 
 @pytest.fixture(scope="session")
-def hf_bundle(tmp_path_factory: pytest.TempPathFactory):
-    """``export(directory, lowering, **options) -> Bundle``: each distinct export done once per session."""
+def hf_bundle(run_wide):
+    """``export(directory, lowering, **options) -> Bundle``: each distinct export done once per run."""
     from exporters import export_bundle
+    from portable_moe import load_bundle
 
-    made: dict[tuple, Any] = {}
-    root = tmp_path_factory.mktemp("hf-bundles")
+    bundles = run_wide("hf-bundles")
 
     def export(directory: Path, lowering: str, **options: Any) -> Any:
-        key = (str(directory), lowering, *sorted((name, repr(value)) for name, value in options.items()))
-        if key not in made:
-            made[key] = export_bundle(root / f"bundle-{len(made)}", hf=directory, moe_lowering=lowering, **options)
-        return made[key]
+        key = repr((str(directory), lowering, *sorted((name, repr(value)) for name, value in options.items())))
+        return bundles.get(
+            key,
+            f"{directory.name}-{lowering}",
+            lambda target: export_bundle(target, hf=directory, moe_lowering=lowering, **options),
+            load_bundle,
+        )
 
     return export
 
