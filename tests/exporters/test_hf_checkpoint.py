@@ -210,3 +210,71 @@ def test_index_pointing_at_the_wrong_shard_is_named(fp8_deepseek_checkpoint, tmp
     index_path.write_text(json.dumps(index))
     with pytest.raises(ExportError, match=r"has no tensor 'model.embed_tokens.weight', which .* places there"):
         load_checkpoint(directory)
+
+
+def _sentencepiece_checkpoint(directory, model_bytes: bytes):
+    """A checkpoint directory whose tokenizer is a sentencepiece tokenizer.model alone (no tokenizer.json)."""
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes(model_bytes)
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+            }
+        )
+    )
+    return directory
+
+
+def test_a_sentencepiece_tokenizer_gets_a_tokenizer_json_that_encodes_as_sentencepiece_does(tmp_path):
+    import io
+
+    spm = pytest.importorskip("sentencepiece", reason="the hf extra brings sentencepiece")
+    from tokenizers import Tokenizer
+
+    from exporters.hf.tokenizer import copy_tokenizer
+
+    corpus = ["a mixture of experts routes every token", "the quick brown fox jumps over the lazy dog"] * 40
+    trained = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=trained, vocab_size=60, model_type="bpe", minloglevel=2
+    )
+    source = _sentencepiece_checkpoint(tmp_path / "checkpoint", trained.getvalue())
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    messages: list[str] = []
+
+    entry = copy_tokenizer(source, staging, messages.append)["tokenizer"]
+
+    assert entry["files"] == ["tokenizer_config.json", "tokenizer.model", "tokenizer.json"]
+    assert "tokenizer.json" in entry["made"]
+    tokenizer = Tokenizer.from_file(str(staging / "tokenizer" / "tokenizer.json"))
+    processor = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    for text in ("the lazy fox routes a token", "experts jump over every dog"):
+        expected = processor.encode(text)
+        ids = tokenizer.encode(text).ids
+        assert ids[-len(expected) :] == expected and ids[: len(ids) - len(expected)] == [processor.bos_id()]
+        assert tokenizer.decode(ids) == text
+
+
+def test_an_unreadable_sentencepiece_tokenizer_leaves_token_ids_only_and_says_why(tmp_path):
+    from exporters.hf.tokenizer import copy_tokenizer
+
+    source = _sentencepiece_checkpoint(tmp_path / "checkpoint", b"not a sentencepiece model")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    messages: list[str] = []
+
+    entry = copy_tokenizer(source, staging, messages.append)["tokenizer"]
+
+    assert entry["files"] == ["tokenizer_config.json", "tokenizer.model"] and "made" not in entry
+    assert not (staging / "tokenizer" / "tokenizer.json").exists()
+    assert any(
+        message.startswith("warning: tokenizer.json could not be made from tokenizer.model")
+        and "takes token ids only" in message
+        for message in messages
+    ), messages
