@@ -164,7 +164,11 @@ def session_options(threads: int, optimization: str) -> Any:
     if optimization not in _OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization must be one of {', '.join(_OPTIMIZATION_LEVELS)}, got {optimization!r}")
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT's warnings are about its own internals
+    # Fatal only: ORT's errors are raised to the caller, who reports them with ORT's words (a log
+    # line would say the same again on stderr, even where the caller expects the failure and goes
+    # on, as generation does when a decoder's cache cannot be preallocated); its warnings are about
+    # its own internals.
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

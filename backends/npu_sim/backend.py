@@ -555,8 +555,12 @@ def _verify_static_cache(decoder: onnx.ModelProto, rewritten: onnx.ModelProto, p
     """
     import onnxruntime
 
+    from backends.onnxruntime_cpu import session_options
+
     def runner(proto: onnx.ModelProto) -> Any:
-        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            proto.SerializeToString(), session_options(0, "all"), providers=["CPUExecutionProvider"]
+        )
         names = [output.name for output in session.get_outputs()]
         return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
