@@ -53,7 +53,8 @@ def pytest_unconfigure(config):
 
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core, at most 4 (each export and run already uses threads)."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def run_directory() -> Path:
