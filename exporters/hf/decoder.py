@@ -62,10 +62,14 @@ class PastAndPresent:
     def update(
         self, new_key: torch.Tensor, new_value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        past_key, past_value = torch.split(self.past[0], self.split, dim=-1) if self.split else self.past
-        key = torch.cat((past_key, new_key), dim=2)
-        value = torch.cat((past_value, new_value), dim=2)
-        self.present = (torch.cat((key, value), dim=-1),) if self.split else (key, value)
+        if self.split:  # one Concat(past, new) along the positions, which a preallocated cache rewrites
+            latent = torch.cat((self.past[0], torch.cat((new_key, new_value), dim=-1)), dim=2)
+            self.present = (latent,)
+            key, value = torch.split(latent, self.split, dim=-1)
+            return key, value
+        key = torch.cat((self.past[0], new_key), dim=2)
+        value = torch.cat((self.past[1], new_value), dim=2)
+        self.present = (key, value)
         return key, value
 
 

@@ -229,6 +229,12 @@ class Generator:
         # On the CPU the cache is preallocated and written in place (no copy of it per step).
         self._in_place = self._compile_in_place(decoder, options) if self._device == "cpu" else None
 
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether the cache is preallocated and each step writes only its new positions (on the CPU,
+        where the decoder graph's rewrite for a preallocated cache holds); else the cache grows."""
+        return self._in_place is not None
+
     def _model_input(self) -> ModelInput:
         # The decoder file goes through the same safety checks as any model file of a bundle.
         decoder = Bundle(self.bundle.path, {"model_file": self.spec.file}, [], [], max_bytes=self.bundle.max_bytes)

@@ -148,8 +148,20 @@ def static_cache_graph(proto: onnx.ModelProto, pairs: Sequence[CachePair]) -> on
     positions_nodes, positions, count = _new_positions(build, position)
     nodes: list[onnx.NodeProto] = [capacity_shape, capacity_node, position_node, *positions_nodes]
     depends_on_position = {CACHE_POSITION}
+    # The past length and the new tokens' count as the graph reads them (Shape, then reshaped or cast).
+    past_length: set[str] = set()
+    new_length: set[str] = set()
     replaced_shapes = 0
     for node in graph.node:
+        if node.op_type == "Shape" and node.input[0] == "input_ids" and list(_shape_range(node, 2)) == [1]:
+            new_length.update(node.output)
+        elif node.op_type in _SAME_VALUE and node.input and node.input[0] in new_length:
+            new_length.update(node.output)
+        if node.op_type in _SAME_VALUE and node.input and node.input[0] in past_length:
+            past_length.update(node.output)
+        if node.op_type == "Add" and len(node.input) == 2 and _one_each(node.input, past_length, new_length):
+            nodes += _capacity_like(build, node, capacity)
+            continue  # the grown cache's length (past + new) is the preallocated cache's size now
         if node.op_type == "Shape" and node.input[0] in past_names:
             span = _shape_range(node, 4)
             if CACHE_AXIS in span and len(span) > 1:
@@ -160,6 +172,7 @@ def static_cache_graph(proto: onnx.ModelProto, pairs: Sequence[CachePair]) -> on
             if CACHE_AXIS in span:
                 nodes.append(helper.make_node("Identity", [CACHE_POSITION], list(node.output), name=node.name))
                 depends_on_position.update(node.output)
+                past_length.update(node.output)
                 replaced_shapes += 1
                 continue
         if node.op_type == "Concat" and node.output[0] in presents:
@@ -196,6 +209,22 @@ def static_cache_graph(proto: onnx.ModelProto, pairs: Sequence[CachePair]) -> on
     # Intermediate shapes mentioned the growing length; shape inference recomputes them per gear.
     del graph.value_info[:]
     return model
+
+
+# Ops that pass a length on unchanged in value (its rank or type may change).
+_SAME_VALUE = ("Squeeze", "Unsqueeze", "Reshape", "Cast", "Identity")
+
+
+def _one_each(inputs: Sequence[str], first: set[str], second: set[str]) -> bool:
+    return (inputs[0] in first and inputs[1] in second) or (inputs[0] in second and inputs[1] in first)
+
+
+def _capacity_like(build: _Builder, node: onnx.NodeProto, capacity: str) -> list[onnx.NodeProto]:
+    """The cache's capacity in place of ``node`` (past length + new count), of its input's type and shape."""
+    cast, value = build.node("CastLike", [capacity, node.input[0]], "capacity_like")
+    shape_node, shape = build.node("Shape", [node.input[0]], "length_shape")
+    reshape = helper.make_node("Reshape", [value, shape], list(node.output), name=node.name)
+    return [cast, shape_node, reshape]
 
 
 def _new_positions(build: _Builder, position: str) -> tuple[list[onnx.NodeProto], str, str]:
@@ -299,7 +328,7 @@ def verify_rewrite(proto: onnx.ModelProto, pairs: Sequence[CachePair], run_grown
         dims = [dim.dim_value for dim in inputs[pair.past].type.tensor_type.shape.dim]
         shapes[pair.past] = (1, dims[1], 0, dims[3])
     grown = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
-    capacity = 4
+    capacity = 8  # more than the 4 positions written: unwritten ones stay in the cache at every step
     cache = {name: np.zeros((1, shape[1], capacity, shape[3]), dtype=np.float32) for name, shape in shapes.items()}
     steps = [np.array([[1, 2, 3]], dtype=np.int64), np.array([[4]], dtype=np.int64)]
     length = 0

@@ -53,7 +53,9 @@ def test_golden_continuation_is_transformers_greedy_and_cpu_reproduces_it(deepse
     assert [sorted(ids) for ids in full["expert_ids_layer1"][0, steps].tolist()] == [
         sorted(step["1"]) for step in golden["expert_ids"]
     ]
-    result = Generator(bundle, "cpu").generate(prompt, len(tokens))
+    generator = Generator(bundle, "cpu")
+    assert generator.writes_in_place  # the latent cache is preallocated on the CPU, as the presets' caches are
+    result = generator.generate(prompt, len(tokens))
     assert result.tokens == tokens
     stored = np.stack(result.logits)
     np.testing.assert_allclose(stored, full["logits"][0, steps], rtol=1e-4, atol=1e-5)
@@ -76,7 +78,7 @@ def test_deepseek_cache_is_the_latent_and_its_size_is_reported(deepseek):
     assert [value.shape for value in output.cache.values] == [(1, 1, 3, width)] * 2
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", "openvino"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "openvino", "npu-sim"])
 def test_latent_cache_decoder_conforms_token_by_token(deepseek, backend):
     from portable_moe import registry
     from portable_moe.conformance.generation_check import check_generation

@@ -67,6 +67,7 @@ def test_greedy_on_cpu_equals_the_torch_golden(generation_bundle, io_binding):
     golden = generator.spec.golden
     result = generator.generate(golden["prompt_ids"], len(golden["tokens"]))
     assert result.io == ("iobinding" if io_binding else "numpy")
+    assert generator.writes_in_place == io_binding
     assert result.tokens == golden["tokens"]
     assert [{str(k): v for k, v in step.items()} for step in result.expert_ids] == golden["expert_ids"]
 
