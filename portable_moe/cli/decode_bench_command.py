@@ -87,7 +87,17 @@ def command_bench_decode(args: argparse.Namespace) -> int:
         title=f"{bundle.name}: prefill context - {args.steps} random tokens, then {args.steps} decode steps of new "
         "random tokens"
     )
-    columns = ("batch", "context", "engine", "prefill tok/s", "decode ms/step", "decode tok/s", "vs torch", "vs floor")
+    columns = (
+        "batch",
+        "context",
+        "engine",
+        "prefill tok/s",
+        "decode ms/step",
+        "CPU ms/step",
+        "decode tok/s",
+        "vs torch",
+        "vs floor",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "engine" else "right")
     torch_name = torch_engine.name if torch_engine is not None else None
@@ -100,6 +110,7 @@ def command_bench_decode(args: argparse.Namespace) -> int:
             escape(timing.engine),
             f"{timing.prefill_tokens_per_second:,.0f}",
             f"{timing.decode_step_ms:.2f}",
+            f"{timing.decode_step_cpu_ms:.2f}",
             f"{timing.decode_tokens_per_second:,.1f}",
             "-" if versus_torch is None else f"{versus_torch / timing.decode_step_ms:.2f}x",
             f"{timing.decode_step_ms / floors_ms[timing.batch]:.2f}x",
@@ -108,7 +119,8 @@ def command_bench_decode(args: argparse.Namespace) -> int:
     print_result(
         f"bandwidth floor: the weights a decode step reads / {bandwidth / 1e9:.1f} GB/s matrix-vector bandwidth "
         f"(ONNX Runtime MatMul over 128 MiB, {threads or 'default'} threads); 'vs torch' is torch's time over this "
-        "engine's, 'vs floor' this engine's time over the floor"
+        "engine's, 'vs floor' this engine's time over the floor; 'CPU ms/step' is the process's CPU time per step "
+        "(all threads): with one thread, a step that took longer than that waited for a core"
     )
     for batch in batches:
         print_result(

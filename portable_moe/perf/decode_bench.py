@@ -54,6 +54,9 @@ class DecodeTiming:
         prefill_seconds: the prefill's time.
         decode_steps: decode steps timed, one new token per sequence each.
         decode_step_ms: median time of one decode step; ``decode_step_p90_ms`` its 90th percentile.
+        decode_step_cpu_ms: median CPU time of the process over one decode step (all its threads). With
+            one thread, ``decode_step_ms`` minus this is time the step waited for a core: on a
+            shared machine it tells the work apart from the load.
     """
 
     engine: str
@@ -64,6 +67,7 @@ class DecodeTiming:
     decode_steps: int
     decode_step_ms: float
     decode_step_p90_ms: float
+    decode_step_cpu_ms: float
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -151,11 +155,12 @@ def time_decode(
     started = time.perf_counter()
     cache = engine.step(prompt, cache)
     prefill_seconds = time.perf_counter() - started
-    step_seconds = []
+    step_seconds, cpu_seconds = [], []
     for step_ids in tokens:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         cache = engine.step(step_ids, cache)
         step_seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu_started)
     milliseconds = np.array(step_seconds) * 1000.0
     return DecodeTiming(
         engine=engine.name,
@@ -166,6 +171,7 @@ def time_decode(
         decode_steps=steps,
         decode_step_ms=float(np.median(milliseconds)),
         decode_step_p90_ms=float(np.percentile(milliseconds, 90)),
+        decode_step_cpu_ms=float(np.median(cpu_seconds) * 1000.0),
     )
 
 

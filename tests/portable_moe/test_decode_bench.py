@@ -33,7 +33,7 @@ def test_cli_bench_decode_times_each_batch_and_context_against_torch(generation_
     code = main([*arguments, "--batch", "1,2", "--numpy-cache", "--json", str(report)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "bandwidth floor:" in out and "matrix-vector bandwidth" in out and "batch 2:" in out
+    assert "bandwidth floor:" in out and "matrix-vector bandwidth" in out and "batch 2:" in out and "CPU ms/step" in out
     written = json.loads(report.read_text())
     engines = ["cpu (iobinding)", "cpu (numpy)"]
     if importlib.util.find_spec("torch") is not None:
@@ -45,6 +45,7 @@ def test_cli_bench_decode_times_each_batch_and_context_against_torch(generation_
     for timing in written["timings"]:
         assert timing["prefill_tokens"] == timing["batch"] * (timing["context"] - 2) and timing["decode_steps"] == 2
         assert timing["decode_step_ms"] > 0 and timing["decode_tokens_per_second"] > 0
+        assert timing["decode_step_cpu_ms"] > 0
     config = generation_bundle.config
     for batch in (1, 2):
         floor = written["floors"][str(batch)]
