@@ -284,6 +284,18 @@ def _time_bundle(bundle: Bundle, backend: Any, feeds: Any, args: argparse.Namesp
         )
 
 
+def _one_batch_size(text: str | None) -> int | None:
+    """``--batch`` outside ``--decode``: one integer (None when not given; its range is checked where used)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(
+            f"--batch takes one batch size here (a list like 1,4 only with --decode), got {text!r}"
+        ) from None
+
+
 def command_bench(args: argparse.Namespace) -> int:
     from portable_moe.perf.bench import changing_token_feeds, model_bytes
 
@@ -291,6 +303,7 @@ def command_bench(args: argparse.Namespace) -> int:
         from portable_moe.cli.decode_bench_command import command_bench_decode
 
         return command_bench_decode(args)
+    args.batch = _one_batch_size(args.batch)
     if args.cluster:
         from portable_moe.cli.cluster_commands import command_bench_on_cluster
 
@@ -664,7 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="backend name or fallback list (default: cpu); with --cluster: backends to time, each on its own, or 'all'",
     )
-    bench.add_argument("--batch", type=int, help="random token input of this batch size (with --seq)")
+    bench.add_argument(
+        "--batch",
+        metavar="N",
+        help="random token input of this batch size (with --seq); with --decode: batch sizes, e.g. 1,4 (default: 1)",
+    )
     bench.add_argument("--seq", type=int, help="random token input of this sequence length (with --batch)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
     bench.add_argument("--runs", type=int, default=20, help="timed runs (default: 20)")

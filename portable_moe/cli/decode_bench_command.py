@@ -49,6 +49,7 @@ def command_bench_decode(args: argparse.Namespace) -> int:
         check_decode_request,
         decode_weight_bytes,
         measure_matvec_bandwidth,
+        parse_batches,
         parse_contexts,
     )
     from portable_moe.run.generation import Generator, decoder_spec
@@ -59,10 +60,10 @@ def command_bench_decode(args: argparse.Namespace) -> int:
             "and --cluster"
         )
     contexts = parse_contexts(args.context or "128,1024")
-    batch = 1 if args.batch is None else args.batch
+    batches = parse_batches(args.batch or "1")
     bundle = load_bundle(args.bundle)
     spec = decoder_spec(bundle)
-    check_decode_request(contexts, batch, args.steps, spec.max_positions)
+    check_decode_request(contexts, batches, args.steps, spec.max_positions)
     options = parse_options(args.option)
     show_step(f"compiling the decoder graph for {args.backend}")
     generator = Generator(bundle, args.backend, options)
@@ -77,54 +78,79 @@ def command_bench_decode(args: argparse.Namespace) -> int:
     show_step("measuring this machine's matrix-vector bandwidth")
     bandwidth = measure_matvec_bandwidth(threads=threads)
     config = bundle.config
-    weights = decode_weight_bytes(config, batch, bundle.weight_format)
-    timings = bench_decode(engines, config.vocab_size, contexts, batch, args.steps, show_step)
+    weights = {batch: decode_weight_bytes(config, batch, bundle.weight_format) for batch in batches}
+    floors_ms = {batch: weights[batch] / bandwidth * 1000.0 for batch in batches}
+    timings = bench_decode(engines, config.vocab_size, contexts, batches, args.steps, show_step)
     finish_steps()
 
-    floor_ms = weights / bandwidth * 1000.0
     table = Table(
         title=f"{bundle.name}: prefill context - {args.steps} random tokens, then {args.steps} decode steps of new "
-        f"random tokens (batch {batch})"
+        "random tokens"
     )
-    for column in ("context", "engine", "prefill tok/s", "decode ms/step", "decode tok/s", "vs torch", "vs floor"):
+    columns = (
+        "batch",
+        "context",
+        "engine",
+        "prefill tok/s",
+        "decode ms/step",
+        "CPU ms/step",
+        "decode tok/s",
+        "vs torch",
+        "vs floor",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "engine" else "right")
     torch_name = torch_engine.name if torch_engine is not None else None
-    torch_ms = {timing.context: timing.decode_step_ms for timing in timings if timing.engine == torch_name}
+    torch_ms = {(t.batch, t.context): t.decode_step_ms for t in timings if t.engine == torch_name}
     for timing in timings:
-        versus_torch = torch_ms.get(timing.context)
+        versus_torch = torch_ms.get((timing.batch, timing.context))
         table.add_row(
+            str(timing.batch),
             str(timing.context),
             escape(timing.engine),
             f"{timing.prefill_tokens_per_second:,.0f}",
             f"{timing.decode_step_ms:.2f}",
+            f"{timing.decode_step_cpu_ms:.2f}",
             f"{timing.decode_tokens_per_second:,.1f}",
             "-" if versus_torch is None else f"{versus_torch / timing.decode_step_ms:.2f}x",
-            f"{timing.decode_step_ms / floor_ms:.2f}x",
+            f"{timing.decode_step_ms / floors_ms[timing.batch]:.2f}x",
         )
     print_result(table)
     print_result(
-        f"bandwidth floor: {weights / 2**20:.1f} MiB of weights per decode step / {bandwidth / 1e9:.1f} GB/s "
-        f"matrix-vector bandwidth (ONNX Runtime MatMul over 128 MiB, {threads or 'default'} threads) = "
-        f"{floor_ms:.2f} ms/step; 'vs torch' is torch's time over this "
-        "engine's, 'vs floor' this engine's time over the floor"
+        f"bandwidth floor: the weights a decode step reads / {bandwidth / 1e9:.1f} GB/s matrix-vector bandwidth "
+        f"(ONNX Runtime MatMul over 128 MiB, {threads or 'default'} threads); 'vs torch' is torch's time over this "
+        "engine's, 'vs floor' this engine's time over the floor; 'CPU ms/step' is the process's CPU time per step "
+        "(all threads): with one thread, a step that took longer than that waited for a core"
     )
-    for context in contexts:
-        read = cache_read_bytes(config, context, batch)
+    for batch in batches:
         print_result(
-            f"  at context {context} a step also reads {read / 2**20:.1f} MiB of cache: floor with it "
-            f"{(weights + read) / bandwidth * 1000.0:.2f} ms/step"
+            f"  batch {batch}: {weights[batch] / 2**20:.1f} MiB of weights per step = {floors_ms[batch]:.2f} ms/step"
         )
+        for context in contexts:
+            read = cache_read_bytes(config, context, batch)
+            print_result(
+                f"    at context {context} a step also reads {read / 2**20:.1f} MiB of cache: floor with it "
+                f"{(weights[batch] + read) / bandwidth * 1000.0:.2f} ms/step"
+            )
     if torch_note:
         stderr.print(torch_note)
     if args.json:
         report = {
             "bundle": str(bundle.path),
-            "batch": batch,
+            "batches": batches,
+            "contexts": contexts,
             "steps": args.steps,
-            "weight_bytes_per_step": weights,
             "matvec_bandwidth_bytes_per_second": bandwidth,
-            "floor_ms_per_step": floor_ms,
-            "cache_bytes_per_step": {str(context): cache_read_bytes(config, context, batch) for context in contexts},
+            "floors": {
+                str(batch): {
+                    "weight_bytes_per_step": weights[batch],
+                    "floor_ms_per_step": floors_ms[batch],
+                    "cache_bytes_per_step": {
+                        str(context): cache_read_bytes(config, context, batch) for context in contexts
+                    },
+                }
+                for batch in batches
+            },
             "timings": [timing.to_dict() for timing in timings],
         }
         Path(args.json).write_text(json.dumps(report, indent=2))

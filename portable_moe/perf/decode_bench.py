@@ -54,6 +54,9 @@ class DecodeTiming:
         prefill_seconds: the prefill's time.
         decode_steps: decode steps timed, one new token per sequence each.
         decode_step_ms: median time of one decode step; ``decode_step_p90_ms`` its 90th percentile.
+        decode_step_cpu_ms: median CPU time of the process over one decode step (all its threads). With
+            one thread, ``decode_step_ms`` minus this is time the step waited for a core: on a
+            shared machine it tells the work apart from the load.
     """
 
     engine: str
@@ -64,6 +67,7 @@ class DecodeTiming:
     decode_steps: int
     decode_step_ms: float
     decode_step_p90_ms: float
+    decode_step_cpu_ms: float
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -81,29 +85,44 @@ class DecodeTiming:
         }
 
 
+def _positive_integers(text: str, flag: str, example: str) -> list[int]:
+    """Comma-separated positive integers, or an InputError naming ``flag`` and an ``example``."""
+    words = f"{flag} takes comma-separated positive integers (e.g. {example}), got {text!r}"
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(words) from None
+    if not values or min(values) < 1:
+        raise InputError(words)
+    return values
+
+
 def parse_contexts(text: str) -> list[int]:
     """``"128,1024"`` -> ``[128, 1024]``.
 
     Raises:
         InputError: for anything but comma-separated positive integers.
     """
-    try:
-        contexts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError(f"--context takes comma-separated positive integers (e.g. 128,1024), got {text!r}") from None
-    if not contexts or min(contexts) < 1:
-        raise InputError(f"--context takes comma-separated positive integers (e.g. 128,1024), got {text!r}")
-    return contexts
+    return _positive_integers(text, "--context", "128,1024")
 
 
-def check_decode_request(contexts: Sequence[int], batch: int, steps: int, max_positions: int) -> None:
+def parse_batches(text: str) -> list[int]:
+    """``"1,4"`` -> ``[1, 4]``: the batch sizes ``bench --decode`` times.
+
+    Raises:
+        InputError: for anything but comma-separated positive integers.
+    """
+    return _positive_integers(text, "--batch", "1,4")
+
+
+def check_decode_request(contexts: Sequence[int], batches: Sequence[int], steps: int, max_positions: int) -> None:
     """Refuse contexts that leave nothing to prefill or exceed the decoder's positions.
 
     Raises:
         InputError: naming the context and the limit.
     """
-    if batch < 1 or steps < 1:
-        raise InputError(f"--batch and --steps must be at least 1, got batch={batch}, steps={steps}")
+    if min(batches) < 1 or steps < 1:
+        raise InputError(f"--batch and --steps must be at least 1, got batch={min(batches)}, steps={steps}")
     for context in contexts:
         if context <= steps:
             raise InputError(
@@ -136,11 +155,12 @@ def time_decode(
     started = time.perf_counter()
     cache = engine.step(prompt, cache)
     prefill_seconds = time.perf_counter() - started
-    step_seconds = []
+    step_seconds, cpu_seconds = [], []
     for step_ids in tokens:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         cache = engine.step(step_ids, cache)
         step_seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu_started)
     milliseconds = np.array(step_seconds) * 1000.0
     return DecodeTiming(
         engine=engine.name,
@@ -151,6 +171,7 @@ def time_decode(
         decode_steps=steps,
         decode_step_ms=float(np.median(milliseconds)),
         decode_step_p90_ms=float(np.percentile(milliseconds, 90)),
+        decode_step_cpu_ms=float(np.median(cpu_seconds) * 1000.0),
     )
 
 
@@ -158,24 +179,27 @@ def bench_decode(
     engines: Sequence[DecodeEngine],
     vocab_size: int,
     contexts: Sequence[int],
-    batch: int,
+    batches: Sequence[int],
     steps: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[DecodeTiming]:
-    """Time every engine at every context (after one short untimed warm-up each), in one process.
+    """Time every engine at every batch size and context, in one process.
+
+    Each engine has one short untimed warm-up per batch size (new shapes) before its timings.
 
     Returns:
-        one :class:`DecodeTiming` per (context, engine), contexts in the order given.
+        one :class:`DecodeTiming` per (batch, context, engine), in the order given.
     """
-    for engine in engines:
-        warm_context = min(min(contexts), steps + 8)
-        time_decode(engine, vocab_size, warm_context, batch, min(steps, 2), seed=1)
+    warm_context = min(min(contexts), steps + 8)
     timings = []
-    for context in contexts:
+    for batch in batches:
         for engine in engines:
-            if progress:
-                progress(f"timing {engine.name} at context {context}, batch {batch}")
-            timings.append(time_decode(engine, vocab_size, context, batch, steps))
+            time_decode(engine, vocab_size, warm_context, batch, min(steps, 2), seed=1)
+        for context in contexts:
+            for engine in engines:
+                if progress:
+                    progress(f"timing {engine.name} at context {context}, batch {batch}")
+                timings.append(time_decode(engine, vocab_size, context, batch, steps))
     return timings
 
 

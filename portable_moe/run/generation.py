@@ -252,6 +252,7 @@ class Generator:
         graph cannot be made (the grown cache of the decoder graph is used then)."""
         from portable_moe.run.preallocated_cache import (
             InPlaceCacheSession,
+            divide_by_root_mean_square,
             find_cache_pairs,
             static_cache_graph,
             verify_rewrite,
@@ -263,6 +264,7 @@ class Generator:
             if not pairs:
                 return None
             proto = static_cache_graph(decoder.proto, pairs)
+            divide_by_root_mean_square(proto)  # lets ONNX Runtime fuse each RMS norm into one node
             inputs, outputs = specs_from_onnx(proto, "the preallocated-cache decoder graph")
             rewritten = ModelInput(proto, None, inputs, outputs, decoder.moe_lowering, self.bundle)
             compiled = self.backend.compile(rewritten, options)

@@ -18,7 +18,9 @@ that graph from the decoder graph:
 
 The cache axis is named ``positions``. Static-shape backends compile it per gear (npu-sim); on
 ONNX Runtime the present output can be bound to the past input's own buffer, so that the write
-is truly in place (:class:`portable_moe.run.generation.Generator` does so on the CPU).
+is truly in place (:class:`portable_moe.run.generation.Generator` does so on the CPU, through
+:class:`InPlaceCacheSession`, after :func:`divide_by_root_mean_square` has put the RMS norms in the
+form ONNX Runtime fuses).
 
 Needs no torch.
 """
@@ -227,6 +229,45 @@ def _capacity_like(build: _Builder, node: onnx.NodeProto, capacity: str) -> list
     return [cast, shape_node, reshape]
 
 
+def divide_by_root_mean_square(proto: onnx.ModelProto) -> int:
+    """Rewrite ``x * Reciprocal(Sqrt(v))`` as ``x / Sqrt(v)``, in place; returns how many were rewritten.
+
+    The exported RMS norms multiply by the reciprocal of the root mean square; ONNX Runtime fuses a
+    norm into one ``SimplifiedLayerNormalization`` node only when it divides by the root, so each
+    norm runs as one node instead of seven (a decode step dispatches ~30 nodes fewer on the small
+    preset). The value is the same up to float32 rounding. A ``Reciprocal`` with another consumer is
+    left alone.
+    """
+    graph = proto.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {value.name for value in graph.output}
+    removed = []
+    for node in graph.node:
+        root = producers.get(node.input[0]) if node.op_type == "Reciprocal" else None
+        users = consumers.get(node.output[0], []) if root is not None else []
+        if root is None or root.op_type != "Sqrt" or node.output[0] in graph_outputs or len(users) != 1:
+            continue
+        (multiply,) = users
+        if (
+            multiply.op_type != "Mul"
+            or multiply.domain not in ("", "ai.onnx")
+            or list(multiply.input).count(node.output[0]) != 1
+        ):
+            continue
+        dividend = next(name for name in multiply.input if name != node.output[0])
+        multiply.op_type = "Div"
+        del multiply.input[:]
+        multiply.input.extend([dividend, node.input[0]])
+        removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    return len(removed)
+
+
 def _new_positions(build: _Builder, position: str) -> tuple[list[onnx.NodeProto], str, str]:
     """Nodes computing the new tokens' cache positions ``[1, 1, new, 1]`` and their count ``[1]``.
 
@@ -274,6 +315,10 @@ class InPlaceCacheSession:
         self.pairs = list(pairs)
         presents = {pair.present for pair in self.pairs}
         self.host_outputs = [output.name for output in self.session.get_outputs() if output.name not in presents]
+        # get_outputs() lists the bound outputs in the order they were first bound: the caches, then these.
+        self._host_indices = {name: len(self.pairs) + index for index, name in enumerate(self.host_outputs)}
+        self._binding: Any = None
+        self._bound_values: list[Any] | None = None
 
     def allocate(self, shape: Sequence[int], previous: Sequence[Any] = (), filled: int = 0) -> list[Any]:
         """Zeroed caches of ``shape`` (``[batch, heads, positions, head_dim]``), one per cache input,
@@ -289,19 +334,29 @@ class InPlaceCacheSession:
         return values
 
     def run(self, input_ids: np.ndarray, values: Sequence[Any], length: int) -> dict[str, np.ndarray]:
-        """One step after ``length`` positions; writes the new ones into ``values``; returns the other outputs."""
-        binding = self.session.io_binding()
+        """One step after ``length`` positions; writes the new ones into ``values``; returns the other outputs.
+
+        The caches are bound once per set of ``values`` (each present output to its past's buffer);
+        a step then only binds its token ids and position and asks for the host outputs again.
+        """
+        if (
+            self._bound_values is None
+            or len(self._bound_values) != len(values)
+            or any(bound is not value for bound, value in zip(self._bound_values, values))
+        ):
+            self._binding = self.session.io_binding()
+            for pair, value in zip(self.pairs, values):
+                self._binding.bind_ortvalue_input(pair.past, value)
+                self._binding.bind_ortvalue_output(pair.present, value)
+            self._bound_values = list(values)
+        binding = self._binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(CACHE_POSITION, np.array([length], dtype=np.int64))
-        for pair, value in zip(self.pairs, values):
-            binding.bind_ortvalue_input(pair.past, value)
-            binding.bind_ortvalue_output(pair.present, value)
         for name in self.host_outputs:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, "cpu")  # the shape follows the step's token count
         self.session.run_with_iobinding(binding)
-        bound = [pair.present for pair in self.pairs] + self.host_outputs
-        results = dict(zip(bound, binding.get_outputs()))
-        return {name: results[name].numpy() for name in self.host_outputs}
+        outputs = binding.get_outputs()
+        return {name: outputs[index].numpy() for name, index in self._host_indices.items()}
 
 
 Run = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]

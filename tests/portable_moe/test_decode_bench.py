@@ -15,6 +15,7 @@ from portable_moe.perf.decode_bench import (
     check_decode_request,
     decode_weight_bytes,
     measure_matvec_bandwidth,
+    parse_batches,
     parse_contexts,
 )
 
@@ -24,28 +25,35 @@ def generation_bundle(bundle_factory):
     return bundle_factory("tiny", "dense", 2, generation=True)
 
 
-def test_cli_bench_decode_times_each_context_against_torch(generation_bundle, tmp_path, capsys):
+def test_cli_bench_decode_times_each_batch_and_context_against_torch(generation_bundle, tmp_path, capsys):
     from portable_moe.cli import main
 
     report = tmp_path / "decode.json"
     arguments = ["bench", str(generation_bundle.path), "--decode", "--context", "6,10", "--steps", "2"]
-    code = main([*arguments, "--numpy-cache", "--json", str(report)])
+    code = main([*arguments, "--batch", "1,2", "--numpy-cache", "--json", str(report)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "bandwidth floor:" in out and "matrix-vector bandwidth" in out
+    assert "bandwidth floor:" in out and "matrix-vector bandwidth" in out and "batch 2:" in out and "CPU ms/step" in out
     written = json.loads(report.read_text())
     engines = ["cpu (iobinding)", "cpu (numpy)"]
     if importlib.util.find_spec("torch") is not None:
         engines.append("torch eager")
-    assert [(t["context"], t["engine"]) for t in written["timings"]] == [(c, e) for c in (6, 10) for e in engines]
+    assert written["batches"] == [1, 2] and written["contexts"] == [6, 10]
+    assert [(t["batch"], t["context"], t["engine"]) for t in written["timings"]] == [
+        (b, c, e) for b in (1, 2) for c in (6, 10) for e in engines
+    ]
     for timing in written["timings"]:
-        assert timing["prefill_tokens"] == timing["context"] - 2 and timing["decode_steps"] == 2
+        assert timing["prefill_tokens"] == timing["batch"] * (timing["context"] - 2) and timing["decode_steps"] == 2
         assert timing["decode_step_ms"] > 0 and timing["decode_tokens_per_second"] > 0
+        assert timing["decode_step_cpu_ms"] > 0
     config = generation_bundle.config
-    assert written["weight_bytes_per_step"] == decode_weight_bytes(config, 1)
-    assert written["floor_ms_per_step"] == pytest.approx(
-        written["weight_bytes_per_step"] / written["matvec_bandwidth_bytes_per_second"] * 1000
-    )
+    for batch in (1, 2):
+        floor = written["floors"][str(batch)]
+        assert floor["weight_bytes_per_step"] == decode_weight_bytes(config, batch)
+        assert floor["floor_ms_per_step"] == pytest.approx(
+            floor["weight_bytes_per_step"] / written["matvec_bandwidth_bytes_per_second"] * 1000
+        )
+        assert floor["cache_bytes_per_step"] == {str(c): cache_read_bytes(config, c, batch) for c in (6, 10)}
 
 
 @pytest.mark.parametrize(
@@ -54,6 +62,8 @@ def test_cli_bench_decode_times_each_context_against_torch(generation_bundle, tm
         (["--decode", "--context", "5000"], "context 5000 is longer than the decoder's 4096 positions"),
         (["--decode", "--context", "4", "--steps", "4"], "context 4 leaves nothing to prefill before 4 decode steps"),
         (["--decode", "--context", "12,x"], "--context takes comma-separated positive integers"),
+        (["--decode", "--batch", "1,x"], "--batch takes comma-separated positive integers (e.g. 1,4), got '1,x'"),
+        (["--batch", "1,4", "--seq", "1"], "--batch takes one batch size here (a list like 1,4 only with --decode)"),
         (["--decode", "--seq", "4"], "--decode times one bundle with --context"),
         (["--context", "128"], "--context is for --decode"),
     ],
@@ -93,7 +103,9 @@ def test_matvec_bandwidth_is_measured():
 
 def test_bad_decode_requests_are_refused():
     with pytest.raises(InputError, match="--batch and --steps must be at least 1"):
-        check_decode_request([128], 0, 4, 4096)
+        check_decode_request([128], [1, 0], 4, 4096)
+    with pytest.raises(InputError, match="--batch takes comma-separated positive integers"):
+        parse_batches("0,1")
     with pytest.raises(InputError, match="--context takes comma-separated positive integers"):
         parse_contexts("0,128")
     with pytest.raises(InputError, match="no byte size known for weight format 'fp8'"):

@@ -9,7 +9,13 @@ import pytest
 
 from portable_moe.errors import BackendError
 from portable_moe.run.generation import Generator
-from portable_moe.run.preallocated_cache import POSITIONS_DIM, find_cache_pairs, static_cache_graph, verify_rewrite
+from portable_moe.run.preallocated_cache import (
+    POSITIONS_DIM,
+    divide_by_root_mean_square,
+    find_cache_pairs,
+    static_cache_graph,
+    verify_rewrite,
+)
 
 # A cache appended along axis 2 whose past length is read through Shape(past, 2, 3).
 APPENDING = """
@@ -27,6 +33,25 @@ not_appended (float[batch, 1, new, 2] x, float[batch, 1, past, 2] past_key, floa
     => (float[batch, 1, total, 2] present_key, float[batch, 1, past, 2] y) {
     present_key = Concat <axis = 2> (past_key, x)
     y = Identity(past_value)
+}
+"""
+# An RMS norm as the exporter writes it; the second Reciprocal has two consumers and must stay.
+RMS_NORMS = """
+<ir_version: 8, opset_import: ["" : 20]>
+norms (float[2, 8] x) => (float[2, 8] y, float[2, 8] z) {
+    two = Constant <value = float {2.0}> ()
+    axes = Constant <value = int64[1] {-1}> ()
+    epsilon = Constant <value = float {1e-6}> ()
+    square = Pow(x, two)
+    mean = ReduceMean(square, axes)
+    shifted = Add(mean, epsilon)
+    root = Sqrt(shifted)
+    inverse = Reciprocal(root)
+    y = Mul(x, inverse)
+    root2 = Sqrt(shifted)
+    inverse2 = Reciprocal(root2)
+    scaled = Mul(inverse2, x)
+    z = Add(scaled, inverse2)
 }
 """
 
@@ -102,3 +127,22 @@ def test_a_rewrite_that_disagrees_with_the_decoder_graph_is_refused():
         verify_rewrite(model, pairs, grown, differs)
     with pytest.raises(BackendError, match="does not run: RuntimeError: invalid expand shape"):
         verify_rewrite(model, pairs, grown, fails)
+
+
+def test_rms_norms_divide_by_the_root_and_compute_the_same():
+    import onnxruntime
+
+    original = onnx.parser.parse_model(RMS_NORMS)
+    rewritten = onnx.parser.parse_model(RMS_NORMS)
+    assert divide_by_root_mean_square(rewritten) == 1
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert ops.count("Reciprocal") == 1 and ops.count("Div") == 1  # the shared reciprocal is left alone
+    (divide,) = [node for node in rewritten.graph.node if node.op_type == "Div"]
+    assert list(divide.input) == ["x", "root"]
+    x = {"x": np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)}
+    before, after = (
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+        for model in (original, rewritten)
+    )
+    for want, got in zip(before, after):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
