@@ -38,7 +38,9 @@ def check_checkpoint_matches(bundle: Bundle, directory: str | os.PathLike[str]) 
     for name, expected in sorted((source.get("weight_files") or {}).items()):
         file = path / name
         if not file.is_file():
-            raise InputError(f"--hf {directory}: {name} is missing; {bundle.path} was exported from a checkpoint with it")
+            raise InputError(
+                f"--hf {directory}: {name} is missing; {bundle.path} was exported from a checkpoint with it"
+            )
         if sha256_of(file) != expected:
             raise InputError(
                 f"--hf {directory}: {name} differs from the file {bundle.path} was exported from (sha256); "

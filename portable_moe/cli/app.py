@@ -303,6 +303,8 @@ def command_bench(args: argparse.Namespace) -> int:
         from portable_moe.cli.decode_bench_command import command_bench_decode
 
         return command_bench_decode(args)
+    if args.hf is not None:
+        raise InputError("--hf is for --decode (the transformers baseline of a bundle exported from a checkpoint)")
     args.batch = _one_batch_size(args.batch)
     if args.cluster:
         from portable_moe.cli.cluster_commands import command_bench_on_cluster
@@ -709,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--steps", type=int, default=16, help="with --decode: decode steps timed per context (default: 16)"
+    )
+    bench.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="with --decode, for a bundle exported from a Hugging Face checkpoint: that checkpoint directory, "
+        "timed with transformers in eager mode as the baseline (its weight files must be the ones exported)",
     )
     bench.add_argument(
         "--numpy-cache",

@@ -25,12 +25,33 @@ class _GeneratorEngine:
         return self.generator.step(input_ids, cache).cache
 
 
-def _torch_engine(bundle: Any, threads: int) -> tuple[Any | None, str]:
-    """The torch reference as an engine, or None and why not."""
+def _torch_engine(bundle: Any, threads: int, checkpoint: str | None) -> tuple[Any | None, str]:
+    """The eager baseline as an engine, or None and why not: transformers on its checkpoint for a
+    bundle exported from one, else the torch reference model.
+
+    Raises:
+        InputError: ``checkpoint`` (``--hf``) given for a preset bundle, or not the checkpoint the
+            bundle was exported from.
+    """
+    from_checkpoint = (bundle.manifest.get("source") or {}).get("kind") == "huggingface"
+    name = "transformers eager" if from_checkpoint else "torch eager"
+    if checkpoint is not None and not from_checkpoint:
+        raise InputError(
+            f"--hf is for bundles exported from a Hugging Face checkpoint; {bundle.path} was exported from a "
+            "preset (its baseline is the torch reference model): leave out --hf"
+        )
     if importlib.util.find_spec("torch") is None:
-        return None, "torch eager: not timed (torch is not installed; pip install 'portable-moe[export]')"
+        return None, f"{name}: not timed (torch is not installed; pip install 'portable-moe[export]')"
+    if from_checkpoint:
+        if checkpoint is None:
+            return None, f"{name}: not timed (give the checkpoint directory {bundle.path} was exported from: --hf DIR)"
+        if importlib.util.find_spec("transformers") is None:
+            return None, f"{name}: not timed (transformers is not installed; pip install 'portable-moe[hf]')"
+        from exporters.hf.eager_decoding import TransformersEagerDecoder, check_checkpoint_matches
+
+        return TransformersEagerDecoder(check_checkpoint_matches(bundle, checkpoint), threads), ""
     if not bundle.manifest.get("preset"):
-        return None, "torch eager: not timed (the reference model is built for preset bundles only)"
+        return None, f"{name}: not timed (the reference model is built for preset bundles only)"
     from exporters.reference_decoding import TorchEagerDecoder
 
     return TorchEagerDecoder(bundle.config, int(bundle.manifest.get("seed", 0)), threads), ""
@@ -72,7 +93,7 @@ def command_bench_decode(args: argparse.Namespace) -> int:
         plain = Generator(bundle, args.backend, options, io_binding=False)
         engines.append(_GeneratorEngine(plain, f"{plain.backend.name} ({plain.io})"))
     threads = int(options.get("threads", 0) or 0)
-    torch_engine, torch_note = _torch_engine(bundle, threads)
+    torch_engine, torch_note = _torch_engine(bundle, threads, args.hf)
     if torch_engine is not None:
         engines.append(torch_engine)
     show_step("measuring this machine's matrix-vector bandwidth")

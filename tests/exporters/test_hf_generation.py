@@ -285,3 +285,19 @@ def test_text_without_the_tokenizers_library_says_what_to_install(deepseek, monk
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
     with pytest.raises(InputError, match=r"needs the tokenizers library: pip install 'portable-moe\[text\]'"):
         load_tokenizer(deepseek[1])
+
+
+def test_bench_decode_times_transformers_on_the_checkpoint_it_was_exported_from(deepseek, hf_checkpoint, capsys):
+    directory, bundle = deepseek
+    arguments = ["bench", str(bundle.path), "--decode", "--context", "6", "--steps", "2"]
+    assert cli.main([*arguments, "--hf", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "transformers eager" in out and "torch eager" not in out
+    # Without the checkpoint nothing stands in for it (the reference model is another model).
+    assert cli.main(arguments) == 0
+    captured = capsys.readouterr()
+    assert "eager" not in captured.out
+    assert "transformers eager: not timed (give the checkpoint directory" in captured.err
+    other = hf_checkpoint("MixtralForCausalLM")
+    assert cli.main([*arguments, "--hf", str(other)]) == 2
+    assert "differs from the file" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def test_torch_eager_is_left_out_with_the_reason_when_it_cannot_run(generation_b
     from portable_moe.cli import decode_bench_command
 
     not_a_preset = SimpleNamespace(manifest={"preset": None}, config=generation_bundle.config)
-    assert decode_bench_command._torch_engine(not_a_preset, 0) == (
+    assert decode_bench_command._torch_engine(not_a_preset, 0, None) == (
         None,
         "torch eager: not timed (the reference model is built for preset bundles only)",
     )
@@ -128,5 +128,15 @@ def test_torch_eager_is_left_out_with_the_reason_when_it_cannot_run(generation_b
         "find_spec",
         lambda name, *rest: None if name == "torch" else real_find_spec(name, *rest),
     )
-    engine, reason = decode_bench_command._torch_engine(generation_bundle, 0)
+    engine, reason = decode_bench_command._torch_engine(generation_bundle, 0, None)
     assert engine is None and "torch is not installed" in reason
+
+
+def test_a_checkpoint_for_a_preset_bundle_is_refused(generation_bundle, capsys):
+    from portable_moe.cli import main
+
+    code = main(["bench", str(generation_bundle.path), "--decode", "--hf", str(generation_bundle.path)])
+    assert code == 2
+    assert "--hf is for bundles exported from a Hugging Face checkpoint" in capsys.readouterr().err
+    assert main(["bench", str(generation_bundle.path), "--hf", str(generation_bundle.path)]) == 2
+    assert "--hf is for --decode" in capsys.readouterr().err
