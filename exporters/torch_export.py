@@ -223,11 +223,14 @@ def _with_older_objects_frozen(function: Callable[..., Any]) -> Callable[..., An
     Tracing makes millions of short-lived Python objects, so the collector runs often, and each
     full collection walks every object in the process: with torch imported, a few hundred thousand.
     Frozen (``gc.freeze``), those are skipped until the call returns; what the call makes (the model
-    included, which export frees before ONNX Runtime loads the graph) is collected as before.
+    included, which export frees before ONNX Runtime loads the graph) is collected as before. A
+    caller that has frozen objects itself keeps them frozen: then nothing is frozen or unfrozen here.
     """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if gc.get_freeze_count():
+            return function(*args, **kwargs)
         gc.freeze()
         try:
             return function(*args, **kwargs)
