@@ -126,7 +126,9 @@ def measure(method: str, layers: int, lowering: str, scratch: Path) -> dict[str,
 def measure_hf_command(layers: int, scratch: Path) -> dict[str, float]:
     """Wall and CPU seconds of ``portable-moe export --hf`` in a fresh process (imports included)."""
     checkpoint = scratch / "checkpoint"
-    subprocess.run([sys.executable, "-c", _HF_CHECKPOINT, str(checkpoint), str(layers)], check=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", _HF_CHECKPOINT, str(checkpoint), str(layers)], check=True, cwd=ROOT, capture_output=True
+    )
     command = [sys.executable, "-m", "portable_moe.cli", "export", "--hf", str(checkpoint), "-o", str(scratch / "out")]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
