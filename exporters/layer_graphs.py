@@ -37,7 +37,7 @@ import onnx_ir as ir
 import torch
 
 from exporters import trace_cache
-from exporters.layered import LayeredModel, quiet_exporter
+from exporters.layered import LayeredModel, fast_tracing, quiet_exporter
 from exporters.lowerings import Lowering
 from portable_moe.errors import ExportError
 
@@ -364,7 +364,7 @@ def _export_pieces(
     roles.append("head:logits")
     pieces = _Pieces(model, [kind.module for kind in kinds.values()], len(prologue))
     canonical = {id(tensor): name for name, tensor in _tensors(pieces).items()}
-    with quiet_exporter():
+    with quiet_exporter(), fast_tracing():
         program = torch.onnx.export(
             _WeightsAsInputs(pieces, [canonical[id(tensor)] for tensor in weights.values()], len(activations)),
             (*activations, *weights.values()),
@@ -541,9 +541,15 @@ def export_layered(
 
 
 def _optimize(model: ir.Model) -> None:
-    """What ``torch.onnx.export(optimize=True)`` runs, now over the whole graph with weights as constants."""
+    """What ``torch.onnx.export(optimize=True)`` runs, now over the whole graph with weights as constants.
+
+    One round of folding and rewriting, not the default two: the parts were optimized (two rounds)
+    inside ``torch.onnx.export`` already, and binding the weights as constants leaves one round's
+    work (on the tiny preset's graphs of every lowering a second round changed nothing, and took half
+    the optimizer's time).
+    """
     import onnxscript.optimizer
     from onnxscript.rewriter import onnx_fusions
 
-    onnxscript.optimizer.optimize_ir(model)
+    onnxscript.optimizer.optimize_ir(model, num_iterations=1)
     onnx_fusions.fuse(model)

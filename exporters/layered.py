@@ -50,6 +50,23 @@ class LayeredModel(Protocol):
 
 
 @contextlib.contextmanager
+def fast_tracing() -> Iterator[None]:
+    """Trace with torch's fake-tensor dispatch cache off: it makes ``torch.onnx.export`` slower here.
+
+    Both traces inside ``torch.onnx.export`` (``torch.export`` and the decompositions) run every op
+    on fake tensors with symbolic batch and sequence sizes. The cache then rarely hits, and making and
+    checking an entry for symbolic shapes costs more than the dispatch it would save: off, the
+    ``torch.export`` step of a 4-layer tiny export takes about half the CPU time (see the export-speed
+    section of docs/benchmarks.md). The cache only memoizes fake results: the graph computes the same,
+    though the counters in some generated value names (``sym_size_int_34``) can differ.
+    """
+    import torch
+
+    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        yield
+
+
+@contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
     """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]

@@ -9,16 +9,17 @@ writes nothing.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.metadata
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporters.layered import LayeredModel, quiet_exporter
+from exporters.layered import LayeredModel, fast_tracing, quiet_exporter
 from exporters.lowerings import Lowering, get_lowering
 from exporters.sources import ExportSource, output_names
 from exporters.validation import Progress, validate_graph
@@ -102,7 +103,7 @@ def _save_onnx(
     import torch
 
     implementation = lowering.load()
-    with quiet_exporter():
+    with quiet_exporter(), fast_tracing():
         program = torch.onnx.export(
             module,
             (example,),
@@ -216,6 +217,30 @@ def export_model_to_onnx(
     return save_onnx_model(onnx_model, Path(path), external_data_threshold_bytes)
 
 
+def _with_older_objects_frozen(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``function`` with the objects that exist before it outside the garbage collector's view.
+
+    Tracing makes millions of short-lived Python objects, so the collector runs often, and each
+    full collection walks every object in the process: with torch imported, a few hundred thousand.
+    Frozen (``gc.freeze``), those are skipped until the call returns; what the call makes (the model
+    included, which export frees before ONNX Runtime loads the graph) is collected as before. A
+    caller that has frozen objects itself keeps them frozen: then nothing is frozen or unfrozen here.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if gc.get_freeze_count():
+            return function(*args, **kwargs)
+        gc.freeze()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return wrapper
+
+
+@_with_older_objects_frozen
 def export_bundle(
     output_dir: str | os.PathLike[str],
     preset: str | ModelConfig | None = None,

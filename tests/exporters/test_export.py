@@ -85,6 +85,33 @@ def test_unknown_lowering_and_preset(tmp_path):
         export_bundle(tmp_path / "x", "deepseek-v3")
 
 
+def test_export_keeps_older_objects_frozen_only_while_it_runs(tmp_path, monkeypatch):
+    import gc
+
+    import exporters.torch_export as torch_export
+
+    if gc.get_freeze_count():
+        pytest.skip("this process keeps objects frozen itself")
+    frozen_during_export = []
+
+    def stop_at_lowering(name):
+        frozen_during_export.append(gc.get_freeze_count())
+        raise ExportError("stopped inside the export")
+
+    monkeypatch.setattr(torch_export, "get_lowering", stop_at_lowering)
+    with pytest.raises(ExportError, match="stopped inside the export"):
+        export_bundle(tmp_path / "x", "tiny")
+    assert frozen_during_export[0] > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze objects itself keeps them frozen (the count can fall as objects die)
+    try:
+        with pytest.raises(ExportError, match="stopped inside the export"):
+            export_bundle(tmp_path / "x", "tiny")
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_exported_graph_is_valid_onnx(tiny_bundle):
     import onnx
 
