@@ -287,7 +287,7 @@ def export_decoder(
     """
     import torch
 
-    from exporters.layered import quiet_exporter
+    from exporters.layered import fast_tracing, quiet_exporter
 
     if hasattr(model, "cached_decoder"):
         decoder = model.cached_decoder()
@@ -319,7 +319,7 @@ def export_decoder(
     implementation = lowering.load()
     path = directory / DECODER_NAME
     try:
-        with quiet_exporter():
+        with quiet_exporter(), fast_tracing():
             program = torch.onnx.export(
                 decoder,
                 (example_ids, *example_past),

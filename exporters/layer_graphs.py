@@ -533,7 +533,8 @@ def export_layered(
     full = composer.finish({"logits": logits, **routing, **dropped})
 
     say("optimizing the full graph")
-    _optimize(full)
+    with quiet_exporter():  # the optimizer logs what it leaves unfolded (a Split's outputs, say)
+        _optimize(full)
     rewrite = getattr(lowering.load(), "after_export", None)
     if rewrite is not None:
         rewrite(full)
