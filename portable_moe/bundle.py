@@ -270,6 +270,20 @@ def current_umask() -> int:
     return mask
 
 
+# Interruption signals (Ctrl-C, SIGTERM) received by the handlers of portable_moe.run.termination.
+_INTERRUPTIONS = [0]
+
+
+def note_interruption() -> None:
+    """Count an interruption signal; the termination handlers call it before raising.
+
+    The KeyboardInterrupt a signal raises can be lost: raised while a finalizer runs (a ``__del__``
+    or weakref callback the garbage collector started), Python prints it and carries on. A bundle
+    being written when a signal arrives is not moved into place even then (see :func:`bundle_writer`).
+    """
+    _INTERRUPTIONS[0] += 1
+
+
 @contextlib.contextmanager
 def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Stage a bundle in a temporary directory and move it into place only when complete.
@@ -290,8 +304,11 @@ def bundle_writer(output_dir: str | os.PathLike[str], overwrite: bool = False) -
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     # mkdtemp makes the directory private (0700); a bundle is shared like any directory the user makes.
     staging.chmod(0o777 & ~current_umask())
+    interruptions = _INTERRUPTIONS[0]
     try:
         yield staging
+        if _INTERRUPTIONS[0] != interruptions:  # a signal arrived and its KeyboardInterrupt was lost
+            raise KeyboardInterrupt("interrupted while the bundle was written")
         if not (staging / MANIFEST_NAME).exists():
             raise BundleError(f"internal error: bundle staged in {staging} has no {MANIFEST_NAME}")
         _move_into_place(staging, target, overwrite)

@@ -10,6 +10,8 @@ import signal
 import threading
 from types import FrameType
 
+from portable_moe.bundle import note_interruption
+
 
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM (after the termination handler is installed).
@@ -20,14 +22,24 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    note_interruption()
     raise Terminated(f"terminated by {signal.Signals(signum).name}")
 
 
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    note_interruption()
+    raise KeyboardInterrupt
+
+
 def install_termination_handler() -> bool:
-    """Make SIGTERM raise :class:`Terminated` (a KeyboardInterrupt) in the main thread.
+    """Make SIGTERM raise :class:`Terminated` (a KeyboardInterrupt) in the main thread, and count
+    SIGTERM and Ctrl-C for :func:`portable_moe.bundle.bundle_writer`.
 
     Python's default for SIGTERM is to die at once, skipping ``finally`` blocks, which would leave a
-    half-written bundle's staging directory behind. Call this once at program start.
+    half-written bundle's staging directory behind. Ctrl-C raises KeyboardInterrupt as Python's own
+    handler does (an ignored SIGINT, as a parent may set, stays ignored); counted, a bundle being
+    written is not moved into place even when that KeyboardInterrupt is lost in a finalizer. Call
+    this once at program start.
 
     Returns:
         True if installed; False when called outside the main thread (signals cannot be set there).
@@ -35,4 +47,6 @@ def install_termination_handler() -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
     return True

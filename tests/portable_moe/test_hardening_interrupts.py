@@ -95,6 +95,40 @@ def test_a_failed_block_removes_its_staging_directory(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+LOST_INTERRUPT_SCRIPT = """
+import gc, os, signal, sys
+from pathlib import Path
+from portable_moe.bundle import bundle_writer
+from portable_moe.run.termination import install_termination_handler
+
+install_termination_handler()
+
+
+class SignalsWhenCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # its KeyboardInterrupt is raised here, and Python drops it
+
+
+with bundle_writer(Path(sys.argv[1]) / "b") as staging:
+    (staging / "manifest.json").write_text("{}")
+    SignalsWhenCollected()
+    gc.collect()
+    print("the block went on after the signal", flush=True)
+"""
+
+
+def test_an_interrupt_lost_in_a_finalizer_still_keeps_the_bundle_out(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOST_INTERRUPT_SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "the block went on after the signal" in result.stdout  # the KeyboardInterrupt was lost
+    assert result.returncode != 0 and "interrupted while the bundle was written" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 COMPILE_SCRIPT = """
 import sys
 from portable_moe import get_backend, load_bundle
