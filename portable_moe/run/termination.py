@@ -7,8 +7,10 @@ installs :func:`install_termination_handler` at start; a program embedding porta
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from portable_moe.bundle import note_interruption
 
@@ -31,6 +33,22 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _keep_lost_interrupts_quiet(previous_hook: Any) -> Any:
+    """An unraisable-exception hook that drops a lost KeyboardInterrupt and passes on the rest.
+
+    Python prints an exception raised in a finalizer ("Exception ignored in ...", with a traceback)
+    and goes on. An interruption lost that way was counted by the handler, and the bundle being
+    written is kept out for it, so printing it would only show a traceback to a user who pressed Ctrl-C.
+    """
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
 def install_termination_handler() -> bool:
     """Make SIGTERM raise :class:`Terminated` (a KeyboardInterrupt) in the main thread, and count
     SIGTERM and Ctrl-C for :func:`portable_moe.bundle.bundle_writer`.
@@ -49,4 +67,5 @@ def install_termination_handler() -> bool:
     signal.signal(signal.SIGTERM, _raise_terminated)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _raise_interrupted)
+    sys.unraisablehook = _keep_lost_interrupts_quiet(sys.unraisablehook)
     return True
