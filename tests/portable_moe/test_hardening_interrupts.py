@@ -28,6 +28,16 @@ def _cli() -> list[str]:
     return [executable] if executable else [sys.executable, "-m", "portable_moe.cli"]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Run in the child before it starts: Ctrl-C at its default, as in a terminal's foreground.
+
+    A shell without job control starts background commands with SIGINT ignored, and a child
+    inherits that (Python then installs no handler for it): a test run started that way would send
+    its Ctrl-C to a process that cannot hear it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(pattern: str, directory: Path, process: subprocess.Popen, limit: float = 180.0) -> None:
     deadline = time.monotonic() + limit
     while not list(directory.glob(pattern)):
@@ -51,6 +61,7 @@ def test_an_interrupted_export_leaves_no_bundle_and_no_staging(tmp_path, sent):
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     _wait_for(".X.partial-*", tmp_path, process)
     process.send_signal(sent)
@@ -123,6 +134,7 @@ def test_an_interrupt_lost_in_a_finalizer_still_keeps_the_bundle_out(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     assert "the block went on after the signal" in result.stdout  # the KeyboardInterrupt was lost
     assert result.returncode != 0 and "interrupted while the bundle was written" in result.stderr
