@@ -25,7 +25,7 @@ class _GeneratorEngine:
         return self.generator.step(input_ids, cache).cache
 
 
-def _torch_engine(bundle: Any, threads: int, checkpoint: str | None) -> tuple[Any | None, str]:
+def _eager_baseline(bundle: Any, threads: int, checkpoint: str | None) -> tuple[Any | None, str]:
     """The eager baseline as an engine, or None and why not: transformers on its checkpoint for a
     bundle exported from one, else the torch reference model.
 
@@ -93,7 +93,7 @@ def command_bench_decode(args: argparse.Namespace) -> int:
         plain = Generator(bundle, args.backend, options, io_binding=False)
         engines.append(_GeneratorEngine(plain, f"{plain.backend.name} ({plain.io})"))
     threads = int(options.get("threads", 0) or 0)
-    torch_engine, torch_note = _torch_engine(bundle, threads, args.hf)
+    torch_engine, torch_note = _eager_baseline(bundle, threads, args.hf)
     if torch_engine is not None:
         engines.append(torch_engine)
     show_step("measuring this machine's matrix-vector bandwidth")

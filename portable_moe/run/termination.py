@@ -41,11 +41,15 @@ def _keep_lost_interrupts_quiet(previous_hook: Any) -> Any:
     written is kept out for it, so printing it would only show a traceback to a user who pressed Ctrl-C.
     """
 
+    if getattr(previous_hook, "keeps_lost_interrupts_quiet", False):
+        return previous_hook  # installed already
+
     def hook(unraisable: Any) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             return
         previous_hook(unraisable)
 
+    hook.keeps_lost_interrupts_quiet = True  # type: ignore[attr-defined]
     return hook
 
 

@@ -90,8 +90,8 @@ def test_export_keeps_older_objects_frozen_only_while_it_runs(tmp_path, monkeypa
 
     import exporters.torch_export as torch_export
 
-    if gc.get_freeze_count():
-        pytest.skip("this process keeps objects frozen itself")
+    frozen_before = gc.get_freeze_count() > 0
+    gc.unfreeze()  # start from a process that froze nothing; frozen again at the end if it had
     frozen_during_export = []
 
     def stop_at_lowering(name):
@@ -99,17 +99,19 @@ def test_export_keeps_older_objects_frozen_only_while_it_runs(tmp_path, monkeypa
         raise ExportError("stopped inside the export")
 
     monkeypatch.setattr(torch_export, "get_lowering", stop_at_lowering)
-    with pytest.raises(ExportError, match="stopped inside the export"):
-        export_bundle(tmp_path / "x", "tiny")
-    assert frozen_during_export[0] > 0
-    assert gc.get_freeze_count() == 0
-    gc.freeze()  # a caller that froze objects itself keeps them frozen (the count can fall as objects die)
     try:
+        with pytest.raises(ExportError, match="stopped inside the export"):
+            export_bundle(tmp_path / "x", "tiny")
+        assert frozen_during_export[0] > 0
+        assert gc.get_freeze_count() == 0
+        gc.freeze()  # a caller that froze objects itself keeps them frozen (the count can fall as objects die)
         with pytest.raises(ExportError, match="stopped inside the export"):
             export_bundle(tmp_path / "x", "tiny")
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+        if frozen_before:
+            gc.freeze()
 
 
 def test_exported_graph_is_valid_onnx(tiny_bundle):

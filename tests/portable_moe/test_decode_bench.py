@@ -118,7 +118,7 @@ def test_torch_eager_is_left_out_with_the_reason_when_it_cannot_run(generation_b
     from portable_moe.cli import decode_bench_command
 
     not_a_preset = SimpleNamespace(manifest={"preset": None}, config=generation_bundle.config)
-    assert decode_bench_command._torch_engine(not_a_preset, 0, None) == (
+    assert decode_bench_command._eager_baseline(not_a_preset, 0, None) == (
         None,
         "torch eager: not timed (the reference model is built for preset bundles only)",
     )
@@ -128,7 +128,7 @@ def test_torch_eager_is_left_out_with_the_reason_when_it_cannot_run(generation_b
         "find_spec",
         lambda name, *rest: None if name == "torch" else real_find_spec(name, *rest),
     )
-    engine, reason = decode_bench_command._torch_engine(generation_bundle, 0, None)
+    engine, reason = decode_bench_command._eager_baseline(generation_bundle, 0, None)
     assert engine is None and "torch is not installed" in reason
 
 
