@@ -249,31 +249,58 @@ class Generator:
 
     def _compile_in_place(self, decoder: ModelInput, options: Mapping[str, Any] | None) -> Any:
         """The decoder rewritten for a preallocated cache, compiled for this backend; None where that
-        graph cannot be made (the grown cache of the decoder graph is used then)."""
+        graph cannot be made (the grown cache of the decoder graph is used then).
+
+        Where the attention fits ONNX Runtime's fused ``GroupQueryAttention``
+        (:mod:`portable_moe.run.fused_attention`) that graph is tried first; whichever graph is used
+        was checked against the decoder graph (:func:`verify_rewrite`), so a fusion that does not
+        hold falls back to the unfused rewrite.
+        """
+        from portable_moe.run.fused_attention import fuse_group_query_attention
         from portable_moe.run.preallocated_cache import (
             InPlaceCacheSession,
             divide_by_root_mean_square,
             find_cache_pairs,
             static_cache_graph,
-            verify_rewrite,
         )
-        from portable_moe.tensors import specs_from_onnx
 
         try:
             pairs = find_cache_pairs(decoder.proto)
             if not pairs:
                 return None
             proto = static_cache_graph(decoder.proto, pairs)
-            divide_by_root_mean_square(proto)  # lets ONNX Runtime fuse each RMS norm into one node
+        except PortableMoEError:
+            return None
+        divide_by_root_mean_square(proto)  # lets ONNX Runtime fuse each RMS norm into one node
+        fused = fuse_group_query_attention(proto, [pair.past for pair in pairs], self.spec.max_positions)
+        for candidate in [graph for graph in (fused, proto) if graph is not None]:
+            compiled = self._compile_verified(decoder, candidate, pairs, options)
+            if compiled is not None:
+                if not hasattr(getattr(compiled, "session", None), "io_binding"):
+                    return None
+                return InPlaceCacheSession(compiled, pairs, fused_attention=candidate is fused)
+        return None
+
+    def _compile_verified(
+        self, decoder: ModelInput, proto: Any, pairs: Sequence[Any], options: Mapping[str, Any] | None
+    ) -> CompiledModel | None:
+        """``proto`` (a rewrite of the decoder graph) compiled, if it gives the decoder graph's results."""
+        from portable_moe.run.preallocated_cache import verify_rewrite
+        from portable_moe.tensors import specs_from_onnx
+
+        try:
             inputs, outputs = specs_from_onnx(proto, "the preallocated-cache decoder graph")
             rewritten = ModelInput(proto, None, inputs, outputs, decoder.moe_lowering, self.bundle)
             compiled = self.backend.compile(rewritten, options)
             verify_rewrite(decoder.proto, pairs, self.compiled.run, compiled.run)
         except PortableMoEError:
             return None
-        return (
-            InPlaceCacheSession(compiled, pairs) if hasattr(getattr(compiled, "session", None), "io_binding") else None
-        )
+        return compiled
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether the in-place decoder runs its attention as ONNX Runtime's fused ``GroupQueryAttention``."""
+        return self._in_place is not None and self._in_place.fused_attention
 
     @staticmethod
     def _ort_device(session: Any) -> str:

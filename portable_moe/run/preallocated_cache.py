@@ -307,10 +307,14 @@ class InPlaceCacheSession:
     Args:
         compiled: the rewritten graph compiled by an ONNX Runtime backend (it has ``session``).
         pairs: the cache pairs of the graph (:func:`find_cache_pairs`).
+        fused_attention: the graph's attention is ONNX Runtime's ``GroupQueryAttention``
+            (:mod:`portable_moe.run.fused_attention`), whose CPU kernel refuses several new tokens
+            after a past for more than one sequence: such a chunk runs one token at a time.
     """
 
-    def __init__(self, compiled: Any, pairs: Sequence[CachePair]) -> None:
+    def __init__(self, compiled: Any, pairs: Sequence[CachePair], fused_attention: bool = False) -> None:
         self.compiled = compiled
+        self.fused_attention = fused_attention
         self.session = compiled.session
         self.pairs = list(pairs)
         presents = {pair.present for pair in self.pairs}
@@ -339,6 +343,12 @@ class InPlaceCacheSession:
         The caches are bound once per set of ``values`` (each present output to its past's buffer);
         a step then only binds its token ids and position and asks for the host outputs again.
         """
+        batch, new = input_ids.shape
+        if self.fused_attention and batch > 1 and new > 1 and length > 0:
+            # Causal attention gives each position the same result whether its block runs at once or
+            # token by token; every host output is per position ([batch, new, ...]).
+            steps = [self.run(input_ids[:, index : index + 1], values, length + index) for index in range(new)]
+            return {name: np.concatenate([step[name] for step in steps], axis=1) for name in self.host_outputs}
         if (
             self._bound_values is None
             or len(self._bound_values) != len(values)
@@ -363,7 +373,7 @@ Run = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
 def verify_rewrite(proto: onnx.ModelProto, pairs: Sequence[CachePair], run_grown: Run, run_rewritten: Run) -> None:
-    """Check the rewritten graph against the decoder graph: a 3-token prefill, then one decode step.
+    """Check the rewritten graph against the decoder graph: a 3-token prefill, one decode step, then a 2-token chunk.
 
     The rewrite recognises how the exported graphs it knows read the past length; a graph that
     reads it some other way (a mask expanded to the grown length, say) would be rewritten wrongly,
@@ -383,9 +393,9 @@ def verify_rewrite(proto: onnx.ModelProto, pairs: Sequence[CachePair], run_grown
         dims = [dim.dim_value for dim in inputs[pair.past].type.tensor_type.shape.dim]
         shapes[pair.past] = (1, dims[1], 0, dims[3])
     grown = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
-    capacity = 8  # more than the 4 positions written: unwritten ones stay in the cache at every step
+    capacity = 8  # more than the 6 positions written: unwritten ones stay in the cache at every step
     cache = {name: np.zeros((1, shape[1], capacity, shape[3]), dtype=np.float32) for name, shape in shapes.items()}
-    steps = [np.array([[1, 2, 3]], dtype=np.int64), np.array([[4]], dtype=np.int64)]
+    steps = [np.array([[1, 2, 3]], dtype=np.int64), np.array([[4]], dtype=np.int64), np.array([[5, 6]], dtype=np.int64)]
     length = 0
     try:
         for ids in steps:
