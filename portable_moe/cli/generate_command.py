@@ -105,7 +105,9 @@ def command_generate(args: argparse.Namespace) -> int:
     print_result(
         f"{generator.backend.name}: prefill {result.prefill_tokens_per_second:.1f} tokens/s "
         f"({len(prompt)} tokens), decode {decode_text} tokens/s ({len(result.tokens) - 1} steps), "
-        f"cache through {result.io}" + (", preallocated and written in place" if generator.writes_in_place else "")
+        f"cache through {result.io}"
+        + (", preallocated and written in place" if generator.writes_in_place else "")
+        + (", attention fused (GroupQueryAttention)" if generator.fused_attention else "")
     )
     if args.json:
         report = {"bundle": str(bundle.path), "backend": generator.backend.name, **result.to_dict()}

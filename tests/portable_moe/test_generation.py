@@ -176,6 +176,7 @@ def test_cli_generate_streams_tokens_and_writes_json(generation_bundle, tmp_path
     assert code == 0
     assert "generated: " + " ".join(map(str, golden["tokens"][:8])) + "\n" in out
     assert "prefill" in out and "decode" in out and "tokens/s" in out and "cache through iobinding" in out
+    assert "written in place, attention fused (GroupQueryAttention)" in " ".join(out.split())
     written = json.loads(report.read_text())
     assert written["generated_ids"] == golden["tokens"][:8]
     assert written["expert_ids"] == golden["expert_ids"][:8]
