@@ -44,6 +44,8 @@ FUSED_OP = "GroupQueryAttention"
 _PREFIX = "fused_attention"
 # ONNX Runtime's CPU kernel takes a head size that is a multiple of 16 when it applies the rotary.
 _HEAD_SIZE_MULTIPLE = 16
+# From this opset on, Softmax normalises one axis (-1 by default); before it, it flattened the trailing axes.
+_SOFTMAX_LAST_AXIS = 13
 
 
 @dataclass(frozen=True)
@@ -304,19 +306,21 @@ def fuse_group_query_attention(
     key_presents = [
         present for present in presents if [node.op_type for node in graph.consumers.get(present, [])] == ["Transpose"]
     ]
-    cores = [_core(graph, present, past_names) for present in key_presents]
-    if not cores or any(core is None for core in cores) or 2 * len(cores) != len(past_names):
+    found = [_core(graph, present, past_names) for present in key_presents]
+    cores = [core for core in found if core is not None]
+    written = {name for core in cores for name in (core.present_key, core.present_value)}
+    if not cores or len(cores) != len(found) or len(written) != len(past_names) or _opset(proto) < _SOFTMAX_LAST_AXIS:
         return None
-    shapes = {_cache_heads(proto, core.past_key) for core in cores}  # type: ignore[union-attr]
-    if len(shapes) != 1 or None in shapes:
+    shapes = {_cache_heads(proto, core.past_key) for core in cores}
+    shape = shapes.pop() if len(shapes) == 1 else None
+    if shape is None or shape[1] % _HEAD_SIZE_MULTIPLE or len({(core.cos, core.sin) for core in cores}) != 1:
         return None
-    ((heads, head_dim),) = shapes  # type: ignore[misc]
-    if head_dim % _HEAD_SIZE_MULTIPLE or len({(core.cos, core.sin) for core in cores}) != 1:  # type: ignore[union-attr]
-        return None
-    tables = _rotary_tables(graph, proto, cores[0].cos, cores[0].sin, max_positions)  # type: ignore[union-attr]
-    if tables is None:
-        return None
-    return _fused(proto, [core for core in cores if core is not None], heads, tables)
+    tables = _rotary_tables(graph, proto, cores[0].cos, cores[0].sin, max_positions)
+    return _fused(proto, cores, shape[0], tables) if tables is not None else None
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((opset.version for opset in proto.opset_import if opset.domain in ("", "ai.onnx")), 0)
 
 
 def _fused(
