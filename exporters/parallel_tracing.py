@@ -151,6 +151,10 @@ def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[s
 
 def _result(outcome: tuple[str, Any] | None, label: str, exitcode: int | None) -> bytes:
     """What a child sent: its graph, or the error it reported, or how it ended without sending either."""
+    if outcome is None and exitcode == -signal.SIGINT:
+        # Ctrl-C reaches the whole process group; the child may die of it before this process's own
+        # KeyboardInterrupt is raised. Either way the export was interrupted, not broken.
+        raise KeyboardInterrupt(f"tracing {label} was interrupted")
     if outcome is None:
         raise TracingFailed(f"tracing {label}: its process ended ({describe_exit(exitcode)}) before it sent the graph")
     kind, payload = outcome

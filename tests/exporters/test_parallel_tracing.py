@@ -146,6 +146,20 @@ def test_a_child_that_fails_fails_the_export_with_the_part_and_the_cause(monkeyp
         run_traces([_pid, task, _pid], ["the head", "the prologue", "layer kind 0 (first at layer 0)"])
 
 
+def _interrupted() -> bytes:
+    os.kill(os.getpid(), signal.SIGINT)  # at its default in a child: the child dies of it
+    time.sleep(60)
+    return b""
+
+
+@needs_fork
+def test_a_child_that_ctrl_c_killed_makes_the_export_interrupted(monkeypatch):
+    """Ctrl-C reaches the children too, and one may die of it before this process raises KeyboardInterrupt."""
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
+    with pytest.raises(KeyboardInterrupt, match="tracing the prologue was interrupted"):
+        run_traces([_pid, _interrupted], ["the head", "the prologue"])
+
+
 @needs_fork
 def test_an_interrupt_kills_and_reaps_the_children(monkeypatch, tmp_path):
     """Ctrl-C (or SIGTERM through the termination handler, a KeyboardInterrupt too) while children trace."""
