@@ -2,14 +2,16 @@
 
 Exporting a whole decoder with ``torch.onnx.export`` costs seconds per layer (``torch.export``
 traces every op of every layer, then decomposes it). The layers of a decoder come in a few kinds
-(a dense layer, an MoE layer) that differ only in their weights, so this module traces, in one
-``torch.onnx.export`` call,
+(a dense layer, an MoE layer) that differ only in their weights, so this module traces, each in a
+``torch.onnx.export`` call of its own,
 
 * the prologue (embedding, and the tensors every layer shares such as the rotary tables),
 * one layer of each kind, fed its own ``hidden`` input rather than the previous layer's output, and
 * the head (final norm and output projection), fed its own ``hidden`` input,
 
-with every weight a graph input. The exported graph then splits by what each node depends on:
+with every weight a graph input, and merges the exported parts into one graph. The parts share
+nothing, so they can be traced side by side (:mod:`exporters.parallel_tracing`: in processes forked
+from this one, where there are cores for it). The merged graph then splits by what each node depends on:
 nodes that depend on a kind's ``hidden`` or weights belong to that kind, the head's to the head,
 and the rest (the prologue, shape arithmetic on ``input_ids``) to all. The full graph is those
 shared nodes once, then per layer a copy of its kind's nodes (values renamed, bound to the

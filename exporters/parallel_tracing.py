@@ -2,9 +2,10 @@
 
 Layer-wise export (:mod:`exporters.layer_graphs`) traces the prologue, one layer of each kind and
 the head, each its own ``torch.onnx.export``: they share nothing, and each takes seconds of one core.
-Where this process may use two cores or more, they are traced in child processes, at most one per
-usable core. A child is forked when its part's turn comes, so it starts with everything the
-exporting process holds: torch, the exporter and torch.onnx's op registry already loaded (see
+Where this process may use two cores or more, it traces the first part (a short one) itself, then
+the others in child processes, at most one per usable core. A child is forked when its part's turn
+comes, so it starts with everything the exporting process holds: torch, the exporter and
+torch.onnx's op registry loaded, the exporter's first-use set-up done by the first part (see
 :func:`exporters.layered.reused_op_registry`), nothing imported or built again. It traces its part
 and sends the graph back (ONNX bytes, through a pipe); the exporting process merges the parts in
 their own order, so the model is the same however many processes traced it.
