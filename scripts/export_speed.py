@@ -256,12 +256,12 @@ def render(rows: list[dict], lowering: str, load: tuple[str, str], commands: lis
     ]
     lines += [
         "",
-        "What brought a first export down, besides tracing in parallel: each part is its own `torch.onnx.export` "
-        "(smaller programs for `torch.export` and its decompositions to reason about; in one process the four "
-        "parts together take less CPU than the one export of them side by side did), and `torch.onnx.export`'s "
-        "op registry, which it builds from onnxscript's torchlib on every call by parsing each of ~500 "
-        "functions' source, is built once per process and copied for each call "
-        "(`exporters.layered.reused_op_registry`). The two traces run every op on fake tensors with symbolic "
+        "What else a first export is made of: each part is its own `torch.onnx.export`, which is what lets "
+        "the parts be traced apart (traced one after the other in one process, they cost about what one "
+        "export of all of them side by side did); `torch.onnx.export`'s op registry, which it builds from "
+        "onnxscript's torchlib on every call by parsing each of ~500 functions' source, is built once per "
+        "process and copied for each call (`exporters.layered.reused_op_registry`), so the parts after the "
+        "first, and the forked children, do not build it again. The two traces run every op on fake tensors with symbolic "
         "batch and sequence sizes; torch's fake-tensor dispatch cache hardly ever hits there and making its "
         "entries costs more than it saves, so export turns it off while tracing (`exporters.layered.fast_tracing`). "
         "The optimizer over the full graph runs one round instead of two: the parts were optimized inside "
