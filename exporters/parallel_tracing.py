@@ -129,9 +129,9 @@ def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[s
                 index = pending.popleft()
                 receiver, sender = context.Pipe(duplex=False)
                 child = context.Process(target=_child_main, args=(tasks[index], sender), daemon=True)
+                running[receiver] = (index, child)  # before it starts: an interrupt then still finds it
                 child.start()
                 sender.close()  # the child holds its own: at its exit, the parent reads end of file
-                running[receiver] = (index, child)
             for receiver in wait(list(running)):
                 index, child = running.pop(receiver)
                 try:
@@ -144,8 +144,9 @@ def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[s
                 results[index] = _result(outcome, labels[index], child.exitcode)
     finally:
         for receiver, (_, child) in running.items():
-            child.kill()
-            child.join()
+            if child.pid is not None:  # started
+                child.kill()
+                child.join()
             receiver.close()
     return results
 
