@@ -2,14 +2,16 @@
 
 Exporting a whole decoder with ``torch.onnx.export`` costs seconds per layer (``torch.export``
 traces every op of every layer, then decomposes it). The layers of a decoder come in a few kinds
-(a dense layer, an MoE layer) that differ only in their weights, so this module traces, in one
-``torch.onnx.export`` call,
+(a dense layer, an MoE layer) that differ only in their weights, so this module traces, each in a
+``torch.onnx.export`` call of its own,
 
 * the prologue (embedding, and the tensors every layer shares such as the rotary tables),
 * one layer of each kind, fed its own ``hidden`` input rather than the previous layer's output, and
 * the head (final norm and output projection), fed its own ``hidden`` input,
 
-with every weight a graph input. The exported graph then splits by what each node depends on:
+with every weight a graph input, and merges the exported parts into one graph. The parts share
+nothing, so they can be traced side by side (:mod:`exporters.parallel_tracing`: in processes forked
+from this one, where there are cores for it). The merged graph then splits by what each node depends on:
 nodes that depend on a kind's ``hidden`` or weights belong to that kind, the head's to the head,
 and the rest (the prologue, shape arithmetic on ``input_ids``) to all. The full graph is those
 shared nodes once, then per layer a copy of its kind's nodes (values renamed, bound to the
@@ -28,6 +30,7 @@ weights, seed or weight format) composes from it without tracing again.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ import onnx_ir as ir
 import torch
 
 from exporters import trace_cache
-from exporters.layered import LayeredModel, fast_tracing, quiet_exporter
+from exporters.layered import LayeredModel, fast_tracing, quiet_exporter, reused_op_registry
 from exporters.lowerings import Lowering
 from portable_moe.errors import ExportError
 
@@ -45,7 +48,7 @@ Progress = Callable[[str], None]
 # Names of the symbolic axes in the exported graph (the manifest's input and output specs show them).
 BATCH, SEQ = "batch", "seq"
 _LAYER_OUTPUT_ROLES = ("hidden", "expert_ids", "dropped")
-_HEAD = "head"
+_PROLOGUE, _HEAD = "prologue", "head"
 # The suffix of a part's own batch and sequence symbols (see _export_pieces); symbolic dims may be
 # expressions of them, such as "batch__kind1*seq__kind1".
 _PART_SUFFIX = re.compile(r"__(?:kind\d+|head)\b")
@@ -74,15 +77,22 @@ class _Kind:
 
 
 class _Pieces(torch.nn.Module):
-    """The prologue, one layer per kind and the head side by side, each fed inputs of its own.
+    """Parts of the model side by side (the prologue, some layer kinds, the head), each fed inputs of its own.
 
-    ``forward(input_ids, *layer_inputs, head_hidden)``, where ``layer_inputs`` holds ``(hidden,
+    ``forward([input_ids,] *layer_inputs[, head_hidden])``, where ``layer_inputs`` holds ``(hidden,
     *shared)`` for each kind in turn, returns the prologue's outputs, then every kind's non-None
-    outputs in order, then the logits. No part reads another's inputs, so the exported graph
-    splits cleanly into parts.
+    outputs in order, then the logits (the prologue and the head only when included). No part reads
+    another's inputs, so the exported graph splits cleanly into parts.
     """
 
-    def __init__(self, model: torch.nn.Module, kinds: Sequence[torch.nn.Module], layer_arity: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kinds: Sequence[torch.nn.Module],
+        layer_arity: int,
+        with_prologue: bool = True,
+        with_head: bool = True,
+    ) -> None:
         super().__init__()
         self.model = model
         self.kinds = tuple(kinds)
@@ -92,13 +102,19 @@ class _Pieces(torch.nn.Module):
         inside = {id(module) for module in model.modules()}
         self.outside = torch.nn.ModuleList(layer for layer in kinds if id(layer) not in inside)
         self.layer_arity = layer_arity
+        self.with_prologue = with_prologue
+        self.with_head = with_head
 
-    def forward(self, input_ids: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = list(_as_tuple(self.model.prologue(input_ids)))
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs: list[torch.Tensor] = []
+        if self.with_prologue:
+            outputs.extend(_as_tuple(self.model.prologue(inputs[0])))
+            inputs = inputs[1:]
         for index, layer in enumerate(self.kinds):
             layer_inputs = inputs[index * self.layer_arity : (index + 1) * self.layer_arity]
             outputs.extend(output for output in _as_tuple(layer(*layer_inputs)) if output is not None)
-        outputs.append(self.model.head(inputs[-1]))
+        if self.with_head:
+            outputs.append(self.model.head(inputs[-1]))
         return tuple(outputs)
 
 
@@ -315,56 +331,71 @@ def _dims(suffix: str = "") -> dict[str, Any]:
     }
 
 
-def _export_pieces(
-    model: torch.nn.Module,
-    kinds: Mapping[Hashable, _Kind],
-    examples: tuple[torch.Tensor, torch.Tensor],
-    axes: Sequence[Mapping[int, str]],
-    frame: Mapping[str, torch.Tensor],
-    lowering: Lowering,
-    opset: int,
-) -> tuple[ir.Model, list[str]]:
-    """One ``torch.onnx.export`` of :class:`_Pieces`, every weight a graph input.
+@dataclass
+class _Tracing:
+    """What tracing any part needs, gathered once in the exporting process (a forked tracer inherits it)."""
 
-    Each layer kind and the head get batch and sequence symbols of their own (``batch__kind0``,
-    ...): with shared symbols, ``torch.export`` computes a size wherever it first finds it, which
-    would tie one part's shape arithmetic to another part's inputs.
+    model: torch.nn.Module
+    kinds: Mapping[Hashable, _Kind]
+    examples: tuple[torch.Tensor, torch.Tensor]
+    prologue_outputs: tuple[torch.Tensor, ...]
+    axes: Sequence[Mapping[int, str]]
+    frame: Mapping[str, torch.Tensor]
+    lowering: Lowering
+    opset: int
+
+
+def _part_label(part: Hashable, kinds: Mapping[Hashable, _Kind]) -> str:
+    """The part in words, for messages: ``the prologue``, ``layer kind 1 (first at layer 1)``, ``the head``."""
+    if part == _PROLOGUE:
+        return "the prologue"
+    if part == _HEAD:
+        return "the head"
+    return f"layer kind {part} (first at layer {list(kinds.values())[part].first})"
+
+
+def _export_part(tracing: _Tracing, part: Hashable) -> bytes:
+    """One ``torch.onnx.export`` of one part (:class:`_Pieces` holding only it), every weight a graph input.
 
     Returns:
-        The exported model and the role of each output: ``prologue:<i>``, ``<kind index>:<role>``
-        per kind output, ``head:logits``. Its inputs are ``input_ids``, ``kind<k>.<i>`` (the
-        hidden state, then the shared tensors) per kind, ``head.hidden``, then the weights:
-        ``model.<name>`` for the prologue's and head's, ``kinds.<k>.<name>`` for each kind's.
+        The exported model, serialized. Its inputs are those of the part among ``input_ids``,
+        ``kind<k>.<i>`` (the hidden state, then the shared tensors), ``head.hidden``, then its
+        weights: ``model.<name>`` for the prologue's and head's, ``kinds.<k>.<name>`` for a kind's;
+        its outputs are the part's, named after their roles (``prologue.<i>``, ``<k>.<role>``,
+        ``head.logits``).
     """
-
-    example_ids, final_hidden = examples
-    with torch.no_grad():
-        prologue = _as_tuple(model.prologue(example_ids))
-        for kind in kinds.values():
-            outputs = _as_tuple(kind.module(kind.example_hidden, *prologue[1:]))
-            kind.output_roles = tuple(role for role, value in zip(_LAYER_OUTPUT_ROLES, outputs) if value is not None)
-    roles = [f"prologue:{index}" for index in range(len(prologue))]
-    activations: list[torch.Tensor] = [example_ids]
-    dynamic: list[Any] = [{0: _dims()[BATCH], 1: _dims()[SEQ]}]
-    input_names = ["input_ids"]
-    weights = {f"model.{name}": tensor for name, tensor in frame.items()}
-    for index, kind in enumerate(kinds.values()):
-        dims = _dims(f"__kind{index}")
-        # Copies: torch.export gives one tensor passed twice one set of symbols, which would tie the parts.
-        activations += [tensor.clone() for tensor in (kind.example_hidden, *prologue[1:])]
-        dynamic += [{axis: dims[name] for axis, name in tensor_axes.items()} for tensor_axes in axes]
-        input_names += [f"kind{index}.{position}" for position in range(len(prologue))]
+    model, kinds = tracing.model, list(tracing.kinds.values())
+    example_ids, final_hidden = tracing.examples
+    activations: list[torch.Tensor] = []
+    dynamic: list[Any] = []
+    input_names: list[str] = []
+    weights: dict[str, torch.Tensor] = {}
+    if part == _PROLOGUE:
+        activations.append(example_ids)
+        dynamic.append({0: _dims()[BATCH], 1: _dims()[SEQ]})
+        input_names.append("input_ids")
+    if part in (_PROLOGUE, _HEAD):
+        weights.update({f"model.{name}": tensor for name, tensor in tracing.frame.items()})
+    if part == _HEAD:
+        head_dims = _dims("__head")
+        activations.append(final_hidden.clone())
+        dynamic.append({axis: head_dims[name] for axis, name in tracing.axes[0].items()})
+        input_names.append("head.hidden")
+    layers = []
+    if isinstance(part, int):
+        kind = kinds[part]
+        layers.append(kind.module)
+        dims = _dims(f"__kind{part}")
+        # Copies: torch.export gives one tensor passed twice one set of symbols.
+        activations += [tensor.clone() for tensor in (kind.example_hidden, *tracing.prologue_outputs[1:])]
+        dynamic += [{axis: dims[name] for axis, name in tensor_axes.items()} for tensor_axes in tracing.axes]
+        input_names += [f"kind{part}.{position}" for position in range(len(tracing.prologue_outputs))]
         tensors = _tensors(kind.module)
-        weights.update({f"kinds.{index}.{name}": tensors[name] for name in kind.weight_names})
-        roles += [f"{index}:{role}" for role in kind.output_roles]
-    head_dims = _dims("__head")
-    activations.append(final_hidden.clone())
-    dynamic.append({axis: head_dims[name] for axis, name in axes[0].items()})
-    input_names.append("head.hidden")
-    roles.append("head:logits")
-    pieces = _Pieces(model, [kind.module for kind in kinds.values()], len(prologue))
+        weights.update({f"kinds.{part}.{name}": tensors[name] for name in kind.weight_names})
+    roles = _roles(tracing, [part])
+    pieces = _Pieces(model, layers, len(tracing.prologue_outputs), part == _PROLOGUE, part == _HEAD)
     canonical = {id(tensor): name for name, tensor in _tensors(pieces).items()}
-    with quiet_exporter(), fast_tracing():
+    with quiet_exporter(), fast_tracing(), reused_op_registry():
         program = torch.onnx.export(
             _WeightsAsInputs(pieces, [canonical[id(tensor)] for tensor in weights.values()], len(activations)),
             (*activations, *weights.values()),
@@ -372,12 +403,114 @@ def _export_pieces(
             input_names=[*input_names, *weights],
             output_names=[role.replace(":", ".") for role in roles],
             dynamic_shapes=((*dynamic, *([None] * len(weights))),),
-            opset_version=opset,
-            custom_translation_table=getattr(lowering.load(), "CUSTOM_TRANSLATION_TABLE", None),
+            opset_version=tracing.opset,
+            custom_translation_table=getattr(tracing.lowering.load(), "CUSTOM_TRANSLATION_TABLE", None),
             optimize=True,
             verbose=False,
         )
-    return program.model, roles
+    return ir.to_proto(program.model).SerializeToString()
+
+
+def _roles(tracing: _Tracing, parts: Sequence[Hashable]) -> list[str]:
+    """The role of each output of ``parts``: ``prologue:<i>``, ``<kind index>:<role>`` per kind output, ``head:logits``."""
+    roles: list[str] = []
+    for part in parts:
+        if part == _PROLOGUE:
+            roles += [f"prologue:{index}" for index in range(len(tracing.prologue_outputs))]
+        elif part == _HEAD:
+            roles.append("head:logits")
+        else:
+            roles += [f"{part}:{role}" for role in list(tracing.kinds.values())[part].output_roles]
+    return roles
+
+
+def _merge_parts(parts: Sequence[Hashable], exported: Sequence[bytes]) -> ir.Model:
+    """One model holding every part's exported graph: inputs of one name become one input.
+
+    Value and node names made by the exporter get the part's name in front (``kind1.val_3``), so
+    that no two parts claim one name; inputs and outputs keep theirs.
+    """
+    import onnx
+
+    models = [ir.from_proto(onnx.ModelProto.FromString(data)) for data in exported]
+    first = models[0]
+    graph = ir.Graph([], [], nodes=[], name=first.graph.name, opset_imports=dict(first.opset_imports))
+    inputs: dict[str, ir.Value] = {}
+    activations: list[ir.Value] = []
+    weights: list[ir.Value] = []
+    functions: dict[Any, ir.Function] = {}
+    for part, model in zip(parts, models):
+        prefix = f"kind{part}." if isinstance(part, int) else f"{part}."
+        part_graph = model.graph
+        graph.opset_imports.update(model.opset_imports)
+        functions.update(model.functions)
+        own_inputs = set(part_graph.inputs)
+        for value in list(part_graph.inputs):
+            if value.name in inputs:
+                ir.convenience.replace_all_uses_with(value, inputs[value.name])
+                continue
+            inputs[value.name] = value
+            (weights if value.name.startswith(("model.", "kinds.")) else activations).append(value)
+        part_graph.inputs.clear()
+        outputs = list(part_graph.outputs)
+        part_graph.outputs.clear()
+        constants = [value for value in part_graph.initializers.values() if value not in own_inputs]
+        part_graph.initializers.clear()
+        for value in constants:
+            value.name = prefix + value.name
+            graph.register_initializer(value)
+        nodes = list(part_graph)
+        part_graph.remove(nodes)
+        for node in nodes:
+            node.name = prefix + (node.name or node.op_type)
+            for output in node.outputs:
+                if output not in outputs:
+                    output.name = prefix + (output.name or "")
+        graph.extend(nodes)
+        graph.outputs.extend(outputs)
+    graph.inputs.extend([*activations, *weights])
+    for value in weights:
+        if value.const_value is not None:
+            graph.register_initializer(value)
+    return ir.Model(
+        graph,
+        ir_version=first.ir_version,
+        producer_name=first.producer_name,
+        producer_version=first.producer_version,
+        functions=list(functions.values()),
+    )
+
+
+def _export_pieces(tracing: _Tracing, progress: Progress) -> tuple[ir.Model, list[str]]:
+    """Export every part (the prologue, one layer per kind, the head) and merge them into one model.
+
+    Each part is its own ``torch.onnx.export``, with batch and sequence symbols of its own
+    (``batch__kind0``, ...): the parts share nothing, so they can be traced side by side (see
+    :mod:`exporters.parallel_tracing`), and the merged model is the same however many processes
+    traced them.
+
+    Returns:
+        The merged model and the role of each output: ``prologue:<i>``, ``<kind index>:<role>``
+        per kind output, ``head:logits``. Its inputs are ``input_ids``, ``kind<k>.<i>`` (the
+        hidden state, then the shared tensors) per kind, ``head.hidden``, then the weights:
+        ``model.<name>`` for the prologue's and head's, ``kinds.<k>.<name>`` for each kind's.
+    """
+    from exporters import parallel_tracing
+
+    parts: list[Hashable] = [_PROLOGUE, *range(len(tracing.kinds)), _HEAD]
+    labels = [_part_label(part, tracing.kinds) for part in parts]
+    # The head first (short: it warms up the exporter for the others, see run_traces), then the layer
+    # kinds, more weights (more operations to trace) first, then the prologue.
+    kinds = list(tracing.kinds.values())
+    weight_count = [len(kinds[part].weight_names) if isinstance(part, int) else 0 for part in parts]
+    order = sorted(range(len(parts)), key=lambda position: (parts[position] != _HEAD, -weight_count[position]))
+    exported = parallel_tracing.run_traces(
+        [functools.partial(_export_part, tracing, parts[position]) for position in order],
+        [labels[position] for position in order],
+        progress,
+    )
+    by_part = dict(zip(order, exported))
+    return _merge_parts(parts, [by_part[position] for position in range(len(parts))]), _roles(tracing, parts)
 
 
 def _structure_key(
@@ -461,7 +594,15 @@ def export_layered(
     pieces = trace_cache.lookup(key)
     if pieces is None:
         say(f"tracing the prologue, {len(kinds)} kind(s) of layer for {len(layers)} layer(s), and the head")
-        traced, roles = _export_pieces(model, kinds, (example_ids, final_hidden), axes, frame, lowering, opset)
+        with torch.no_grad():
+            prologue = _as_tuple(model.prologue(example_ids))
+            for kind in kinds.values():
+                outputs = _as_tuple(kind.module(kind.example_hidden, *prologue[1:]))
+                kind.output_roles = tuple(
+                    role for role, value in zip(_LAYER_OUTPUT_ROLES, outputs) if value is not None
+                )
+        tracing = _Tracing(model, kinds, (example_ids, final_hidden), prologue, axes, frame, lowering, opset)
+        traced, roles = _export_pieces(tracing, say)
         pieces = trace_cache.store(
             key, trace_cache.TracedPieces(traced, roles, [kind.output_roles for kind in kinds.values()])
         )

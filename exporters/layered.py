@@ -66,6 +66,42 @@ def fast_tracing() -> Iterator[None]:
         yield
 
 
+# torch.onnx's op registry per opset, built from onnxscript's torchlib once per process (see reused_op_registry).
+_OP_REGISTRIES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def reused_op_registry() -> Iterator[None]:
+    """Let ``torch.onnx.export`` start from a copy of an op registry built once, not build its own.
+
+    Every ``torch.onnx.export`` call builds its registry from onnxscript's torchlib, parsing the
+    source of each of ~500 functions (1-2 s), before registering the call's custom translations
+    into it. Here the first call of the process builds it and every call gets a copy: the
+    registry's only state is its opset and a table of lists, which the custom translations extend,
+    so a copy of the table's lists keeps each call's translations its own. A tracing process
+    forked after the first build inherits the registry and builds nothing.
+    """
+    from torch.onnx._internal.exporter import _registration
+
+    registry_class = _registration.ONNXRegistry
+    build = registry_class.__dict__["from_torchlib"]
+
+    def from_torchlib(cls: Any, opset_version: int = _registration._constants.TORCHLIB_OPSET) -> Any:
+        if opset_version not in _OP_REGISTRIES:
+            _OP_REGISTRIES[opset_version] = build.__get__(None, cls)(opset_version)
+        built = _OP_REGISTRIES[opset_version]
+        copy = cls()
+        copy._opset_version = built._opset_version
+        copy.functions = {target: list(decompositions) for target, decompositions in built.functions.items()}
+        return copy
+
+    registry_class.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_class.from_torchlib = build
+
+
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
     """Silence torch.onnx's progress prints and warnings about optional packages (e.g. torchvision)."""

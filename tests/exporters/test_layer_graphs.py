@@ -315,3 +315,59 @@ def test_the_key_changes_with_the_exporting_stack_and_the_source(monkeypatch):
         patch.setattr(trace_cache, "_source_digest", lambda module: (module, "edited"))
         assert trace_cache.structure_key(layer) != key
     assert trace_cache.structure_key(layer) == key
+
+
+@pytest.fixture
+def untraced(monkeypatch):
+    """Every export traces afresh (no key: the trace cache is neither read nor written)."""
+    import exporters.layer_graphs as layer_graphs
+
+    monkeypatch.setattr(layer_graphs, "_structure_key", lambda *args: None)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="tracing processes are forked; this platform cannot")
+def test_parts_traced_in_parallel_make_the_same_model_onnx_as_one_process(untraced, tmp_path, monkeypatch):
+    """Byte for byte (scripts/export_speed.py checks the same on the tiny preset's 2, 4 and 8 layers)."""
+    from exporters import parallel_tracing
+
+    forked = []
+    in_children = parallel_tracing._traced_in_children
+    monkeypatch.setattr(
+        parallel_tracing, "_traced_in_children", lambda *args: forked.append(len(args[0])) or in_children(*args)
+    )
+    written = {}
+    for processes in ("0", "3"):  # in this process, then the head here and three parts in three children
+        monkeypatch.setenv(parallel_tracing.ENVIRONMENT_VARIABLE, processes)
+        export_model_to_onnx(_TwoKinds(), tmp_path / f"{processes}.onnx")
+        written[processes] = (tmp_path / f"{processes}.onnx").read_bytes()
+    assert forked == [3]
+    assert written["0"] == written["3"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="tracing processes are forked; this platform cannot")
+def test_a_part_that_fails_in_its_process_fails_the_export_with_its_name_and_writes_nothing(tmp_path, monkeypatch):
+    import exporters.layer_graphs as layer_graphs
+    from exporters import parallel_tracing
+
+    def trace_or_fail(tracing, part):
+        if part == 1:
+            raise RuntimeError("no translation for aten::frobnicate")
+        return b""  # never merged: the failure comes first
+
+    monkeypatch.setattr(layer_graphs, "_export_part", trace_or_fail)
+    monkeypatch.setattr(layer_graphs, "_structure_key", lambda *args: None)
+    monkeypatch.setenv(parallel_tracing.ENVIRONMENT_VARIABLE, "2")
+    with pytest.raises(
+        ExportError,
+        match=r"torch.onnx.export failed for toy \(dense lowering\): tracing layer kind 1 \(first at layer 1\): "
+        r"RuntimeError: no translation for aten::frobnicate$",
+    ):
+        export_model_to_onnx(_TwoKinds(), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+class _TwoKinds(_Toy):
+    """The toy with each layer a kind of its own: two layer kinds to trace."""
+
+    def layer_kind(self, index):
+        return f"residual linear {index}"

@@ -49,7 +49,8 @@ def _wait_for(pattern: str, directory: Path, process: subprocess.Popen, limit: f
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# Ctrl-C (SIGINT) is sent to a whole process group, later in the export, by the test after this one.
+@pytest.mark.parametrize("sent", [signal.SIGTERM], ids=["SIGTERM"])
 def test_an_interrupted_export_leaves_no_bundle_and_no_staging(tmp_path, sent):
     pytest.importorskip("torch", reason="exporting needs torch")
     target = tmp_path / "X"
@@ -74,6 +75,56 @@ def test_an_interrupted_export_leaves_no_bundle_and_no_staging(tmp_path, sent):
     assert process.returncode != 0
     assert time.monotonic() - signalled < 60
     assert "interrupted" in errors and "Traceback" not in errors
+    assert not target.exists()
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the tracing processes through /proc")
+def test_ctrl_c_while_parts_trace_in_parallel_stops_every_process_and_leaves_no_bundle(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: the exporting process and its tracing children."""
+    pytest.importorskip("torch", reason="exporting needs torch")
+    target = tmp_path / "X"
+    environment = {name: value for name, value in os.environ.items() if name != "PORTABLE_MOE_TRACE_CACHE"}
+    environment["PORTABLE_MOE_PARALLEL_TRACING"] = "2"  # children even on one core
+    process = subprocess.Popen(
+        [*_cli(), "export", "--preset", "tiny", "-o", str(target)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+    )
+    deadline = time.monotonic() + 180
+    while not (children := _children_of(process.pid)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no tracing process appeared: {process.communicate()}")
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, errors = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the export did not stop within 60 s of Ctrl-C")
+    assert process.returncode != 0
+    assert "interrupted" in errors and "Traceback" not in errors
+    for child in children:  # reaped: not even a zombie is left
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
     assert not target.exists()
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
