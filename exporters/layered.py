@@ -81,12 +81,17 @@ def reused_op_registry() -> Iterator[None]:
     so a copy of the table's lists keeps each call's translations its own. A tracing process
     forked after the first build inherits the registry and builds nothing.
     """
-    from torch.onnx._internal.exporter import _registration
+    try:  # torch.onnx's private layout: where it differs (another torch), every call builds its own
+        from torch.onnx._internal.exporter import _registration
 
-    registry_class = _registration.ONNXRegistry
-    build = registry_class.__dict__["from_torchlib"]
+        registry_class = _registration.ONNXRegistry
+        build = registry_class.__dict__["from_torchlib"]
+        default_opset = _registration._constants.TORCHLIB_OPSET
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
 
-    def from_torchlib(cls: Any, opset_version: int = _registration._constants.TORCHLIB_OPSET) -> Any:
+    def from_torchlib(cls: Any, opset_version: int = default_opset) -> Any:
         if opset_version not in _OP_REGISTRIES:
             _OP_REGISTRIES[opset_version] = build.__get__(None, cls)(opset_version)
         built = _OP_REGISTRIES[opset_version]

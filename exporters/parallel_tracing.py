@@ -182,6 +182,9 @@ def _child_main(task: Callable[[], bytes], sender: Any) -> None:
                 signal.signal(number, signal.SIG_DFL)
         # Another thread of the parent (a progress display) may have held the streams' locks at the fork.
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives until os._exit)
+        # What C code writes (a warning of torch's) goes there too, not to the parent's terminal or pipes.
+        os.dup2(sys.stdout.fileno(), 1)
+        os.dup2(sys.stdout.fileno(), 2)
         torch = sys.modules.get("torch")  # loaded in the exporting process; threads matter only then
         if torch is not None:
             torch.set_num_threads(1)
