@@ -88,14 +88,14 @@ def finish_check(
         write_html(report, html_path)
         stderr.print(f"HTML report written to {escape(html_path)}")
     # Naming backends requires each to pass; "all" means every backend that can run here and takes the bundle.
-    considered = [*results, *(generation or [])]
+    considered = [(r, r.backend) for r in results] + [(r, f"{r.backend} generation") for r in generation or []]
     if not require_all:
-        considered = [r for r in considered if r.status not in NOT_CHECKED]
+        considered = [(r, label) for r, label in considered if r.status not in NOT_CHECKED]
     if not considered:
         stderr.print("[red]no backend could be checked[/red]")
         return EXIT_FAILED
-    if all(r.status == PASSED for r in considered):
+    if all(r.status == PASSED for r, _ in considered):
         return EXIT_OK
-    not_passed = ", ".join(f"{r.backend} ({r.status})" for r in considered if r.status != PASSED)
+    not_passed = ", ".join(f"{label} ({r.status})" for r, label in considered if r.status != PASSED)
     stderr.print(f"[red]not conforming:[/red] {not_passed}")
     return EXIT_FAILED

@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
+from backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
 from portable_moe import load_bundle, registry
-from portable_moe.errors import InputError
+from portable_moe.errors import BackendError, InputError
 from portable_moe.run.generation import Cache, Generator, check_sampling, choose_token, decoder_spec
 
 
@@ -210,6 +211,27 @@ def test_cli_check_generate_reports_token_agreement(generation_bundle, tmp_path,
     assert entry["backend"] == "cpu" and entry["status"] == "passed"
     assert entry["token_agreement"] == 1.0 and entry["first_divergence"] is None
     assert len(entry["logit_error_per_step"]) == 8 and max(entry["logit_error_per_step"]) < 1e-4
+
+
+class _RefusingBackend(OnnxRuntimeCpuBackend):
+    description = "an adapter whose compiler refuses every graph"
+
+    def _compile(self, model, options):
+        raise BackendError("the simulated compiler refuses this graph")
+
+
+def test_cli_check_generate_names_the_generation_check_apart_from_the_model_check(generation_bundle, capsys):
+    """A backend that fails both checks is named once for each, so the summary says which check failed."""
+    from portable_moe.cli import main
+
+    registry.register_backend("refusing-npu", _RefusingBackend)
+    try:
+        code = main(["check", str(generation_bundle.path), "--backend", "cpu,refusing-npu", "--generate", "2"])
+    finally:
+        registry.unregister_backend("refusing-npu")
+    assert code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not conforming: refusing-npu (error), refusing-npu generation (error)" in err
 
 
 def test_cli_check_generate_beyond_the_golden_steps_exits_2(generation_bundle, capsys):
