@@ -49,21 +49,30 @@ def _wait_for(pattern: str, directory: Path, process: subprocess.Popen, limit: f
         time.sleep(0.02)
 
 
-# Ctrl-C (SIGINT) is sent to a whole process group, later in the export, by the test after this one.
-@pytest.mark.parametrize("sent", [signal.SIGTERM], ids=["SIGTERM"])
-def test_an_interrupted_export_leaves_no_bundle_and_no_staging(tmp_path, sent):
-    pytest.importorskip("torch", reason="exporting needs torch")
-    target = tmp_path / "X"
-    # Without the session's trace cache: a traced export leaves the signal seconds to arrive in.
+def _traced_export(target: Path, extra_environment: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
+    """``portable-moe export --preset tiny -o target``, started as from a terminal, output piped.
+
+    Without the session's trace cache: a traced export leaves the signal seconds to arrive in.
+    """
     environment = {name: value for name, value in os.environ.items() if name != "PORTABLE_MOE_TRACE_CACHE"}
-    process = subprocess.Popen(
+    environment.update(extra_environment or {})
+    return subprocess.Popen(
         [*_cli(), "export", "--preset", "tiny", "-o", str(target)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
         preexec_fn=_ctrl_c_as_in_a_terminal,
+        **popen,
     )
+
+
+# Ctrl-C (SIGINT) is sent to a whole process group, later in the export, by the test after this one.
+@pytest.mark.parametrize("sent", [signal.SIGTERM], ids=["SIGTERM"])
+def test_an_interrupted_export_leaves_no_bundle_and_no_staging(tmp_path, sent):
+    pytest.importorskip("torch", reason="exporting needs torch")
+    target = tmp_path / "X"
+    process = _traced_export(target)
     _wait_for(".X.partial-*", tmp_path, process)
     process.send_signal(sent)
     signalled = time.monotonic()
@@ -97,17 +106,8 @@ def test_ctrl_c_while_parts_trace_in_parallel_stops_every_process_and_leaves_no_
     """Ctrl-C in a terminal reaches the whole process group: the exporting process and its tracing children."""
     pytest.importorskip("torch", reason="exporting needs torch")
     target = tmp_path / "X"
-    environment = {name: value for name, value in os.environ.items() if name != "PORTABLE_MOE_TRACE_CACHE"}
-    environment["PORTABLE_MOE_PARALLEL_TRACING"] = "2"  # children even on one core
-    process = subprocess.Popen(
-        [*_cli(), "export", "--preset", "tiny", "-o", str(target)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment,
-        preexec_fn=_ctrl_c_as_in_a_terminal,
-        start_new_session=True,  # a process group of its own, as a terminal gives a command
-    )
+    # Children even on one core; a process group of its own, as a terminal gives a command.
+    process = _traced_export(target, {"PORTABLE_MOE_PARALLEL_TRACING": "2"}, start_new_session=True)
     deadline = time.monotonic() + 180
     while not (children := _children_of(process.pid)):
         if process.poll() is not None or time.monotonic() > deadline:
