@@ -196,13 +196,14 @@ try:
     run_traces([first, slow, slow], ["the head", "the prologue", "layer kind 0 (first at layer 0)"])
     print("not interrupted")
 except KeyboardInterrupt:
-    alive = []
-    for path in started_directory.iterdir():
+    def answers(pid):
         try:
-            os.kill(int(path.name), 0)  # a zombie (ended, not reaped) still answers
-            alive.append(path.name)
+            os.kill(pid, 0)  # a zombie (ended, not reaped) still answers
         except ProcessLookupError:
-            pass
+            return False
+        return True
+
+    alive = [path.name for path in started_directory.iterdir() if answers(int(path.name))]
     print(f"interrupted after {time.monotonic() - started:.1f} s; children left: {len(alive)}")
 """
 
