@@ -157,6 +157,30 @@ def test_version_names_what_a_bug_report_needs():
     assert re.fullmatch(r"portable-moe \S+ \(python [\d.]+, numpy \S+, onnx \S+, onnxruntime \S+.*\)\n", result.stdout)
 
 
+def test_the_command_freezes_what_is_left_before_the_interpreter_exits(monkeypatch):
+    """``portable-moe`` is cli.run: main's exit code, then gc.freeze (also when main raises)."""
+    import gc
+    from importlib.metadata import entry_points
+
+    from portable_moe import cli
+
+    [script] = [entry for entry in entry_points(group="console_scripts") if entry.name == "portable-moe"]
+    assert script.value == "portable_moe.cli:run"
+    frozen: list[bool] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    assert cli.run() == 3
+    assert frozen == [True]
+
+    def refuse() -> int:
+        raise SystemExit(2)
+
+    monkeypatch.setattr(cli, "main", refuse)
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert frozen == [True, True]
+
+
 def test_help_explains_each_command():
     result = portable_moe("--help")
     assert result.returncode == 0

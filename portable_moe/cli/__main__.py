@@ -2,6 +2,6 @@
 
 import sys
 
-from portable_moe.cli.app import main
+from portable_moe.cli import run
 
-sys.exit(main())
+sys.exit(run())
