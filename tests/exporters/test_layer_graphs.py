@@ -371,3 +371,22 @@ class _TwoKinds(_Toy):
 
     def layer_kind(self, index):
         return f"residual linear {index}"
+
+
+def test_tracing_turns_the_cycle_collector_off_and_back_to_how_it_was():
+    import gc
+
+    from exporters.layered import fast_tracing
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), fast_tracing():
+        assert not gc.isenabled()
+        raise RuntimeError("a trace that fails")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with fast_tracing():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
