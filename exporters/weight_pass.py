@@ -497,10 +497,11 @@ def apply_weight_plan(
 ) -> dict[str, Any]:
     """Rewrite the model file at ``model_path`` in place to ``plan``'s format; return the manifest record.
 
-    A float32 plan leaves the file as it is and only records every tensor's format. ``fp8_sources``:
-    see :func:`convert_weights`.
+    A float32 plan leaves the file as it is and only records every tensor's format, from the graph
+    alone: its weights (external data beside a large model) are not read. ``fp8_sources``: see
+    :func:`convert_weights`.
     """
-    proto = onnx.load(str(model_path))
+    proto = onnx.load(str(model_path), load_external_data=plan.weights != "float32")
     if plan.weights != "float32" and say:
         say(f"storing weights as {plan.key} ({plan.kernel} kernel); the router stays float32")
     converted, record = convert_weights(

@@ -263,6 +263,21 @@ def test_apply_weight_plan_rewrites_a_model_file_in_place(tiny_bundle, tmp_path)
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def test_a_float32_plan_records_external_weights_without_reading_them(tiny_bundle, tmp_path):
+    """A large model's float32 weights live in external data: the float32 record comes from the graph
+    alone (reading them would hold every weight in memory twice more at the peak of an export)."""
+    inline = apply_weight_plan(tiny_bundle.model_path, plan_weights("float32"), list(tiny_bundle.routing_outputs))
+    path = tmp_path / "model.onnx"
+    onnx.save_model(
+        onnx.load(str(tiny_bundle.model_path)), str(path), save_as_external_data=True, location="model.onnx.data"
+    )
+    (tmp_path / "model.onnx.data").unlink()  # what is not read cannot be missed
+    record = apply_weight_plan(path, plan_weights("float32"), list(tiny_bundle.routing_outputs))
+    assert record == inline and record["tensors"]
+    with pytest.raises(onnx.checker.ValidationError, match="model.onnx.data"):  # the int8 pass reads them
+        apply_weight_plan(path, plan_weights("int8"), list(tiny_bundle.routing_outputs))
+
+
 def test_convert_refuses_a_converted_source_and_an_existing_output(tiny_bundle, weight_bundle, tmp_path):
     int8 = weight_bundle("int8", 0, "dequantize")
     with pytest.raises(ExportError, match="already holds int8/channel weights; convert from a float32 bundle"):
