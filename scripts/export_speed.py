@@ -18,7 +18,9 @@ Every figure comes from a fresh process, as a user running ``portable-moe export
 - whole commands (``--no-commands`` skips them): ``portable-moe export --preset tiny`` (3 layers: the
   command line has no layer count) and, with ``--hf-layers N`` (default 4), ``portable-moe export
   --hf`` of a random Qwen3-MoE checkpoint with N layers (made beforehand, not timed), each timed as
-  a user runs it.
+  a user runs it, ``--repeat`` times (default 5: the median run, with the fastest and slowest);
+- the same checkpoint's ``export_bundle`` in a process that has imported torch, transformers and the
+  exporter beforehand, as a test that exports pays it (``--repeat`` times too).
 
 Wall-clock and CPU seconds are both shown: on a shared machine wall time depends on the load,
 CPU time (the process and its tracing processes) much less. The load average at the start and end of the run is recorded.
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -128,6 +131,22 @@ transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager
 """
 
 
+# Times export_bundle of a Hugging Face checkpoint (argv: checkpoint, output) in a process that has already
+# imported torch, transformers (the checkpoint's modeling module included) and the exporter, as a test pays it.
+_HF_IN_PROCESS = """
+import json, resource, sys, time
+import torch, transformers, onnxscript.optimizer
+from transformers.models.qwen3_moe import modeling_qwen3_moe
+from exporters import export_bundle
+def cpu_time():
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+wall, cpu = time.perf_counter(), cpu_time()
+export_bundle(sys.argv[2], hf=sys.argv[1])
+print(json.dumps({"wall": time.perf_counter() - wall, "cpu": cpu_time() - cpu}))
+"""
+
+
 def measure(method: str, layers: int, lowering: str, scratch: Path) -> dict[str, float]:
     scratch.mkdir(parents=True)
     child_method, environment = METHODS[method]
@@ -142,30 +161,67 @@ def measure(method: str, layers: int, lowering: str, scratch: Path) -> dict[str,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure_command(arguments: list[str], shown: list[str]) -> dict[str, Any]:
-    """Wall and CPU seconds (its tracing processes included) of ``portable-moe ARGUMENTS`` in a fresh process."""
-    command = [sys.executable, "-m", "portable_moe.cli", *arguments]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
-    wall = time.perf_counter() - wall
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "command": " ".join(["portable-moe", *shown])}
+def _median(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The run of median wall time, with the fastest and slowest wall times of all the runs."""
+    ordered = sorted(runs, key=lambda run: run["wall"])
+    return {
+        **ordered[len(ordered) // 2],
+        "runs": len(runs),
+        "fastest": ordered[0]["wall"],
+        "slowest": ordered[-1]["wall"],
+    }
 
 
-def measure_hf_command(layers: int, scratch: Path) -> dict[str, Any]:
-    """``portable-moe export --hf`` of a random Qwen3-MoE checkpoint with ``layers`` layers (made first, not timed)."""
+def measure_command(arguments: list[str], shown: list[str], output: Path, repeat: int) -> dict[str, Any]:
+    """Wall and CPU seconds (its tracing processes included) of ``portable-moe ARGUMENTS -o OUTPUT`` in a fresh
+    process, run ``repeat`` times (the output removed before each): the median run."""
+    command = [sys.executable, "-m", "portable_moe.cli", *arguments, "-o", str(output)]
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(output, ignore_errors=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter()
+        subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        runs.append({"wall": wall, "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)})
+    return {**_median(runs), "command": " ".join(["portable-moe", *shown, "-o", "OUT"])}
+
+
+def hf_checkpoint(layers: int, scratch: Path) -> Path:
+    """A random Qwen3-MoE checkpoint with ``layers`` layers (made here, not timed)."""
     checkpoint = scratch / "checkpoint"
     subprocess.run(
         [sys.executable, "-c", _HF_CHECKPOINT, str(checkpoint), str(layers)], check=True, cwd=ROOT, capture_output=True
     )
-    arguments = ["export", "--hf", str(checkpoint), "-o", str(scratch / "out")]
-    return measure_command(arguments, ["export", "--hf", "CHECKPOINT", "-o", "OUT"])
+    return checkpoint
+
+
+def measure_hf_in_process(checkpoint: Path, scratch: Path, repeat: int) -> dict[str, Any]:
+    """``export_bundle(hf=checkpoint)`` in a process that has imported everything it needs: the median of ``repeat``."""
+    runs = []
+    for attempt in range(repeat):
+        output = scratch / f"in-process-{attempt}"
+        result = subprocess.run(
+            [sys.executable, "-c", _HF_IN_PROCESS, str(checkpoint), str(output)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return _median(runs)
 
 
 def _cell(figures: dict[str, float]) -> str:
     return f"{figures['wall']:.1f} s ({figures['cpu']:.1f} s)"
+
+
+def _spread(figures: dict[str, Any]) -> str:
+    """A median figure with the spread of its runs: ``12.3 s (15.0 s), median of 5 runs, 11.8-13.9 s``."""
+    if figures.get("runs", 1) < 2:
+        return _cell(figures)
+    return f"{_cell(figures)}, median of {figures['runs']} runs, {figures['fastest']:.1f}-{figures['slowest']:.1f} s"
 
 
 def _sum(first: dict[str, float], second: dict[str, float]) -> dict[str, float]:
@@ -176,7 +232,14 @@ def _verdict(seconds: float) -> str:
     return f"{seconds:.1f} s, {'within' if seconds <= TARGET_SECONDS else 'over'} the {TARGET_SECONDS:.0f} s target"
 
 
-def render(rows: list[dict], lowering: str, load: tuple[str, str], commands: list[tuple[str, dict]], cores: int) -> str:
+def render(
+    rows: list[dict],
+    lowering: str,
+    load: tuple[str, str],
+    commands: list[tuple[str, dict]],
+    cores: int,
+    hf_in_process: dict[str, Any] | None = None,
+) -> str:
     lines = [
         BEGIN,
         "## Export time against the number of layers",
@@ -268,17 +331,36 @@ def render(rows: list[dict], lowering: str, load: tuple[str, str], commands: lis
         "process and copied for each call (`exporters.layered.reused_op_registry`), so the parts after the "
         "first, and the forked children, do not build it again. The two traces run every op on fake tensors with symbolic "
         "batch and sequence sizes; torch's fake-tensor dispatch cache hardly ever hits there and making its "
-        "entries costs more than it saves, so export turns it off while tracing (`exporters.layered.fast_tracing`). "
+        "entries costs more than it saves, so export turns it off while tracing (`exporters.layered.fast_tracing`), "
+        "and Python's cycle collector with it: a trace makes millions of short-lived objects, and each of the "
+        "collector's passes would walk every object that survived the ones before. "
         "The optimizer over the full graph runs one round instead of two: the parts were optimized inside "
         "`torch.onnx.export` already. Objects that exist before `export_bundle` is called (torch's modules, "
         "mostly) are frozen out of the garbage collector's full collections while it runs (`gc.freeze`). "
         "Imports are torch, its exporter and onnxscript, which export needs; nothing unneeded is imported on "
-        "the path of `portable-moe export` (transformers and ray are not imported for a preset).",
+        "the path of `portable-moe export` (transformers and ray are not imported for a preset). When a "
+        "command has finished, `portable-moe` freezes what is left (`portable_moe.cli.run`), so that the "
+        "interpreter's shutdown does not walk every object of torch's once more (about 2 s after an export).",
     ]
     if commands:
-        lines += ["", "Whole commands, each in a fresh process as a user runs it, imports included:", ""]
-        lines += [f"- `{figures['command']}`: {what}: {_cell(figures)}." for what, figures in commands]
+        lines += [
+            "",
+            "Whole commands, each in a fresh process as a user runs it, imports included (wall, CPU in brackets; "
+            "the median run and the fastest and slowest):",
+            "",
+        ]
+        lines += [f"- `{figures['command']}`: {what}: {_spread(figures)}." for what, figures in commands]
     verdicts = [f"- `{figures['command']}`: {_verdict(figures['wall'])}" for _, figures in commands]
+    if hf_in_process is not None:
+        lines += [
+            "",
+            "The Hugging Face checkpoint's `export_bundle` in a process that has imported torch, transformers (the "
+            "checkpoint's modeling module included) and the exporter, as a test that exports pays it: "
+            f"{_spread(hf_in_process)}.",
+        ]
+        verdicts.append(
+            "- that `export_bundle` in a process that has imported them: " + _verdict(hf_in_process["wall"])
+        )
     four = next((row for row in rows if row["layers"] == 4), None)
     if four is not None:
         bundle = four["export_bundle"]
@@ -317,6 +399,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--hf-layers", type=int, default=4, help="layers of the Hugging Face checkpoint (0: skip)")
     parser.add_argument("--no-commands", action="store_true", help="skip the whole portable-moe commands")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="runs of each whole command and of the in-process Hugging Face export"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     import tempfile
@@ -337,23 +422,28 @@ def main() -> None:
                     f"{layers} layers: the parallel and the one-process export wrote different bytes", file=sys.stderr
                 )
             rows.append(row)
+        hf_in_process = None
         if not args.no_commands:
-            out = str(Path(scratch) / "cli-tiny")
-            figures = measure_command(
-                ["export", "--preset", "tiny", "-o", out], ["export", "--preset", "tiny", "-o", "OUT"]
-            )
+            out = Path(scratch) / "cli-tiny"
+            figures = measure_command(["export", "--preset", "tiny"], ["export", "--preset", "tiny"], out, args.repeat)
             commands.append(("the tiny preset, 3 layers (the command line has no layer count)", figures))
             print(f"[{time.strftime('%H:%M:%S')}] portable-moe export --preset tiny: {figures}", file=sys.stderr)
         if args.hf_layers and not args.no_commands:
-            figures = measure_hf_command(args.hf_layers, Path(scratch) / "hf")
+            hf = Path(scratch) / "hf"
+            checkpoint = hf_checkpoint(args.hf_layers, hf)
+            figures = measure_command(
+                ["export", "--hf", str(checkpoint)], ["export", "--hf", "CHECKPOINT"], hf / "out", args.repeat
+            )
             what = (
                 f"a random Qwen3-MoE checkpoint with {args.hf_layers} layers (hidden 32, 8 experts, top-2, the first "
                 "layer dense), transformers imported and its golden run included"
             )
             commands.append((what, figures))
             print(f"[{time.strftime('%H:%M:%S')}] Hugging Face, {args.hf_layers} layers: {figures}", file=sys.stderr)
+            hf_in_process = measure_hf_in_process(checkpoint, hf, args.repeat)
+            print(f"[{time.strftime('%H:%M:%S')}] Hugging Face in process: {hf_in_process}", file=sys.stderr)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    block = render(rows, args.lowering, (start_load, f"{os.getloadavg()[0]:.1f}"), commands, cores)
+    block = render(rows, args.lowering, (start_load, f"{os.getloadavg()[0]:.1f}"), commands, cores, hf_in_process)
     print(block)
     if not args.no_write:
         write_block(Path(args.output), block)
