@@ -134,20 +134,22 @@ def _worker_main(
         registry.register_backend(name, factory)
     state = setup(argument) if setup is not None else argument
     _connection = connection
-    connection.send(("ready", os.getpid()))
-    while True:
-        try:
+    try:
+        connection.send(("ready", os.getpid()))
+        while True:
             task = connection.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        try:
-            outcome = task_function(task, state)
-        except Exception as error:  # the caller's lost() decides what a raising task means
-            connection.send(("raised", f"{type(error).__name__}: {error}"))
-            continue
-        connection.send(("result", outcome))
+            if task is None:
+                return
+            try:
+                outcome = task_function(task, state)
+            except Exception as error:  # the caller's lost() decides what a raising task means
+                connection.send(("raised", f"{type(error).__name__}: {error}"))
+                continue
+            connection.send(("result", outcome))
+    except (EOFError, OSError):
+        # The pool's process ended without closing the pool (killed, or a process that never runs
+        # its exit handlers, as a Ray worker at shutdown): nobody else will remove its directory.
+        shutil.rmtree(Path(log_path).parent, ignore_errors=True)
 
 
 def _last_frame(log_path: Path) -> str:
@@ -244,6 +246,9 @@ class WorkerPool(Generic[TaskT, OutcomeT]):
         factories: the in-process backend registrations to send to the workers (None: every one
             whose factory pickles; see :attr:`unpicklable` for the others).
         name: worker process names are ``NAME-N``.
+        directory: where the workers' logs go, with any files of the caller's that the workers
+            read (None: a new temporary directory). The pool owns it: :meth:`close` removes it, and
+            so do the workers if the pool's process ends without closing the pool.
 
     Raises:
         InputError: for ``jobs`` below 1 or a timeout that is not positive.
@@ -262,6 +267,7 @@ class WorkerPool(Generic[TaskT, OutcomeT]):
         max_start_failures: int = MAX_START_FAILURES,
         factories: Mapping[str, Any] | None = None,
         name: str = "portable-moe-worker",
+        directory: Path | None = None,
     ) -> None:
         if jobs < 1:
             raise InputError(f"--jobs must be at least 1 for worker processes, got {jobs}")
@@ -271,7 +277,7 @@ class WorkerPool(Generic[TaskT, OutcomeT]):
         self.jobs, self.timeout, self.start_timeout, self.name = jobs, timeout, start_timeout, name
         self.max_start_failures = max_start_failures
         self.context = multiprocessing.get_context("spawn")
-        self.directory = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{name}-")) if directory is None else directory
         self.unpicklable: dict[str, str] = {}
         sendable = {}
         for backend, factory in (registry.in_process_factories() if factories is None else factories).items():

@@ -83,6 +83,48 @@ def test_bad_pool_settings_are_refused(pool_tasks):
         WorkerPool(pool_tasks.work, pool_tasks.lost, timeout=0)
 
 
+# A process that runs a task on a pool, then ends without closing it (as a Ray worker is ended at shutdown).
+ABANDONING = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import pool_tasks
+from portable_moe.run.pool import WorkerPool
+
+pool = WorkerPool(pool_tasks.work, pool_tasks.lost, jobs=2, setup=pool_tasks.setup, argument=10)
+assert pool.run([1, 2]) == [11, 12]
+print(pool.directory, flush=True)
+os._exit(0)  # no close(), no exit handlers
+"""
+
+
+def test_workers_remove_the_pool_directory_when_its_process_ends_without_closing_it(pool_tasks, tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ended = subprocess.run(
+        [sys.executable, "-c", ABANDONING, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert ended.returncode == 0, ended.stderr
+    directory = Path(ended.stdout.strip())
+    assert directory.name.startswith("portable-moe-worker-")
+    deadline = time.monotonic() + 30
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not directory.exists()
+
+
+def test_a_pool_given_a_directory_uses_it_and_removes_it_on_close(pool_tasks, tmp_path):
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    (directory / "shared.txt").write_text("a file of the caller's that the workers read")
+    with WorkerPool(pool_tasks.work, pool_tasks.lost, setup=pool_tasks.setup, argument=1, directory=directory) as pool:
+        assert pool.run([1]) == [2]
+        assert sorted(path.name for path in directory.iterdir()) == ["shared.txt", "worker-1.log"]
+    assert not directory.exists()
+
+
 def test_exits_are_described_by_signal_or_status():
     assert describe_exit(-11) == "killed by SIGSEGV (segmentation fault)"
     assert describe_exit(3) == "exited with status 3"

@@ -68,6 +68,9 @@ class OpPool:
                 setup=_load_cases,
                 argument=str(cases_file),
                 name="portable-moe-opsuite",
+                # One directory for the cases and the workers' logs: the pool removes it, or its workers
+                # do if this process ends without closing the pool (a Ray worker at shutdown).
+                directory=self.directory,
             )
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
