@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +49,25 @@ _ROUTER_WALK_LIMIT = 64
 
 @dataclass
 class _Weight:
-    """One weight initializer and how its consumers use it."""
+    """One weight initializer and how its consumers use it; its values are read when first needed."""
 
     name: str
-    array: np.ndarray
+    tensor: TensorProto
     axis: int  # the reduction axis
     consumers: list[tuple[onnx.NodeProto, int]]
+    _array: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The weight's values (a copy of the initializer's, made on first use, until :meth:`release`)."""
+        if self._array is None:
+            self._array = numpy_helper.to_array(self.tensor)
+        return self._array
+
+    def release(self) -> None:
+        """Let go of the values once the weight is stored in its new format: a model's weights are
+        converted one at a time, so only one of them is held as an array at once."""
+        self._array = None
 
 
 def _router_weights(proto: onnx.ModelProto, routing_outputs: Sequence[str]) -> set[str]:
@@ -141,6 +154,13 @@ def _reduction_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     return None
 
 
+def _one_at_a_time(weights: Sequence[_Weight]) -> Iterator[_Weight]:
+    """Each weight in turn, its values released when the loop moves on to the next."""
+    for weight in weights:
+        yield weight
+        weight.release()
+
+
 def _find_weights(proto: onnx.ModelProto, router: set[str]) -> tuple[list[_Weight], dict[str, str]]:
     """Float32 weight initializers every consumer of which multiplies by them, and why others are kept."""
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
@@ -163,7 +183,7 @@ def _find_weights(proto: onnx.ModelProto, router: set[str]) -> tuple[list[_Weigh
         if not uses[name] or None in axes or len(axes) != 1:
             kept[name] = "not a matrix-product weight (kept float32)"
             continue
-        weights.append(_Weight(name, numpy_helper.to_array(tensor), axes.pop(), uses[name]))
+        weights.append(_Weight(name, tensor, axes.pop(), uses[name]))
     return weights, kept
 
 
@@ -337,17 +357,21 @@ def convert_weights(
     kernel: str = "dequantize",
     routing_outputs: Sequence[str] = (),
     fp8_sources: FP8Sources | None = None,
+    *,
+    in_place: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Rewrite a float32 model's matrix-product weights into ``weights`` (the graph pass).
 
     Args:
-        proto: the exported float32 model (not modified).
+        proto: the exported float32 model (not modified, unless ``in_place``).
         weights: a name of :data:`WEIGHT_FORMATS`.
         block_size: for int8/int4, inputs per scale (0: per output channel); None: the format's default.
         kernel: "dequantize" (standard ONNX) or "matmulnbits" (ONNX Runtime's fused node where it fits).
         routing_outputs: the routing output names, whose routers stay float32.
         fp8_sources: the FP8 checkpoint the model was exported from: int8/int4 weights that came
             from its blocks take their codes and scales from them (see :class:`FP8Sources`).
+        in_place: rewrite ``proto`` itself, not a copy (for a caller that has no further use for
+            it: a large model's weights are then held once, not twice).
 
     Returns:
         ``(new model, manifest record)``; the record holds the format, block size, kernel, the
@@ -362,8 +386,11 @@ def convert_weights(
     """
     weight_format = get_weight_format(weights)
     block_size = plan_weights(weights, block_size, kernel).block_size
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
+    if in_place:
+        model = proto
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
     if weight_format.name == "float32":
         weights_list: list[_Weight] = []
         kept = {t.name: "float32" for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
@@ -379,7 +406,7 @@ def convert_weights(
     qmoe_nodes = _qmoe_nodes(weights_list) if kernel == "matmulnbits" and block_size else {}
     qmoe_parts: dict[int, dict[int, tuple[str, str]]] = defaultdict(dict)
     fp8_fallback = fp8_sources.fallback_reason(weights, block_size) if fp8_sources else None
-    for weight in weights_list:
+    for weight in _one_at_a_time(weights_list):
         record = {
             "format": weights,
             "shape": list(weight.array.shape),
@@ -505,7 +532,7 @@ def apply_weight_plan(
     if plan.weights != "float32" and say:
         say(f"storing weights as {plan.key} ({plan.kernel} kernel); the router stays float32")
     converted, record = convert_weights(
-        proto, plan.weights, plan.block_size, plan.kernel, routing_outputs, fp8_sources=fp8_sources
+        proto, plan.weights, plan.block_size, plan.kernel, routing_outputs, fp8_sources=fp8_sources, in_place=True
     )
     fp8 = record.get("fp8_scales")
     if fp8 and say:
@@ -552,7 +579,7 @@ def convert_bundle(
     with bundle_writer(output_dir, overwrite=overwrite) as staging:
         model_path = staging / MODEL_NAME
         converted, record = convert_weights(
-            proto, plan.weights, plan.block_size, plan.kernel, list(bundle.routing_outputs)
+            proto, plan.weights, plan.block_size, plan.kernel, list(bundle.routing_outputs), in_place=True
         )
         onnx.save(converted, str(model_path))
         validate_graph(model_path, golden, bundle.routing_outputs, with_weights("exact", record["key"]), progress)

@@ -604,7 +604,12 @@ def test_weights_prepared_from_initializers_are_folded_then_converted():
         ),
         opset_imports=[onnx.helper.make_opsetid("", 20)],
     )
+    original = model.SerializeToString()
     converted, record = convert_weights(model, "int8", 16)
+    assert model.SerializeToString() == original  # a copy was converted
+    in_place, same_record = convert_weights(model, "int8", 16, in_place=True)
+    assert in_place is model and same_record == record
+    assert in_place.SerializeToString() == converted.SerializeToString()
     assert [node.op_type for node in converted.graph.node] == ["DequantizeLinear", "Gemm"]
     assert record["converted"] == 1 and not {"gate", "up"} & {t.name for t in converted.graph.initializer}
     weight = np.concatenate([gate, up], axis=1)[1]  # [8, 32]: Gemm's transB layout, reduction axis 1
