@@ -64,7 +64,7 @@ def fast_tracing() -> Iterator[None]:
     A trace also makes millions of short-lived objects, and the first one of a process builds
     torch.onnx's op registry (hundreds of thousands that live on); with the collector on, each of
     its passes walks every object that survived the ones before, again and again. Off, the first
-    trace takes about a second less CPU and the later ones a little less, and the peak memory of an
+    trace takes one to two seconds less CPU and the later ones a little less, and the peak memory of an
     export is the same (reference cycles made while tracing are few and small; they are collected
     once the collector is back on).
     """

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +49,12 @@ _ROUTER_WALK_LIMIT = 64
 
 @dataclass
 class _Weight:
-    """One weight initializer and how its consumers use it; its values are read when first needed."""
+    """One weight initializer and how its consumers use it (its values are read where it is converted)."""
 
     name: str
     tensor: TensorProto
     axis: int  # the reduction axis
     consumers: list[tuple[onnx.NodeProto, int]]
-    _array: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def array(self) -> np.ndarray:
-        """The weight's values (a copy of the initializer's, made on first use, until :meth:`release`)."""
-        if self._array is None:
-            self._array = numpy_helper.to_array(self.tensor)
-        return self._array
-
-    def release(self) -> None:
-        """Let go of the values once the weight is stored in its new format: a model's weights are
-        converted one at a time, so only one of them is held as an array at once."""
-        self._array = None
 
 
 def _router_weights(proto: onnx.ModelProto, routing_outputs: Sequence[str]) -> set[str]:
@@ -152,13 +139,6 @@ def _reduction_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     if node.op_type == "MoE":
         return rank - 1  # torch Linear layout [experts, out, in]
     return None
-
-
-def _one_at_a_time(weights: Sequence[_Weight]) -> Iterator[_Weight]:
-    """Each weight in turn, its values released when the loop moves on to the next."""
-    for weight in weights:
-        yield weight
-        weight.release()
 
 
 def _find_weights(proto: onnx.ModelProto, router: set[str]) -> tuple[list[_Weight], dict[str, str]]:
@@ -317,7 +297,7 @@ def _matmulnbits_node(
 ) -> onnx.NodeProto | None:  # fmt: skip
     """A com.microsoft::MatMulNBits replacing ``node`` (a 2-D MatMul, or a Gemm with alpha 1 and no transA)."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if weight.array.ndim != 2 or not block_size:
+    if len(weight.tensor.dims) != 2 or not block_size:
         return None
     if node.op_type == "Gemm" and (attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0):
         return None
@@ -406,26 +386,28 @@ def convert_weights(
     qmoe_nodes = _qmoe_nodes(weights_list) if kernel == "matmulnbits" and block_size else {}
     qmoe_parts: dict[int, dict[int, tuple[str, str]]] = defaultdict(dict)
     fp8_fallback = fp8_sources.fallback_reason(weights, block_size) if fp8_sources else None
-    for weight in _one_at_a_time(weights_list):
+    for weight in weights_list:
+        # One weight's values at a time: the last one's are let go of when this name is bound again.
+        array = numpy_helper.to_array(weight.tensor)
         record = {
             "format": weights,
-            "shape": list(weight.array.shape),
+            "shape": list(array.shape),
             "consumers": sorted({n.op_type for n, _ in weight.consumers}),
         }
         if not weight_format.quantized:
             data_type = TensorProto.FLOAT16 if weights == "float16" else TensorProto.BFLOAT16
             if weights == "float16":
-                stored = edit.constant(f"{weight.name}.{weights}", weight.array.astype(np.float16))
+                stored = edit.constant(f"{weight.name}.{weights}", array.astype(np.float16))
             else:
-                stored = edit.constant(f"{weight.name}.{weights}", _to_bfloat16_bits(weight.array), data_type, raw=True)
+                stored = edit.constant(f"{weight.name}.{weights}", _to_bfloat16_bits(array), data_type, raw=True)
             replaced[weight.name] = edit.node("Cast", [stored], f"{weight.name}.float32", to=TensorProto.FLOAT)
-            tensors[weight.name] = {**record, "bytes": weight.array.size * 2}
+            tensors[weight.name] = {**record, "bytes": array.size * 2}
             continue
         from_fp8 = None
         if fp8_sources and not fp8_fallback:
-            from_fp8 = fp8_sources.quantize(weight.array, weight.axis, weights, block_size)
+            from_fp8 = fp8_sources.quantize(array, weight.axis, weights, block_size)
             record.update({"scales": "fp8"} if from_fp8 else {})
-        codes, scales = from_fp8 or quantize(weight.array, weight_format.bits, block_size, weight.axis)
+        codes, scales = from_fp8 or quantize(array, weight_format.bits, block_size, weight.axis)
         record.update(
             block_size=block_size,
             axis=weight.axis,

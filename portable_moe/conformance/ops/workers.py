@@ -130,9 +130,8 @@ class OpPool:
         return settle_expected(outcome)
 
     def close(self) -> None:
-        """Stop every worker and remove the temporary files."""
+        """Stop every worker and remove the temporary files (the pool owns their directory)."""
         self._pool.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def run_tasks(
