@@ -34,6 +34,7 @@ from typing import Any
 
 from portable_moe.errors import ExportError
 from portable_moe.run.pool import describe_exit
+from portable_moe.run.termination import STOPPING_SIGNALS, release_stopping_signals, stopping_signals_held
 
 ENVIRONMENT_VARIABLE = "PORTABLE_MOE_PARALLEL_TRACING"
 
@@ -130,7 +131,8 @@ def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[s
                 receiver, sender = context.Pipe(duplex=False)
                 child = context.Process(target=_child_main, args=(tasks[index], sender), daemon=True)
                 running[receiver] = (index, child)  # before it starts: an interrupt then still finds it
-                child.start()
+                with stopping_signals_held():  # until the child has its own handlers
+                    child.start()
                 sender.close()  # the child holds its own: at its exit, the parent reads end of file
             for receiver in wait(list(running)):
                 index, child = running.pop(receiver)
@@ -177,9 +179,10 @@ def _child_main(task: Callable[[], bytes], sender: Any) -> None:
     try:
         # Ctrl-C and SIGTERM end the child quietly (the parent's handlers would raise into the trace);
         # a signal the parent ignores stays ignored.
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in STOPPING_SIGNALS:
             if signal.getsignal(number) is not signal.SIG_IGN:
                 signal.signal(number, signal.SIG_DFL)
+        release_stopping_signals()  # one sent since the fork kills the child now
         # Another thread of the parent (a progress display) may have held the streams' locks at the fork.
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives until os._exit)
         # What C code writes (a warning of torch's) goes there too, not to the parent's terminal or pipes.

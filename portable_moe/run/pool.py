@@ -37,6 +37,7 @@ from typing import Any, Generic, TypeVar
 
 from portable_moe import registry
 from portable_moe.errors import BackendError, InputError
+from portable_moe.run.termination import release_stopping_signals, stopping_signals_held
 from portable_moe.statuses import Status
 
 TaskT = TypeVar("TaskT")
@@ -128,6 +129,7 @@ def _worker_main(
     faulthandler.enable(log)  # on SIGSEGV, the Python stack goes to the log; the parent reads it
     with contextlib.suppress(ValueError):  # the parent handles Ctrl-C and stops the workers
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    release_stopping_signals()  # held while the process started (a Ctrl-C then is dropped, as ignored)
     warnings.simplefilter("ignore")
     np.seterr(all="ignore")
     for name, factory in pickle.loads(factories).items():
@@ -185,7 +187,8 @@ class _Worker:
             daemon=True,  # never outlives the caller
         )
         try:
-            self.process.start()
+            with stopping_signals_held():  # until the worker ignores Ctrl-C
+                self.process.start()
         except Exception as error:  # pickling the function, the argument or a factory failed
             parent_end.close()
             child_end.close()

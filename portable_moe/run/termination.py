@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -73,3 +75,31 @@ def install_termination_handler() -> bool:
         signal.signal(signal.SIGINT, _raise_interrupted)
     sys.unraisablehook = _keep_lost_interrupts_quiet(sys.unraisablehook)
     return True
+
+
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stopping_signals_held() -> Iterator[None]:
+    """Hold back Ctrl-C and SIGTERM while a child process starts; this process gets them when the block ends.
+
+    A child starts with its parent's signal mask, so a signal sent to it in that time waits until
+    the child has set its own handlers and calls :func:`release_stopping_signals`. Without this, a
+    forked child runs the parent's Python handler, and a spawned one Python's own: either raises
+    KeyboardInterrupt in multiprocessing's start-up code and prints a traceback to the user's terminal.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # no signal masks on this platform
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def release_stopping_signals() -> None:
+    """In a child started under :func:`stopping_signals_held`, once its handlers are set: let the signals in."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING_SIGNALS)

@@ -161,6 +161,24 @@ def test_a_child_that_ctrl_c_killed_makes_the_export_interrupted(monkeypatch):
         run_traces([_pid, _interrupted], ["the head", "the prologue"])
 
 
+@needs_fork
+def test_ctrl_c_the_moment_a_child_is_forked_is_an_interruption_not_a_traceback(monkeypatch, capfd):
+    """The child starts with this process's handler, which raises; a signal before its own are set must wait."""
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid == 0:  # the child, before multiprocessing's start-up code has run
+            os.kill(os.getpid(), signal.SIGINT)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    with pytest.raises(KeyboardInterrupt, match="tracing the prologue was interrupted"):
+        run_traces([_pid, _pid], ["the head", "the prologue"])
+    assert "Traceback" not in capfd.readouterr().err
+
+
 INTERRUPTED_TRACING_SCRIPT = """
 import os, signal, sys, threading, time
 from pathlib import Path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from portable_moe.errors import InputError
@@ -74,6 +77,21 @@ def test_workers_that_cannot_start_raise_after_the_allowed_failures(pool_tasks):
         ) as error:
             pool.run([1])
     assert error.value.kind == "crashed"
+
+
+def test_a_ctrl_c_while_a_worker_starts_does_not_reach_it(pool_tasks, monkeypatch, capfd):
+    """The caller handles Ctrl-C; a worker sent one while its interpreter starts must neither die nor print."""
+    spawn = WorkerPool._spawn
+
+    def spawn_then_interrupt(pool):
+        worker = spawn(pool)
+        os.kill(worker.process.pid, signal.SIGINT)  # the worker is still starting Python
+        return worker
+
+    monkeypatch.setattr(WorkerPool, "_spawn", spawn_then_interrupt)
+    with WorkerPool(pool_tasks.work, pool_tasks.lost, setup=pool_tasks.setup, argument=1, max_start_failures=0) as pool:
+        assert pool.run([1, 2]) == [2, 3]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 def test_bad_pool_settings_are_refused(pool_tasks):
