@@ -287,7 +287,7 @@ def export_decoder(
     """
     import torch
 
-    from exporters.layered import fast_tracing, quiet_exporter
+    from exporters.layered import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
 
     if hasattr(model, "cached_decoder"):
         decoder = model.cached_decoder()
@@ -319,7 +319,7 @@ def export_decoder(
     implementation = lowering.load()
     path = directory / DECODER_NAME
     try:
-        with quiet_exporter(), fast_tracing():
+        with quiet_exporter(), fast_tracing(), reused_op_registry(), translation_as_traced():
             program = torch.onnx.export(
                 decoder,
                 (example_ids, *example_past),

@@ -1,7 +1,8 @@
 """Layer-wise export: each kind of decoder layer is exported once and stamped out per layer.
 
 Exporting a whole decoder with ``torch.onnx.export`` costs seconds per layer (``torch.export``
-traces every op of every layer, then decomposes it). The layers of a decoder come in a few kinds
+traces every op of every layer, then torch.onnx's decompositions trace it again, unless
+:func:`exporters.layered.translation_as_traced` can skip them). The layers of a decoder come in a few kinds
 (a dense layer, an MoE layer) that differ only in their weights, so this module traces, each in a
 ``torch.onnx.export`` call of its own,
 
@@ -40,7 +41,13 @@ import onnx_ir as ir
 import torch
 
 from exporters import trace_cache
-from exporters.layered import LayeredModel, fast_tracing, quiet_exporter, reused_op_registry
+from exporters.layered import (
+    LayeredModel,
+    fast_tracing,
+    quiet_exporter,
+    reused_op_registry,
+    translation_as_traced,
+)
 from exporters.lowerings import Lowering
 from portable_moe.errors import ExportError
 
@@ -395,7 +402,7 @@ def _export_part(tracing: _Tracing, part: Hashable) -> bytes:
     roles = _roles(tracing, [part])
     pieces = _Pieces(model, layers, len(tracing.prologue_outputs), part == _PROLOGUE, part == _HEAD)
     canonical = {id(tensor): name for name, tensor in _tensors(pieces).items()}
-    with quiet_exporter(), fast_tracing(), reused_op_registry():
+    with quiet_exporter(), fast_tracing(), reused_op_registry(), translation_as_traced():
         program = torch.onnx.export(
             _WeightsAsInputs(pieces, [canonical[id(tensor)] for tensor in weights.values()], len(activations)),
             (*activations, *weights.values()),

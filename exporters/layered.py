@@ -54,7 +54,7 @@ class LayeredModel(Protocol):
 def fast_tracing() -> Iterator[None]:
     """Trace with torch's fake-tensor dispatch cache and Python's cycle collector off.
 
-    Both traces inside ``torch.onnx.export`` (``torch.export`` and the decompositions) run every op
+    The traces inside ``torch.onnx.export`` (``torch.export``, and the decompositions where they run) run every op
     on fake tensors with symbolic batch and sequence sizes. The cache then rarely hits, and making and
     checking an entry for symbolic shapes costs more than the dispatch it would save: off, the
     ``torch.export`` step of a 4-layer tiny export takes about half the CPU time (see the export-speed
@@ -119,6 +119,119 @@ def reused_op_registry() -> Iterator[None]:
         yield
     finally:
         registry_class.from_torchlib = build
+
+
+def _as_decomposed(target: Any) -> Any:
+    """The op torch's decompositions make of ``target`` where torchlib has a function for that one
+    and none for ``target`` (None for any other op): ``aten.to`` (a dtype conversion) becomes
+    ``aten._to_copy``, which torchlib translates to a Cast; ``aten.item`` becomes ``aten._local_scalar_dense``."""
+    import torch
+
+    aten = torch.ops.aten
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    if target.overloadpacket is aten.to:
+        return aten._to_copy.default
+    if target == aten.item.default:
+        return aten._local_scalar_dense.default
+    return None
+
+
+def _translatable_as_traced(program: Any, registry: Any) -> bool:
+    """Whether torch.onnx can translate every op of ``program`` as ``torch.export`` wrote it.
+
+    True when nothing mutates (no in-place op, no mutated input or buffer), nothing calls a
+    subgraph (``cond``, ``map`` and the like come as ``get_attr`` and higher-order ops), and every
+    op is an assertion (removed later), one :func:`_as_decomposed` rewrites, or one the registry
+    holds an ONNX function for.
+    """
+    import operator
+
+    import torch
+
+    aten = torch.ops.aten
+    # Assertions torch.export writes into a graph; torch.onnx removes them after its decompositions.
+    assertions = {
+        aten._assert_tensor_metadata.default,
+        aten._assert_scalar.default,
+        aten._assert_async.default,
+        aten._assert_async.msg,
+        aten.sym_constrain_range_for_size.default,
+    }
+    signature = program.graph_signature
+    if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+        return False
+    for node in program.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op != "call_function":
+            return False
+        target = node.target
+        if target is operator.getitem or target in assertions or _as_decomposed(target) is not None:
+            continue
+        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            return False
+        if not registry.is_registered(target):
+            return False
+    return True
+
+
+def _rewrite_as_decomposed(program: Any) -> None:
+    """Replace each op :func:`_as_decomposed` names with the op it gives, arguments carried over."""
+    import torch
+
+    for node in program.graph.nodes:
+        replacement = _as_decomposed(node.target) if node.op == "call_function" else None
+        if replacement is None:
+            continue
+        if replacement == torch.ops.aten._to_copy.default:
+            arguments = node.target._schema.arguments
+            given = {argument.name: value for argument, value in zip(arguments, node.args)} | dict(node.kwargs)
+            dtype = given.get("dtype")
+            if node.target == torch.ops.aten.to.other:
+                dtype = node.args[1].meta["val"].dtype
+            node.kwargs = {"dtype": dtype} if dtype is not None else {}
+        else:
+            node.kwargs = {}
+        node.target = replacement
+        node.args = (node.args[0],)
+    program.graph_module.recompile()
+
+
+@contextlib.contextmanager
+def translation_as_traced() -> Iterator[None]:
+    """Let ``torch.onnx.export`` translate the graph ``torch.export`` traced, without tracing it again.
+
+    ``torch.onnx.export`` traces a module twice: ``torch.export``, then its decompositions, which run
+    every op once more on fake tensors with symbolic sizes to rewrite the ops torchlib has no ONNX
+    function for. For a decoder layer the second trace is about half of the export's time, and it
+    rewrites next to nothing: torchlib has functions for the ops ``torch.export`` writes (``linear``,
+    ``softmax``, ``matmul``...), but for ``aten.to`` (each dtype conversion) and ``aten.item``. Within
+    this block a graph that only needs those rewritten gets them as the decompositions would write
+    them (:func:`_as_decomposed`) and is translated as traced (see :func:`_translatable_as_traced`);
+    any other graph, or another torch whose exporter is laid out
+    differently, goes through the decompositions as before. Every export is checked against its
+    golden outputs either way.
+    """
+    try:  # torch.onnx's private layout: where it differs (another torch), every graph is decomposed
+        from torch.onnx._internal.exporter import _fx_passes
+
+        decompose = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def translate_or_decompose(program: Any, registry: Any) -> Any:
+        if not _translatable_as_traced(program, registry):
+            return decompose(program, registry)
+        _rewrite_as_decomposed(program)
+        return program
+
+    _fx_passes.decompose_with_registry = translate_or_decompose
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = decompose
 
 
 @contextlib.contextmanager

@@ -107,7 +107,8 @@ def routed_experts_capacity(
     flat_weights = expert_weights.t().reshape(-1)  # [k*T]
     flat_tokens = torch.arange(tokens, device=hidden.device).repeat(top_k)  # [k*T]
 
-    one_hot = functional.one_hot(flat_ids, num_experts)  # [k*T, E] int64
+    # A compare with every expert id, not functional.one_hot: torchlib has no function for one_hot.
+    one_hot = (flat_ids.unsqueeze(1) == torch.arange(num_experts, device=hidden.device)).to(torch.int64)  # [k*T, E]
     queue_position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(dim=1) - 1  # [k*T]
     kept = queue_position < capacity
     dropped_count = (~kept).sum()

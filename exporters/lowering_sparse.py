@@ -116,9 +116,10 @@ def routed_experts_sparse(
     # Group the T*k (token, slot) pairs by expert. Stability is not needed: the
     # order inside one expert's block does not change the result, and
     # aten.sort.stable has no ONNX lowering in torch 2.13 while the plain sort
-    # lowers to a single TopK.
+    # lowers to a single TopK. A sort, not argsort: torchlib has no function for
+    # argsort, which only torch.onnx's decompositions would turn into this sort.
     flat_ids = expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids)
+    order = torch.sort(flat_ids).indices
 
     # Token index of every slot. Built from arange rather than `order // top_k`
     # because integer floor division lowers to a float Div/Sign/Abs/Floor chain.
@@ -168,7 +169,7 @@ def routed_experts_sparse(
     # Runtime's CPU kernel (1.32) applies such updates from several threads
     # without atomics, losing some of them. Gather + ReduceSum is race free and
     # also deterministic (fixed summation order).
-    inverse = torch.argsort(order)
+    inverse = torch.sort(order).indices
     slot_out = sorted_out.index_select(0, inverse).reshape(num_tokens, top_k, sorted_out.shape[-1])
     return (slot_out * expert_weights.unsqueeze(-1)).sum(dim=1)
 

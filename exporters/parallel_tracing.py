@@ -3,8 +3,9 @@
 Layer-wise export (:mod:`exporters.layer_graphs`) traces the prologue, one layer of each kind and
 the head, each its own ``torch.onnx.export``: they share nothing, and each takes seconds of one core.
 Where this process may use two cores or more, it traces the first part (a short one) itself, then
-the others in child processes, at most one per usable core. A child is forked when its part's turn
-comes, so it starts with everything the exporting process holds: torch, the exporter and
+the others side by side: the longest in child processes, at most one fewer than the usable cores,
+while it traces the shortest itself. A child is forked when its part's turn comes, so it starts with
+everything the exporting process holds: torch, the exporter and
 torch.onnx's op registry loaded, the exporter's first-use set-up done by the first part (see
 :func:`exporters.layered.reused_op_registry`), nothing imported or built again. It traces its part
 and sends the graph back (ONNX bytes, through a pipe); the exporting process merges the parts in
@@ -86,7 +87,8 @@ def run_traces(
         tasks: one per part. The first runs in this process before any child is forked: its
             ``torch.onnx.export`` builds the op registry and warms the caches that every trace
             fills on first use (about 4 s of CPU that each child would otherwise pay again), so
-            it should be a short one; the others start in this order, longest first.
+            it should be a short one; give the others longest first: children take them from the
+            front, this process from the back.
         labels: each task's part in words (``layer kind 1 (first at layer 1)``), for messages.
         progress: told how many processes trace, when more than one.
 
@@ -102,8 +104,8 @@ def run_traces(
         return [_traced_here(task, label) for task, label in zip(tasks, labels)]
     first = _traced_here(tasks[0], labels[0])
     if progress is not None:
-        progress(f"tracing the other {len(tasks) - 1} parts in {min(processes, len(tasks) - 1)} processes side by side")
-    return [first, *_traced_in_children(tasks[1:], labels[1:], processes)]
+        progress(f"tracing the other {len(tasks) - 1} parts in {processes} processes side by side")
+    return [first, *_traced_side_by_side(tasks[1:], labels[1:], processes)]
 
 
 def _traced_here(task: Callable[[], bytes], label: str) -> bytes:
@@ -115,8 +117,12 @@ def _traced_here(task: Callable[[], bytes], label: str) -> bytes:
         raise TracingFailed(f"tracing {label}: {type(error).__name__}: {error}") from error
 
 
-def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[str], processes: int) -> list[bytes]:
-    """Fork one child per task, at most ``processes`` at a time; collect what each sends back."""
+def _traced_side_by_side(tasks: Sequence[Callable[[], bytes]], labels: Sequence[str], processes: int) -> list[bytes]:
+    """Trace in this process and in up to ``processes - 1`` children at a time; collect what each child sends back.
+
+    Children take the tasks from the front (the longest), this process from the back (the shortest)
+    while its children run: its own traces need no fork and no warming up again.
+    """
     import multiprocessing
     from multiprocessing.connection import wait
 
@@ -126,7 +132,7 @@ def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[s
     results: list[bytes] = [b""] * len(tasks)
     try:
         while pending or running:
-            while pending and len(running) < processes:
+            while pending and len(running) < processes - 1:
                 index = pending.popleft()
                 receiver, sender = context.Pipe(duplex=False)
                 child = context.Process(target=_child_main, args=(tasks[index], sender), daemon=True)
@@ -134,7 +140,10 @@ def _traced_in_children(tasks: Sequence[Callable[[], bytes]], labels: Sequence[s
                 with stopping_signals_held():  # until the child has its own handlers
                     child.start()
                 sender.close()  # the child holds its own: at its exit, the parent reads end of file
-            for receiver in wait(list(running)):
+            if pending:
+                index = pending.pop()
+                results[index] = _traced_here(tasks[index], labels[index])
+            for receiver in wait(list(running), timeout=0 if pending else None):
                 index, child = running.pop(receiver)
                 try:
                     outcome = receiver.recv()

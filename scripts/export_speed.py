@@ -248,8 +248,8 @@ def render(
         f"`{lowering}` lowering; each",
         "figure from a fresh process. Layer-wise export traces the prologue, one layer of each kind and the",
         "head, each its own `torch.onnx.export`, then stamps a copy per layer. Where the process may use two",
-        "cores or more it traces the head itself, then the other parts side by side in processes forked from",
-        'it (`exporters.parallel_tracing`); "one tracing process" is the same export with',
+        "cores or more it traces the head itself, then the other parts side by side, the longest in processes",
+        'forked from it, the shortest itself (`exporters.parallel_tracing`); "one tracing process" is the same export with',
         "`PORTABLE_MOE_PARALLEL_TRACING=0`, every part traced in the exporting process. The whole-model trace",
         "is one `torch.onnx.export` of the whole model, as export worked before layer-wise export. "
         '"re-export" is a second',
@@ -296,7 +296,8 @@ def render(
         f"Where the {middle['layers']}-layer export spends its time, measured on the one-process export (the "
         "stages of a forked tracing process are not seen by its parent; stages nest: the registry, "
         '`torch.export`, the decompositions and the translation are inside "tracing the pieces"; the optimizer '
-        "runs inside each part's `torch.onnx.export` and once over the full graph):",
+        "runs inside each part's `torch.onnx.export` and once over the full graph; the decompositions run only "
+        "for a graph that cannot be translated as traced, see below):",
         "",
         "| stage | wall (CPU) |",
         "|---|---:|",
@@ -329,8 +330,13 @@ def render(
         "export of all of them side by side did); `torch.onnx.export`'s op registry, which it builds from "
         "onnxscript's torchlib on every call by parsing each of ~500 functions' source, is built once per "
         "process and copied for each call (`exporters.layered.reused_op_registry`), so the parts after the "
-        "first, and the forked children, do not build it again. The two traces run every op on fake tensors with symbolic "
-        "batch and sequence sizes; torch's fake-tensor dispatch cache hardly ever hits there and making its "
+        "first, and the forked children, do not build it again. `torch.onnx.export` traces a module twice: "
+        "`torch.export`, then its decompositions, which trace the graph again to rewrite the ops torchlib has no "
+        "ONNX function for. Torchlib has one for every op of these parts' traces but the dtype conversions "
+        "(`aten.to`), so export rewrites those itself and has the graph translated as traced "
+        "(`exporters.layered.translation_as_traced`): that halves each part's time. A graph that mutates a tensor, "
+        "calls a subgraph or holds another op goes through the decompositions as before. A trace runs every op on "
+        "fake tensors with symbolic batch and sequence sizes; torch's fake-tensor dispatch cache hardly ever hits there and making its "
         "entries costs more than it saves, so export turns it off while tracing (`exporters.layered.fast_tracing`), "
         "and Python's cycle collector with it: a trace makes millions of short-lived objects, and each of the "
         "collector's passes would walk every object that survived the ones before. "

@@ -331,12 +331,12 @@ def test_parts_traced_in_parallel_make_the_same_model_onnx_as_one_process(untrac
     from exporters import parallel_tracing
 
     forked = []
-    in_children = parallel_tracing._traced_in_children
+    side_by_side = parallel_tracing._traced_side_by_side
     monkeypatch.setattr(
-        parallel_tracing, "_traced_in_children", lambda *args: forked.append(len(args[0])) or in_children(*args)
+        parallel_tracing, "_traced_side_by_side", lambda *args: forked.append(len(args[0])) or side_by_side(*args)
     )
     written = {}
-    for processes in ("0", "3"):  # in this process, then the head here and three parts in three children
+    for processes in ("0", "3"):  # in this process, then the head here and three parts in it and two children
         monkeypatch.setenv(parallel_tracing.ENVIRONMENT_VARIABLE, processes)
         export_model_to_onnx(_TwoKinds(), tmp_path / f"{processes}.onnx")
         written[processes] = (tmp_path / f"{processes}.onnx").read_bytes()

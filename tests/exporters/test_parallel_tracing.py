@@ -80,15 +80,16 @@ def _pid() -> bytes:
 
 
 @needs_fork
-def test_the_first_part_traces_here_the_others_in_children_results_in_order(monkeypatch):
-    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
+def test_the_first_part_traces_here_then_children_take_the_longest_and_this_process_the_shortest(monkeypatch):
+    """Tasks come longest first: children start from the front while this process traces from the back."""
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "3")
     told = []
-    results = run_traces([_pid] * 4, list("abcd"), told.append)
+    results = run_traces([_pid] * 5, list("abcde"), told.append)
     pids = [int(result) for result in results]
-    assert pids[0] == os.getpid()
-    assert len(set(pids)) == 4, "each of the other parts in a process of its own"
-    assert all(_gone(pid) for pid in pids[1:]), "every child is reaped"
-    assert told == ["tracing the other 3 parts in 2 processes side by side"]
+    assert pids[0] == pids[4] == os.getpid(), "the first part and the last (the shortest) trace here"
+    assert len({pids[1], pids[2], os.getpid()}) == 3, "the two longest in two children of their own"
+    assert all(_gone(pid) for pid in set(pids) - {os.getpid()}), "every child is reaped"
+    assert told == ["tracing the other 4 parts in 3 processes side by side"]
 
 
 def test_in_one_process_a_failure_names_the_part(monkeypatch):
@@ -234,7 +235,10 @@ def test_an_interrupt_kills_and_reaps_the_children(tmp_path):
     """
     started = tmp_path / "started"
     started.mkdir()
-    environment = {**os.environ, ENVIRONMENT_VARIABLE: "2"}
+    environment = {
+        **os.environ,
+        ENVIRONMENT_VARIABLE: "3",
+    }  # this process and two children: both slow parts in children
     result = subprocess.run(
         [sys.executable, "-c", INTERRUPTED_TRACING_SCRIPT, str(started)],
         capture_output=True,

@@ -1,0 +1,127 @@
+"""Translating the graph torch.export traced, without torch.onnx's second trace (the decompositions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="exporting needs torch")
+ort = pytest.importorskip("onnxruntime")
+
+from torch.onnx._internal.exporter import _fx_passes  # noqa: E402
+
+from exporters.layered import quiet_exporter, translation_as_traced  # noqa: E402
+from exporters.lowerings import LOWERINGS  # noqa: E402
+
+
+class _Conversions(torch.nn.Module):
+    """A linear layer and a softmax between dtype conversions of every form ``aten.to`` takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = torch.softmax(self.linear(x.to(torch.float32)), dim=-1)
+        return hidden.to(torch.float16), hidden.to(like), (hidden * 10).to("cpu", torch.int32), hidden.to("cpu")
+
+
+class _Mutating(torch.nn.Module):
+    """Writes into its input: only torch.onnx's decompositions make that functional."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return x + 1
+
+
+@pytest.fixture
+def decompositions(monkeypatch):
+    """Count the graphs that go through torch.onnx's decompositions."""
+    counted = []
+    decompose = _fx_passes.decompose_with_registry
+
+    def counting(program, registry):
+        counted.append(program)
+        return decompose(program, registry)
+
+    monkeypatch.setattr(_fx_passes, "decompose_with_registry", counting)
+    return counted
+
+
+class _RoutedExperts(torch.nn.Module):
+    """One lowering's routed experts: 8 experts, top-2, hidden 16, width 8."""
+
+    def __init__(self, lowering: str) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.lowering = LOWERINGS[lowering]
+        # capacity_factor "auto" is resolved from the golden run's loads by the exporter; 8 slots here.
+        self.routed = self.lowering.routed_experts({"capacity_factor": 4.0} if lowering == "capacity" else {})
+        self.w1, self.w3 = (torch.nn.Parameter(torch.randn(8, 8, 16, generator=generator) / 4) for _ in range(2))
+        self.w2 = torch.nn.Parameter(torch.randn(8, 16, 8, generator=generator) / 4)
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        out = self.routed(hidden, expert_ids, expert_weights, self.w1, self.w3, self.w2)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _exported(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path) -> list[np.ndarray]:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    lowering = getattr(module, "lowering", None)
+    with quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            inputs,
+            dynamo=True,
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            opset_version=20,
+            custom_translation_table=getattr(lowering.load(), "CUSTOM_TRANSLATION_TABLE", None) if lowering else None,
+            verbose=False,
+        )
+    if lowering is not None and hasattr(lowering.load(), "after_export"):
+        lowering.load().after_export(program)
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {argument.name: tensor.numpy() for argument, tensor in zip(session.get_inputs(), inputs)})
+
+
+def test_a_graph_of_translatable_ops_skips_the_decompositions_and_computes_the_same(decompositions, tmp_path):
+    torch.manual_seed(0)
+    module = _Conversions().eval()
+    inputs = (torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64))
+    with torch.no_grad():
+        expected = [tensor.numpy() for tensor in module(*inputs)]
+    decomposed = _exported(module, inputs, tmp_path / "decomposed.onnx")
+    assert len(decompositions) == 1
+    with translation_as_traced():
+        as_traced = _exported(module, inputs, tmp_path / "as-traced.onnx")
+    assert len(decompositions) == 1, "translated as traced: no second trace"
+    assert [value.dtype for value in as_traced] == [value.dtype for value in expected]  # float16, 64, int32, 32
+    for ours, theirs, truth in zip(as_traced, decomposed, expected):
+        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_allclose(ours, truth, atol=1e-3)
+    assert _fx_passes.decompose_with_registry.__name__ == "counting", "the block puts back what it replaced"
+
+
+def test_a_graph_that_mutates_goes_through_the_decompositions(decompositions, tmp_path):
+    inputs = (torch.arange(6, dtype=torch.float32).reshape(3, 2),)
+    with translation_as_traced():
+        (result,) = _exported(_Mutating(), (inputs[0].clone(),), tmp_path / "mutating.onnx")
+    assert len(decompositions) == 1
+    np.testing.assert_array_equal(result, inputs[0].numpy() * 2 + 1)
+
+
+@pytest.mark.parametrize("lowering", sorted(LOWERINGS))
+def test_every_lowering_translates_as_traced(decompositions, tmp_path, lowering):
+    """A lowering that brought in an op torchlib lacks (argsort, one_hot) would cost every export a second trace."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 16, generator=generator)
+    expert_ids = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(5)])
+    expert_weights = torch.rand(5, 2, generator=generator)
+    module = _RoutedExperts(lowering)
+    with torch.no_grad():
+        expected = module(hidden, expert_ids, expert_weights).numpy()
+    with translation_as_traced():
+        (result,) = _exported(module, (hidden, expert_ids, expert_weights), tmp_path / "experts.onnx")
+    assert decompositions == []
+    np.testing.assert_allclose(result, expected, atol=1e-5)
