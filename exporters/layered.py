@@ -209,9 +209,8 @@ def translation_as_traced() -> Iterator[None]:
     ``softmax``, ``matmul``...), but for ``aten.to`` (each dtype conversion) and ``aten.item``. Within
     this block a graph that only needs those rewritten gets them as the decompositions would write
     them (:func:`_as_decomposed`) and is translated as traced (see :func:`_translatable_as_traced`);
-    any other graph, or another torch whose exporter is laid out
-    differently, goes through the decompositions as before. Every export is checked against its
-    golden outputs either way.
+    any other graph, or any graph under another torch whose exporter is laid out differently, goes
+    through the decompositions as before. Every export is checked against its golden outputs either way.
     """
     try:  # torch.onnx's private layout: where it differs (another torch), every graph is decomposed
         from torch.onnx._internal.exporter import _fx_passes
