@@ -176,6 +176,90 @@ def _translatable_as_traced(program: Any, registry: Any) -> bool:
     return True
 
 
+def _fills_as_concatenations(program: Any) -> int:
+    """Rewrite each new tensor that is filled slice by slice (``copy_``) as a ``cat`` of what fills it.
+
+    DeepSeek-V3's attention in transformers builds its keys so: ``new_empty``, then ``copy_`` into
+    ``[..., :n]`` and ``[..., n:]``. In-place writes need torch.onnx's decompositions (a second trace
+    of the whole graph); the ``cat`` computes the same without them. Rewritten only where nothing is
+    in doubt: slices with a step of 1 along one axis of static size that tile it exactly, each written
+    once by a ``copy_`` of the slice's own shape and dtype whose result is unused, and every other
+    reader of the tensor after the last write.
+
+    Returns:
+        How many tensors were rewritten.
+    """
+    import sys
+
+    import torch
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    aten = torch.ops.aten
+    graph = program.graph
+    order = {node: position for position, node in enumerate(graph.nodes)}
+    rewritten = 0
+    for base in list(graph.nodes):
+        if base.op != "call_function" or base.target not in (aten.new_empty.default, aten.empty.memory_format):
+            continue
+        value = base.meta.get("val")
+        if value is None:
+            continue
+        writes, readers = [], []
+        for user in base.users:
+            copies = list(user.users)
+            is_write = (
+                user.target == aten.slice.Tensor
+                and not user.kwargs
+                and len(copies) == 1
+                and copies[0].target == aten.copy_.default
+                and copies[0].args[0] is user
+                and not copies[0].users
+            )
+            if is_write:
+                dim, start, end, step = (*user.args[1:], *(0, 0, sys.maxsize, 1)[len(user.args) - 1 :])
+                writes.append((dim, start, end, step, user, copies[0]))
+            else:
+                readers.append(user)
+        if not writes or not all(isinstance(field, int) for write in writes for field in write[:4]):
+            continue
+        axes = {dim % value.dim() for dim, *_ in writes}
+        if len(axes) != 1 or not isinstance(size := value.shape[next(iter(axes))], int):
+            continue
+        [axis] = axes
+        writes.sort(key=lambda write: write[1])
+        bounds = [(start, end) for _, start, end, *_ in writes]
+        tiled = (
+            all(step == 1 for _, _, _, step, *_ in writes)
+            and bounds[0][0] == 0
+            and all(end == following for (_, end), (following, _) in zip(bounds, bounds[1:]))
+            and min(bounds[-1][1], size) == size
+        )
+        sources = [copy.args[1] for *_, copy in writes]
+        same = all(
+            "val" in source.meta
+            and source.meta["val"].dtype == value.dtype
+            and len(source.meta["val"].shape) == len(write.meta["val"].shape)
+            and all(statically_known_true(a == b) for a, b in zip(source.meta["val"].shape, write.meta["val"].shape))
+            for source, (*_, write, _) in zip(sources, writes)
+        )
+        last_write = max(order[copy] for *_, copy in writes)
+        if not (tiled and same and all(order[reader] > last_write for reader in readers)):
+            continue
+        last = max((copy for *_, copy in writes), key=order.__getitem__)
+        with graph.inserting_after(last):
+            concatenated = graph.call_function(aten.cat.default, (sources, axis))
+        concatenated.meta["val"] = value
+        base.replace_all_uses_with(concatenated, delete_user_cb=set(readers).__contains__)
+        for *_, write, copy in writes:
+            graph.erase_node(copy)
+            graph.erase_node(write)
+        graph.erase_node(base)
+        rewritten += 1
+    if rewritten:
+        program.graph_module.recompile()
+    return rewritten
+
+
 def _rewrite_as_decomposed(program: Any) -> None:
     """Replace each op :func:`_as_decomposed` names with the op it gives, arguments carried over."""
     import torch
@@ -208,7 +292,8 @@ def translation_as_traced() -> Iterator[None]:
     rewrites next to nothing: torchlib has functions for the ops ``torch.export`` writes (``linear``,
     ``softmax``, ``matmul``...), but for ``aten.to`` (each dtype conversion) and ``aten.item``. Within
     this block a graph that only needs those rewritten gets them as the decompositions would write
-    them (:func:`_as_decomposed`) and is translated as traced (see :func:`_translatable_as_traced`);
+    them (:func:`_as_decomposed`) and is translated as traced (see :func:`_translatable_as_traced`),
+    once any tensor filled slice by slice has become a concatenation (:func:`_fills_as_concatenations`);
     any other graph, or any graph under another torch whose exporter is laid out differently, goes
     through the decompositions as before. Every export is checked against its golden outputs either way.
     """
@@ -221,6 +306,7 @@ def translation_as_traced() -> Iterator[None]:
         return
 
     def translate_or_decompose(program: Any, registry: Any) -> Any:
+        _fills_as_concatenations(program)
         if not _translatable_as_traced(program, registry):
             return decompose(program, registry)
         _rewrite_as_decomposed(program)

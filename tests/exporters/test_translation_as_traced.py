@@ -34,6 +34,23 @@ class _Mutating(torch.nn.Module):
         return x + 1
 
 
+class _FilledBySlices(torch.nn.Module):
+    """Builds a tensor as DeepSeek-V3's attention in transformers builds its keys: ``new_empty``, then a
+    ``copy_`` into each slice. ``split`` moves the boundary between the slices; ``peek`` reads the
+    tensor between the two writes."""
+
+    def __init__(self, split: int = 3, peek: bool = False) -> None:
+        super().__init__()
+        self.split, self.peek = split, peek
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        filled = x.new_empty(x.shape[0], 5)
+        filled[..., :3].copy_(x * 2)
+        early = filled[..., :3].sum() if self.peek else 0
+        filled[..., self.split :].copy_(y.expand(-1, 5 - self.split) + 1)
+        return filled * 3 + early
+
+
 @pytest.fixture
 def decompositions(monkeypatch):
     """Count the graphs that go through torch.onnx's decompositions."""
@@ -124,4 +141,30 @@ def test_every_lowering_translates_as_traced(decompositions, tmp_path, lowering)
     with translation_as_traced():
         (result,) = _exported(module, (hidden, expert_ids, expert_weights), tmp_path / "experts.onnx")
     assert decompositions == []
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+
+
+def test_a_tensor_filled_slice_by_slice_is_translated_as_a_concatenation(decompositions, tmp_path):
+    inputs = (torch.randn(4, 3), torch.randn(4, 1))
+    expected = _FilledBySlices()(*inputs).numpy()
+    with translation_as_traced():
+        (result,) = _exported(_FilledBySlices(), inputs, tmp_path / "filled.onnx")
+    assert decompositions == []
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("module", "why"),
+    [(_FilledBySlices(split=2), "the slices overlap"), (_FilledBySlices(peek=True), "read between the writes")],
+    ids=["overlap", "peek"],
+)
+def test_slice_writes_that_are_not_a_plain_concatenation_go_through_the_decompositions(
+    decompositions, tmp_path, module, why
+):
+    inputs = (torch.randn(4, 3), torch.randn(4, 1))
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    with translation_as_traced():
+        (result,) = _exported(module, inputs, tmp_path / "filled.onnx")
+    assert len(decompositions) == 1, why
     np.testing.assert_allclose(result, expected, atol=1e-5)
