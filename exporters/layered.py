@@ -176,6 +176,38 @@ def _translatable_as_traced(program: Any, registry: Any) -> bool:
     return True
 
 
+def _slice_writes(base: Any) -> tuple[list[tuple[int, int, Any, Any]], list[Any], int] | None:
+    """How ``base`` is used: the ``(start, end, slice, copy_)`` of each slice that a ``copy_`` writes
+    once (its result unused), its other readers, and the one axis the slices cut; None when the
+    slices' bounds or axes are not plain integers of one axis with a step of 1."""
+    import sys
+
+    import torch
+
+    aten = torch.ops.aten
+    writes, readers, axes = [], [], set()
+    for user in base.users:
+        copies = list(user.users)
+        if not (
+            user.target == aten.slice.Tensor
+            and not user.kwargs
+            and len(copies) == 1
+            and copies[0].target == aten.copy_.default
+            and copies[0].args[0] is user
+            and not copies[0].users
+        ):
+            readers.append(user)
+            continue
+        dim, start, end, step = (*user.args[1:], *(0, 0, sys.maxsize, 1)[len(user.args) - 1 :])
+        if not all(isinstance(field, int) for field in (dim, start, end, step)) or step != 1:
+            return None
+        axes.add(dim % base.meta["val"].dim())
+        writes.append((start, end, user, copies[0]))
+    if not writes or len(axes) != 1:
+        return None
+    return sorted(writes, key=lambda write: write[0]), readers, axes.pop()
+
+
 def _fills_as_concatenations(program: Any) -> int:
     """Rewrite each new tensor that is filled slice by slice (``copy_``) as a ``cat`` of what fills it.
 
@@ -189,8 +221,6 @@ def _fills_as_concatenations(program: Any) -> int:
     Returns:
         How many tensors were rewritten.
     """
-    import sys
-
     import torch
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -202,37 +232,16 @@ def _fills_as_concatenations(program: Any) -> int:
         if base.op != "call_function" or base.target not in (aten.new_empty.default, aten.empty.memory_format):
             continue
         value = base.meta.get("val")
-        if value is None:
+        used = _slice_writes(base) if value is not None else None
+        if used is None:
             continue
-        writes, readers = [], []
-        for user in base.users:
-            copies = list(user.users)
-            is_write = (
-                user.target == aten.slice.Tensor
-                and not user.kwargs
-                and len(copies) == 1
-                and copies[0].target == aten.copy_.default
-                and copies[0].args[0] is user
-                and not copies[0].users
-            )
-            if is_write:
-                dim, start, end, step = (*user.args[1:], *(0, 0, sys.maxsize, 1)[len(user.args) - 1 :])
-                writes.append((dim, start, end, step, user, copies[0]))
-            else:
-                readers.append(user)
-        if not writes or not all(isinstance(field, int) for write in writes for field in write[:4]):
-            continue
-        axes = {dim % value.dim() for dim, *_ in writes}
-        if len(axes) != 1 or not isinstance(size := value.shape[next(iter(axes))], int):
-            continue
-        [axis] = axes
-        writes.sort(key=lambda write: write[1])
-        bounds = [(start, end) for _, start, end, *_ in writes]
+        writes, readers, axis = used
+        size = value.shape[axis]
         tiled = (
-            all(step == 1 for _, _, _, step, *_ in writes)
-            and bounds[0][0] == 0
-            and all(end == following for (_, end), (following, _) in zip(bounds, bounds[1:]))
-            and min(bounds[-1][1], size) == size
+            isinstance(size, int)
+            and writes[0][0] == 0
+            and all(write[1] == following[0] for write, following in zip(writes, writes[1:]))
+            and min(writes[-1][1], size) == size
         )
         sources = [copy.args[1] for *_, copy in writes]
         same = all(
@@ -240,17 +249,16 @@ def _fills_as_concatenations(program: Any) -> int:
             and source.meta["val"].dtype == value.dtype
             and len(source.meta["val"].shape) == len(write.meta["val"].shape)
             and all(statically_known_true(a == b) for a, b in zip(source.meta["val"].shape, write.meta["val"].shape))
-            for source, (*_, write, _) in zip(sources, writes)
+            for source, (_, _, write, _) in zip(sources, writes)
         )
-        last_write = max(order[copy] for *_, copy in writes)
-        if not (tiled and same and all(order[reader] > last_write for reader in readers)):
-            continue
         last = max((copy for *_, copy in writes), key=order.__getitem__)
+        if not (tiled and same and all(order[reader] > order[last] for reader in readers)):
+            continue
         with graph.inserting_after(last):
             concatenated = graph.call_function(aten.cat.default, (sources, axis))
         concatenated.meta["val"] = value
         base.replace_all_uses_with(concatenated, delete_user_cb=set(readers).__contains__)
-        for *_, write, copy in writes:
+        for _, _, write, copy in writes:
             graph.erase_node(copy)
             graph.erase_node(write)
         graph.erase_node(base)

@@ -103,7 +103,8 @@ def run_traces(
     if processes == 1:
         return [_traced_here(task, label) for task, label in zip(tasks, labels)]
     first = _traced_here(tasks[0], labels[0])
-    if progress is not None:
+    processes = min(processes, len(tasks) - 1)  # this process traces at least one of the others itself
+    if progress is not None and processes > 1:
         progress(f"tracing the other {len(tasks) - 1} parts in {processes} processes side by side")
     return [first, *_traced_side_by_side(tasks[1:], labels[1:], processes)]
 

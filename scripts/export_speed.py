@@ -334,7 +334,7 @@ def render(
         "`torch.export`, then its decompositions, which trace the graph again to rewrite the ops torchlib has no "
         "ONNX function for. Torchlib has one for every op of these parts' traces but the dtype conversions "
         "(`aten.to`), so export rewrites those itself and has the graph translated as traced "
-        "(`exporters.layered.translation_as_traced`): that halves each part's time. A new tensor filled slice by "
+        "(`exporters.layered.translation_as_traced`): the second trace was about half of each part's time. A new tensor filled slice by "
         "slice with `copy_` (DeepSeek-V3's keys, in transformers) becomes a concatenation first; a graph that still "
         "mutates a tensor, calls a subgraph or holds another op goes through the decompositions as before. "
         "A trace runs every op on "

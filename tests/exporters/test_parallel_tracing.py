@@ -92,6 +92,15 @@ def test_the_first_part_traces_here_then_children_take_the_longest_and_this_proc
     assert told == ["tracing the other 4 parts in 3 processes side by side"]
 
 
+@needs_fork
+def test_with_more_processes_allowed_than_parts_left_this_process_still_traces_one(monkeypatch):
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "4")
+    told = []
+    pids = [int(result) for result in run_traces([_pid] * 3, list("abc"), told.append)]
+    assert pids[0] == pids[2] == os.getpid() != pids[1]
+    assert told == ["tracing the other 2 parts in 2 processes side by side"]
+
+
 def test_in_one_process_a_failure_names_the_part(monkeypatch):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "0")
 
@@ -159,7 +168,7 @@ def test_a_child_that_ctrl_c_killed_makes_the_export_interrupted(monkeypatch):
     """Ctrl-C reaches the children too, and one may die of it before this process raises KeyboardInterrupt."""
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
     with pytest.raises(KeyboardInterrupt, match="tracing the prologue was interrupted"):
-        run_traces([_pid, _interrupted], ["the head", "the prologue"])
+        run_traces([_pid, _interrupted, _pid], ["the head", "the prologue", "layer kind 0 (first at layer 0)"])
 
 
 @needs_fork
@@ -176,7 +185,7 @@ def test_ctrl_c_the_moment_a_child_is_forked_is_an_interruption_not_a_traceback(
 
     monkeypatch.setattr(os, "fork", fork)
     with pytest.raises(KeyboardInterrupt, match="tracing the prologue was interrupted"):
-        run_traces([_pid, _pid], ["the head", "the prologue"])
+        run_traces([_pid, _pid, _pid], ["the head", "the prologue", "layer kind 0 (first at layer 0)"])
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -188,6 +197,7 @@ from exporters.parallel_tracing import run_traces
 
 started_directory = Path(sys.argv[1])
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C, whatever the parent set
+PARENT = os.getpid()
 
 
 def first():
@@ -195,7 +205,8 @@ def first():
 
 
 def slow():
-    (started_directory / str(os.getpid())).touch()
+    if os.getpid() != PARENT:  # a child: counted, and looked for once the interrupt is over
+        (started_directory / str(os.getpid())).touch()
     time.sleep(60)
     return b""
 
@@ -212,7 +223,7 @@ def interrupt_when_both_started():
 threading.Thread(target=interrupt_when_both_started, daemon=True).start()
 started = time.monotonic()
 try:
-    run_traces([first, slow, slow], ["the head", "the prologue", "layer kind 0 (first at layer 0)"])
+    run_traces([first, slow, slow, slow], ["the head", "the prologue", "layer kind 0", "layer kind 1"])
     print("not interrupted")
 except KeyboardInterrupt:
     def answers(pid):
@@ -235,10 +246,8 @@ def test_an_interrupt_kills_and_reaps_the_children(tmp_path):
     """
     started = tmp_path / "started"
     started.mkdir()
-    environment = {
-        **os.environ,
-        ENVIRONMENT_VARIABLE: "3",
-    }  # this process and two children: both slow parts in children
+    # Three processes: two children trace a slow part each, this process the third.
+    environment = {**os.environ, ENVIRONMENT_VARIABLE: "3"}
     result = subprocess.run(
         [sys.executable, "-c", INTERRUPTED_TRACING_SCRIPT, str(started)],
         capture_output=True,
