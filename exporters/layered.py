@@ -12,6 +12,7 @@ import contextlib
 import gc
 import io
 import logging
+import types
 import warnings
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -88,12 +89,15 @@ _OP_REGISTRIES: dict[int, Any] = {}
 def reused_op_registry() -> Iterator[None]:
     """Let ``torch.onnx.export`` start from a copy of an op registry built once, not build its own.
 
-    Every ``torch.onnx.export`` call builds its registry from onnxscript's torchlib, parsing the
-    source of each of ~500 functions (1-2 s), before registering the call's custom translations
-    into it. Here the first call of the process builds it and every call gets a copy: the
-    registry's only state is its opset and a table of lists, which the custom translations extend,
-    so a copy of the table's lists keeps each call's translations its own. A tracing process
-    forked after the first build inherits the registry and builds nothing.
+    Every ``torch.onnx.export`` call builds its registry from onnxscript's torchlib, importing its
+    ~550 functions and parsing the source of each (about 1 s in all), before registering the
+    call's custom translations into it. Here the first call of the process builds it and every
+    call gets a copy: the registry's only state is its opset and a table of lists, which the
+    custom translations extend, so a copy of the table's lists keeps each call's translations its
+    own. A tracing process forked after the first build inherits the registry and builds nothing.
+
+    The first build also skips the parsing (:func:`_torchlib_functions`): it only works out each
+    function's domain, which the registry never reads.
     """
     try:  # torch.onnx's private layout: where it differs (another torch), every call builds its own
         from torch.onnx._internal.exporter import _registration
@@ -101,13 +105,18 @@ def reused_op_registry() -> Iterator[None]:
         registry_class = _registration.ONNXRegistry
         build = registry_class.__dict__["from_torchlib"]
         default_opset = _registration._constants.TORCHLIB_OPSET
+        apis = _registration.onnxscript_apis
     except (ImportError, AttributeError, KeyError):
         yield
         return
 
     def from_torchlib(cls: Any, opset_version: int = default_opset) -> Any:
         if opset_version not in _OP_REGISTRIES:
-            _OP_REGISTRIES[opset_version] = build.__get__(None, cls)(opset_version)
+            _registration.onnxscript_apis = types.SimpleNamespace(get_torchlib_ops=_torchlib_functions)
+            try:
+                _OP_REGISTRIES[opset_version] = build.__get__(None, cls)(opset_version)
+            finally:
+                _registration.onnxscript_apis = apis
         built = _OP_REGISTRIES[opset_version]
         copy = cls()
         copy._opset_version = built._opset_version
@@ -119,6 +128,29 @@ def reused_op_registry() -> Iterator[None]:
         yield
     finally:
         registry_class.from_torchlib = build
+
+
+def _torchlib_functions() -> list[types.SimpleNamespace]:
+    """What ``ONNXRegistry.from_torchlib`` reads of onnxscript's ``get_torchlib_ops()``, in its order.
+
+    Each aten overload's torchlib functions, then its complex-valued ones, as ``qualified_name``,
+    ``function`` and ``is_complex``; onnxscript's own version also works out each function's
+    domain, from the parsed source of every traced function (about 0.6 s), and the registry does
+    not read it.
+    """
+    from onnxscript.function_libs.torch_lib import ops, registration  # importing ops registers them
+
+    del ops
+    functions = []
+    for name, overloads in registration.default_registry.items():
+        if name.startswith("internal::"):  # torchlib's helpers, not aten ops
+            continue
+        functions += [
+            types.SimpleNamespace(qualified_name=name, function=function, is_complex=is_complex)
+            for is_complex, group in ((False, overloads.overloads), (True, overloads.complex))
+            for function in group
+        ]
+    return functions
 
 
 def _as_decomposed(target: Any) -> Any:
