@@ -157,9 +157,11 @@ def test_version_names_what_a_bug_report_needs():
     assert re.fullmatch(r"portable-moe \S+ \(python [\d.]+, numpy \S+, onnx \S+, onnxruntime \S+.*\)\n", result.stdout)
 
 
-def test_the_command_freezes_what_is_left_before_the_interpreter_exits(monkeypatch):
-    """``portable-moe`` is cli.run: main's exit code, then gc.freeze (also when main raises)."""
+def test_the_command_freezes_what_is_left_then_leaves_at_once(monkeypatch):
+    """``portable-moe`` is cli.run: main's exit code, gc.freeze (also when main raises), then a quick exit
+    where main returned and no other thread runs."""
     import gc
+    import threading
     from importlib.metadata import entry_points
 
     from portable_moe import cli
@@ -167,18 +169,42 @@ def test_the_command_freezes_what_is_left_before_the_interpreter_exits(monkeypat
     [script] = [entry for entry in entry_points(group="console_scripts") if entry.name == "portable-moe"]
     assert script.value == "portable_moe.cli:run"
     frozen: list[bool] = []
+    exits: list[int] = []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(cli, "_exit_now", exits.append)
     monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     assert cli.run() == 3
-    assert frozen == [True]
+    assert frozen == [True] and exits == [3]
+
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # a thread still runs: the interpreter's own exit
+    assert cli.run() == 3
+    assert frozen == [True, True] and exits == [3]
 
     def refuse() -> int:
         raise SystemExit(2)
 
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(cli, "main", refuse)
     with pytest.raises(SystemExit):
         cli.run()
-    assert frozen == [True, True]
+    assert frozen == [True, True, True] and exits == [3]
+
+
+def test_the_quick_exit_runs_the_exit_handlers_and_flushes_the_streams():
+    program = (
+        "import atexit, sys\n"
+        "from portable_moe import cli\n"
+        "atexit.register(lambda: sys.stdout.write('the exit handler ran\\n'))\n"
+        "sys.stdout.write('written, not flushed; ')\n"
+        "sys.stderr.write('to stderr')\n"
+        "cli._exit_now(5)\n"
+        "print('never reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 5
+    assert result.stdout == "written, not flushed; the exit handler ran\n"
+    assert result.stderr == "to stderr"
 
 
 def test_help_explains_each_command():
