@@ -322,6 +322,67 @@ def _rewrite_as_decomposed(program: Any) -> None:
     program.graph_module.recompile()
 
 
+def _would_promote(argument: Any, dtype: Any) -> bool:
+    """Whether torch.onnx's type promotion pass would cast ``argument`` (an fx node, a number, or a
+    list of them) to ``dtype``, judged from the value ``torch.export`` recorded for it; True where
+    that value is missing or of a kind the pass does not expect (let the pass decide)."""
+    import torch
+    from torch.onnx._internal.fx import type_utils
+
+    if dtype is None:
+        return False
+    if isinstance(argument, (tuple, list)):
+        return any(_would_promote(element, dtype) for element in argument)
+    if isinstance(argument, torch.fx.Node):
+        if "val" not in argument.meta:
+            return True
+        value = argument.meta["val"]
+        if isinstance(value, torch.Tensor):
+            return value.dtype != dtype
+        if not type_utils.is_torch_symbolic_type(value):
+            return value is not None
+        argument = value
+    scalar_dtype = type_utils.from_scalar_type_to_torch_dtype(type(argument))
+    return scalar_dtype is None or scalar_dtype != dtype
+
+
+def _promotes_types(graph_module: Any) -> bool:
+    """Whether torch.onnx's type promotion pass would change ``graph_module`` (or a graph inside it).
+
+    The pass runs every op once more on fake tensors, to insert a cast wherever an op mixes dtypes
+    (an ``add`` of an int64 tensor and a float32 one, say) and to record the values of what it
+    changed. Which casts it inserts follows from the dtypes of each op's arguments, and those are in
+    the values ``torch.export`` recorded (``meta["val"]``): where no argument of any op would be
+    cast, the pass changes nothing. A value that is missing, or a type rule that cannot judge from
+    the recorded values, counts as a change.
+    """
+    import torch
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    table = type_promotion.TypePromotionTable()
+    missing = object()
+    for module in graph_module.modules():
+        for node in module.graph.nodes if isinstance(module, torch.fx.GraphModule) else ():
+            rule = type_promotion.get_type_promotion_rule(node, table) if node.op == "call_function" else None
+            if rule is None:
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda value: value.meta.get("val", missing))
+            if missing in torch.utils._pytree.tree_leaves((args, kwargs)):
+                return True
+            try:
+                promotion = rule.preview_type_promotion(args, kwargs)
+            except Exception:
+                return True
+            if any(
+                _would_promote(argument, promotion.args_dtypes.get(position))
+                for position, argument in enumerate(node.args)
+            ) or any(
+                _would_promote(argument, promotion.kwargs_dtypes.get(name)) for name, argument in node.kwargs.items()
+            ):
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def translation_as_traced() -> Iterator[None]:
     """Let ``torch.onnx.export`` translate the graph ``torch.export`` traced, without tracing it again.
@@ -339,8 +400,11 @@ def translation_as_traced() -> Iterator[None]:
     """
     try:  # torch.onnx's private layout: where it differs (another torch), every graph is decomposed
         from torch.onnx._internal.exporter import _fx_passes
+        from torch.onnx._internal.fx.passes import type_promotion
 
         decompose = _fx_passes.decompose_with_registry
+        promote = _fx_passes.insert_type_promotion_nodes
+        del type_promotion  # what _promotes_types reads
     except (ImportError, AttributeError):
         yield
         return
@@ -352,11 +416,17 @@ def translation_as_traced() -> Iterator[None]:
         _rewrite_as_decomposed(program)
         return program
 
+    def promote_where_needed(graph_module: Any) -> None:
+        if _promotes_types(graph_module):
+            promote(graph_module)
+
     _fx_passes.decompose_with_registry = translate_or_decompose
+    _fx_passes.insert_type_promotion_nodes = promote_where_needed
     try:
         yield
     finally:
         _fx_passes.decompose_with_registry = decompose
+        _fx_passes.insert_type_promotion_nodes = promote
 
 
 @contextlib.contextmanager

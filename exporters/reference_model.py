@@ -77,7 +77,7 @@ def route(
         kept_groups = stable_topk_indices(group_scores, config.topk_group)
         group_mask = torch.zeros_like(group_scores).scatter(1, kept_groups, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, -1)
-        biased = biased.masked_fill(expert_mask == 0, float("-inf"))
+        biased = biased.masked_fill(expert_mask == 0.0, float("-inf"))
     expert_ids = stable_topk_indices(biased, config.num_experts_per_tok)
     weights = scores.gather(1, expert_ids)
     if config.norm_topk_prob:
@@ -314,7 +314,7 @@ class MoETransformer(nn.Module):
         # CumSum's shape but not a Range's length, and static-shape tools (npu-sim's gears,
         # bisection) need every shape to follow from the input's.
         seq = input_ids.shape[1]
-        positions = torch.ones(seq, 1, dtype=torch.float32, device=input_ids.device).cumsum(0) - 1  # [S, 1]
+        positions = torch.ones(seq, 1, dtype=torch.float32, device=input_ids.device).cumsum(0) - 1.0  # [S, 1]
         cos, sin = rotary_tables(positions, self.inverse_frequency)
         future = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).triu(1)
         return self.embed_tokens(input_ids), cos, sin, future

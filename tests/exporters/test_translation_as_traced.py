@@ -10,7 +10,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from torch.onnx._internal.exporter import _fx_passes  # noqa: E402
 
-from exporters.layered import quiet_exporter, translation_as_traced  # noqa: E402
+from exporters.layered import _promotes_types, quiet_exporter, translation_as_traced  # noqa: E402
 from exporters.lowerings import LOWERINGS  # noqa: E402
 
 
@@ -49,6 +49,49 @@ class _FilledBySlices(torch.nn.Module):
         early = filled[..., :3].sum() if self.peek else 0
         filled[..., self.split :].copy_(y.expand(-1, 5 - self.split) + 1)
         return filled * 3 + early
+
+
+class _MixedDtypes(torch.nn.Module):
+    """Ops that mix dtypes, each needing a cast from torch.onnx's type promotion pass (``which`` picks one)."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.which = which
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.which == "tensors":
+            return x + counts  # float32 + int64
+        if self.which == "number":
+            return torch.where(x == 0, x, x * 2)  # a float32 tensor against the int 0
+        return (x > 0).sum(dim=-1, keepdim=True) + counts  # a sum of bools is int64
+
+
+class _OneDtype(torch.nn.Module):
+    """Every op in float32, numbers included: no cast to insert."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return torch.where(x == 0.0, x, torch.softmax(x * 2.0, dim=-1)) - 1.0 + counts.float()
+
+
+def _program(module: torch.nn.Module) -> torch.export.ExportedProgram:
+    inputs = (torch.randn(3, 4), torch.arange(12).reshape(3, 4) % 5)
+    return torch.export.export(
+        module, inputs, dynamic_shapes=({0: torch.export.Dim("batch")}, {0: torch.export.Dim("batch")})
+    )
+
+
+@pytest.fixture
+def promotions(monkeypatch):
+    """Count the graphs torch.onnx's type promotion pass runs on."""
+    counted = []
+    promote = _fx_passes.insert_type_promotion_nodes
+
+    def counting(graph_module):
+        counted.append(graph_module)
+        return promote(graph_module)
+
+    monkeypatch.setattr(_fx_passes, "insert_type_promotion_nodes", counting)
+    return counted
 
 
 @pytest.fixture
@@ -168,3 +211,61 @@ def test_slice_writes_that_are_not_a_plain_concatenation_go_through_the_decompos
         (result,) = _exported(module, inputs, tmp_path / "filled.onnx")
     assert len(decompositions) == 1, why
     np.testing.assert_allclose(result, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tensors", "number", "sum of bools"])
+def test_ops_that_mix_dtypes_are_seen_as_the_type_promotion_pass_sees_them(which):
+    from torch.onnx._internal.exporter._fx_passes import insert_type_promotion_nodes
+
+    program = _program(_MixedDtypes(which))
+    before = str(program.graph_module.graph)
+    assert _promotes_types(program.graph_module)
+    insert_type_promotion_nodes(program.graph_module)
+    assert str(program.graph_module.graph) != before, "the pass did insert a cast"
+
+
+def test_a_graph_of_one_dtype_is_seen_to_need_no_promotion_and_the_pass_would_change_nothing():
+    from torch.onnx._internal.exporter._fx_passes import insert_type_promotion_nodes
+
+    program = _program(_OneDtype())
+    before = str(program.graph_module.graph)
+    assert not _promotes_types(program.graph_module)
+    insert_type_promotion_nodes(program.graph_module)
+    assert str(program.graph_module.graph) == before
+
+
+@pytest.mark.parametrize(
+    ("module", "promoted"), [(_OneDtype(), 0), (_MixedDtypes("tensors"), 1), (_MixedDtypes("number"), 1)]
+)
+def test_the_type_promotion_pass_runs_only_where_it_casts_and_the_export_computes_the_same(
+    promotions, tmp_path, module, promoted
+):
+    inputs = (torch.tensor([[0.0, 1.5, -2.0, 3.0]]).repeat(3, 1), torch.arange(12).reshape(3, 4) % 5)
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    with translation_as_traced():
+        (result,) = _exported(module, inputs, tmp_path / "promoted.onnx")
+    assert len(promotions) == promoted
+    assert _fx_passes.insert_type_promotion_nodes.__name__ == "counting", "the block puts back what it replaced"
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+    assert result.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("lowering", sorted(LOWERINGS))
+def test_the_reference_model_needs_no_type_promotion_pass_with_any_lowering(lowering):
+    """A Python int in float arithmetic, or a sum of booleans, would cost every export a second
+    fake-tensor run of the graph (torch.onnx's type promotion pass)."""
+    import dataclasses
+
+    from exporters.reference_model import build_model, golden_inputs
+    from portable_moe import get_preset
+
+    config = dataclasses.replace(get_preset("tiny"), num_hidden_layers=2)
+    model = build_model(config)
+    low = LOWERINGS[lowering]
+    model.set_routed_experts(low.routed_experts({"capacity_factor": 4.0} if lowering == "capacity" else {}))
+    ids = golden_inputs(config)["input_ids"]
+    program = torch.export.export(
+        model, (ids,), dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
+    )
+    assert not _promotes_types(program.graph_module)
