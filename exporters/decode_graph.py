@@ -287,7 +287,7 @@ def export_decoder(
     """
     import torch
 
-    from exporters.layered import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
+    from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
 
     if hasattr(model, "cached_decoder"):
         decoder = model.cached_decoder()

@@ -2,7 +2,7 @@
 
 Exporting a whole decoder with ``torch.onnx.export`` costs seconds per layer (``torch.export``
 traces every op of every layer, then torch.onnx's decompositions trace it again, unless
-:func:`exporters.layered.translation_as_traced` can skip them). The layers of a decoder come in a few kinds
+:func:`exporters.torch_onnx_shortcuts.translation_as_traced` can skip them). The layers of a decoder come in a few kinds
 (a dense layer, an MoE layer) that differ only in their weights, so this module traces, each in a
 ``torch.onnx.export`` call of its own,
 
@@ -41,14 +41,9 @@ import onnx_ir as ir
 import torch
 
 from exporters import trace_cache
-from exporters.layered import (
-    LayeredModel,
-    fast_tracing,
-    quiet_exporter,
-    reused_op_registry,
-    translation_as_traced,
-)
+from exporters.layered import LayeredModel
 from exporters.lowerings import Lowering
+from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
 from portable_moe.errors import ExportError
 
 Progress = Callable[[str], None]

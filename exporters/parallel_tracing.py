@@ -7,7 +7,7 @@ the others side by side: the longest in child processes, at most one fewer than 
 while it traces the shortest itself. A child is forked when its part's turn comes, so it starts with
 everything the exporting process holds: torch, the exporter and
 torch.onnx's op registry loaded, the exporter's first-use set-up done by the first part (see
-:func:`exporters.layered.reused_op_registry`), nothing imported or built again. It traces its part
+:func:`exporters.torch_onnx_shortcuts.reused_op_registry`), nothing imported or built again. It traces its part
 and sends the graph back (ONNX bytes, through a pipe); the exporting process merges the parts in
 their own order, so the model is the same however many processes traced it.
 

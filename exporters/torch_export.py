@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from exporters.layered import LayeredModel, fast_tracing, quiet_exporter
+from exporters.layered import LayeredModel
 from exporters.lowerings import Lowering, get_lowering
 from exporters.sources import ExportSource, output_names
+from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter
 from exporters.validation import Progress, validate_graph
 from exporters.weight_formats import get_weight_format, plan_weights
 from exporters.weight_pass import apply_weight_plan

@@ -376,7 +376,7 @@ class _TwoKinds(_Toy):
 def test_tracing_turns_the_cycle_collector_off_and_back_to_how_it_was():
     import gc
 
-    from exporters.layered import fast_tracing
+    from exporters.torch_onnx_shortcuts import fast_tracing
 
     assert gc.isenabled()
     with pytest.raises(RuntimeError), fast_tracing():

@@ -10,8 +10,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from torch.onnx._internal.exporter import _fx_passes  # noqa: E402
 
-from exporters.layered import _promotes_types, quiet_exporter, translation_as_traced  # noqa: E402
 from exporters.lowerings import LOWERINGS  # noqa: E402
+from exporters.torch_onnx_shortcuts import _promotes_types, quiet_exporter, translation_as_traced  # noqa: E402
 
 
 class _Conversions(torch.nn.Module):
