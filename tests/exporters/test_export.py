@@ -114,6 +114,39 @@ def test_export_keeps_older_objects_frozen_only_while_it_runs(tmp_path, monkeypa
             gc.freeze()
 
 
+@pytest.mark.parametrize(
+    ("threshold", "collected", "seed"), [(0, True, 3), (2**62, False, 4)], ids=["big weights", "small weights"]
+)
+def test_big_torch_weights_are_collected_before_onnx_runtime_loads_the_graph(
+    tmp_path, monkeypatch, threshold, collected, seed
+):
+    """A collection walks every object the export made (about 0.4 s): it runs only where the weights
+    are big enough for a second copy beside ONNX Runtime's to matter."""
+    import gc
+
+    import exporters.torch_export as torch_export
+    from exporters.reference_model import MoETransformer
+
+    collect, validate = gc.collect, torch_export.validate_graph
+    collections: list[int] = []
+    alive: list[bool] = []
+
+    def counting_collect(*args):
+        collections.append(len(alive))  # how many validations had run
+        return collect(*args)
+
+    def looking(*args, **kwargs):
+        alive.append(any(isinstance(thing, MoETransformer) for thing in gc.get_objects()))
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(torch_export, "_COLLECT_BEFORE_VALIDATION_BYTES", threshold)
+    monkeypatch.setattr(torch_export, "validate_graph", looking)
+    monkeypatch.setattr(gc, "collect", counting_collect)
+    export_bundle(tmp_path / "bundle", "tiny", seed)  # a seed of its own: no other test exports it
+    assert (0 in collections) == collected
+    assert alive == [False]  # the reference model holds no reference cycle: freed either way
+
+
 def test_exported_graph_is_valid_onnx(tiny_bundle):
     import onnx
 
