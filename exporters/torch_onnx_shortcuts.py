@@ -317,7 +317,7 @@ def _would_promote(argument: Any, dtype: Any) -> bool:
         if isinstance(value, torch.Tensor):
             return value.dtype != dtype
         if not type_utils.is_torch_symbolic_type(value):
-            return value is not None
+            return True  # the pass refuses such an argument: let it say so
         argument = value
     scalar_dtype = type_utils.from_scalar_type_to_torch_dtype(type(argument))
     return scalar_dtype is None or scalar_dtype != dtype
@@ -373,7 +373,9 @@ def translation_as_traced() -> Iterator[None]:
     them (:func:`_as_decomposed`) and is translated as traced (see :func:`_translatable_as_traced`),
     once any tensor filled slice by slice has become a concatenation (:func:`_fills_as_concatenations`);
     any other graph, or any graph under another torch whose exporter is laid out differently, goes
-    through the decompositions as before. Every export is checked against its golden outputs either way.
+    through the decompositions as before. torch.onnx's type promotion pass, a further run of every op
+    on fake tensors, runs only where :func:`_promotes_types` finds a cast for it to insert. Every export
+    is checked against its golden outputs either way.
     """
     try:  # torch.onnx's private layout: where it differs (another torch), every graph is decomposed
         from torch.onnx._internal.exporter import _fx_passes
@@ -381,7 +383,7 @@ def translation_as_traced() -> Iterator[None]:
 
         decompose = _fx_passes.decompose_with_registry
         promote = _fx_passes.insert_type_promotion_nodes
-        del type_promotion  # what _promotes_types reads
+        del type_promotion  # imported for _promotes_types: a torch without it takes torch.onnx's own path
     except (ImportError, AttributeError):
         yield
         return

@@ -79,7 +79,7 @@ def timed(owner, name, label):
 for owner, name, label in [
     (registration.ONNXRegistry, "from_torchlib", "torch.onnx's op registry (from torchlib)"),
     (torch.export, "export", "torch.export"),
-    (core, "_prepare_exported_program_for_export", "decompositions"),
+    (core, "_prepare_exported_program_for_export", "torch.onnx's passes before translation"),
     (core, "_exported_program_to_onnx_program", "translation to ONNX"),
     (onnxscript.optimizer, "optimize_ir", "onnxscript optimizer"),
     (layer_graphs, "_export_pieces", "tracing the pieces (all of torch.onnx.export)"),
@@ -295,9 +295,10 @@ def render(
         "",
         f"Where the {middle['layers']}-layer export spends its time, measured on the one-process export (the "
         "stages of a forked tracing process are not seen by its parent; stages nest: the registry, "
-        '`torch.export`, the decompositions and the translation are inside "tracing the pieces"; the optimizer '
-        "runs inside each part's `torch.onnx.export` and once over the full graph; the decompositions run only "
-        "for a graph that cannot be translated as traced, see below):",
+        "`torch.export`, torch.onnx's passes before translation and the translation are inside \"tracing the "
+        "pieces\"; the optimizer runs inside each part's `torch.onnx.export` and once over the full graph; the "
+        "passes before translation are the decompositions, which run only for a graph that cannot be translated "
+        "as traced, and the type promotion pass, which runs only where an op mixes dtypes, see below):",
         "",
         "| stage | wall (CPU) |",
         "|---|---:|",
@@ -328,8 +329,9 @@ def render(
         "What else a first export is made of: each part is its own `torch.onnx.export`, which is what lets "
         "the parts be traced apart (traced one after the other in one process, they cost about what one "
         "export of all of them side by side did); `torch.onnx.export`'s op registry, which it builds from "
-        "onnxscript's torchlib on every call by parsing each of ~500 functions' source, is built once per "
-        "process and copied for each call (`exporters.torch_onnx_shortcuts.reused_op_registry`), so the parts after the "
+        "onnxscript's torchlib on every call (importing ~550 functions, then parsing the source of each for a "
+        "domain the registry never reads), is built once per process, without the parsing, and copied for each "
+        "call (`exporters.torch_onnx_shortcuts.reused_op_registry`), so the parts after the "
         "first, and the forked children, do not build it again. `torch.onnx.export` traces a module twice: "
         "`torch.export`, then its decompositions, which trace the graph again to rewrite the ops torchlib has no "
         "ONNX function for. Torchlib has one for every op of these parts' traces but the dtype conversions "
@@ -337,6 +339,10 @@ def render(
         "(`exporters.torch_onnx_shortcuts.translation_as_traced`): the second trace was about half of each part's time. A new tensor filled slice by "
         "slice with `copy_` (DeepSeek-V3's keys, in transformers) becomes a concatenation first; a graph that still "
         "mutates a tensor, calls a subgraph or holds another op goes through the decompositions as before. "
+        "torch.onnx's type promotion pass, which runs every op on fake tensors once more to insert a cast "
+        "wherever an op mixes dtypes, runs only where a cast is needed: which casts it inserts follows from the "
+        "dtypes `torch.export` recorded, and the reference model and the lowerings write theirs out, so none of "
+        "these exports needs the pass (it was about a quarter of a traced layer's time). "
         "A trace runs every op on "
         "fake tensors with symbolic batch and sequence sizes; torch's fake-tensor dispatch cache hardly ever hits there and making its "
         "entries costs more than it saves, so export turns it off while tracing (`exporters.torch_onnx_shortcuts.fast_tracing`), "
@@ -344,11 +350,14 @@ def render(
         "collector's passes would walk every object that survived the ones before. "
         "The optimizer over the full graph runs one round instead of two: the parts were optimized inside "
         "`torch.onnx.export` already. Objects that exist before `export_bundle` is called (torch's modules, "
-        "mostly) are frozen out of the garbage collector's full collections while it runs (`gc.freeze`). "
+        "mostly) are frozen out of the garbage collector's full collections while it runs (`gc.freeze`); "
+        "the torch model is collected before ONNX Runtime loads the graph only where its weights reach 64 MiB "
+        "(the collection walks every object the export made). "
         "Imports are torch, its exporter and onnxscript, which export needs; nothing unneeded is imported on "
         "the path of `portable-moe export` (transformers and ray are not imported for a preset). When a "
-        "command has finished, `portable-moe` freezes what is left (`portable_moe.cli.run`), so that the "
-        "interpreter's shutdown does not walk every object of torch's once more (about 2 s after an export).",
+        "command has finished, `portable-moe` runs the exit handlers, flushes its output and ends the process "
+        "(`portable_moe.cli.run`), instead of the interpreter's shutdown freeing every object one by one (about "
+        "0.4 s after an export).",
     ]
     if commands:
         lines += [
