@@ -287,6 +287,7 @@ def export_decoder(
     """
     import torch
 
+    from exporters.torch_export import drop_trace_records
     from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
 
     if hasattr(model, "cached_decoder"):
@@ -335,6 +336,7 @@ def export_decoder(
             )
             if hasattr(implementation, "after_export"):
                 implementation.after_export(program)
+            drop_trace_records(program.model)
             program.save(str(path))
     except Exception as error:
         raise ExportError(

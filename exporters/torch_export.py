@@ -151,6 +151,7 @@ def save_onnx_model(model: Any, path: Path, external_data_threshold_bytes: int |
     """
     import onnx_ir
 
+    drop_trace_records(model)
     threshold = (
         DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
         if external_data_threshold_bytes is None
@@ -167,6 +168,23 @@ def save_onnx_model(model: Any, path: Path, external_data_threshold_bytes: int |
     for value in model.graph.initializers.values():
         value.const_value = None
     return external
+
+
+def drop_trace_records(model: Any) -> None:
+    """Remove what ``torch.onnx.export`` records on each node of an ``onnx_ir`` model about its trace.
+
+    Those records (the Python stack that made the node, with the absolute paths of the exporting
+    machine's files, the fx node, the module path, a function's memory address) are about half of
+    a small model's ``model.onnx``; without them a bundle holds nothing of the machine that wrote
+    it, and the same export writes the same bytes in any checkout. The nodes keep their names
+    (``layers.3.kind1.node_MatMul_12``).
+    """
+    import onnx_ir
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.clear()
 
 
 def export_model_to_onnx(

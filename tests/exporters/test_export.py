@@ -147,6 +147,25 @@ def test_big_torch_weights_are_collected_before_onnx_runtime_loads_the_graph(
     assert alive == [False]  # the reference model holds no reference cycle: freed either way
 
 
+def test_a_bundle_holds_nothing_of_the_machine_that_wrote_it(bundle_factory):
+    """torch.onnx records each node's Python stack (absolute paths of this checkout and its venv) and
+    memory addresses; the graphs of a bundle keep none of that."""
+    from pathlib import Path
+
+    import onnx
+
+    import exporters
+
+    bundle = bundle_factory("tiny", "dense", 2, generation=True)  # the generation tests' bundle
+    checkout = str(Path(exporters.__file__).resolve().parent.parent)
+    for name in ("model.onnx", "decoder.onnx"):
+        data = (bundle.path / name).read_bytes()
+        graph = onnx.ModelProto.FromString(data).graph
+        assert len(graph.node) > 100
+        assert all(not node.metadata_props for node in graph.node), name
+        assert checkout.encode() not in data and b"site-packages" not in data and b" at 0x" not in data, name
+
+
 def test_exported_graph_is_valid_onnx(tiny_bundle):
     import onnx
 
