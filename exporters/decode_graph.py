@@ -287,8 +287,13 @@ def export_decoder(
     """
     import torch
 
-    from exporters.torch_export import drop_trace_records
-    from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
+    from exporters.torch_onnx_shortcuts import (
+        drop_trace_records,
+        fast_tracing,
+        quiet_exporter,
+        reused_op_registry,
+        translation_as_traced,
+    )
 
     if hasattr(model, "cached_decoder"):
         decoder = model.cached_decoder()

@@ -22,7 +22,7 @@ import numpy as np
 from exporters.layered import LayeredModel
 from exporters.lowerings import Lowering, get_lowering
 from exporters.sources import ExportSource, output_names
-from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter
+from exporters.torch_onnx_shortcuts import drop_trace_records, fast_tracing, quiet_exporter
 from exporters.validation import Progress, validate_graph
 from exporters.weight_formats import get_weight_format, plan_weights
 from exporters.weight_pass import apply_weight_plan
@@ -168,23 +168,6 @@ def save_onnx_model(model: Any, path: Path, external_data_threshold_bytes: int |
     for value in model.graph.initializers.values():
         value.const_value = None
     return external
-
-
-def drop_trace_records(model: Any) -> None:
-    """Remove what ``torch.onnx.export`` records on each node of an ``onnx_ir`` model about its trace.
-
-    Those records (the Python stack that made the node, with the absolute paths of the exporting
-    machine's files, the fx node, the module path, a function's memory address) are about half of
-    a small model's ``model.onnx``; without them a bundle holds nothing of the machine that wrote
-    it, and the same export writes the same bytes in any checkout. The nodes keep their names
-    (``layers.3.kind1.node_MatMul_12``).
-    """
-    import onnx_ir
-
-    graphs = [model.graph, *model.functions.values()]
-    for graph in graphs:
-        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
-            node.metadata_props.clear()
 
 
 def export_model_to_onnx(

@@ -1,4 +1,4 @@
-"""What export changes about ``torch.onnx.export`` while it runs: shortcuts, each a context manager.
+"""What export changes about ``torch.onnx.export``: shortcuts through it (context managers), and its trace records dropped.
 
 ``torch.onnx.export(..., dynamo=True)`` traces a module with ``torch.export``, then runs torch.onnx's
 own passes over the traced graph and translates it with onnxscript's torchlib. For the graphs this
@@ -9,7 +9,9 @@ are skipped, each only where it would have changed nothing:
 - :func:`reused_op_registry`: torch.onnx's op registry built once per process, not once per call;
 - :func:`translation_as_traced`: no second trace of the graph (the decompositions) where torchlib can
   translate every op as traced, and no type promotion pass where no op mixes dtypes;
-- :func:`quiet_exporter`: torch.onnx's progress prints and warnings silenced.
+- :func:`quiet_exporter`: torch.onnx's progress prints and warnings silenced;
+
+and one change to what it returns: :func:`drop_trace_records` removes what it recorded about the trace.
 
 The shortcuts reach into torch.onnx's private layout (the dev extra pins the torch they were
 written against); where that layout differs, torch.onnx's own path is taken. Every export is
@@ -422,3 +424,20 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def drop_trace_records(model: Any) -> None:
+    """Remove what ``torch.onnx.export`` records on each node of an ``onnx_ir`` model about its trace.
+
+    Those records (the Python stack that made the node, with the absolute paths of the exporting
+    machine's files, the fx node, the module path, a function's memory address) are about half of
+    a small model's ``model.onnx``; without them a bundle holds nothing of the machine that wrote
+    it, and the same export writes the same bytes in any checkout. The nodes keep their names
+    (``layers.3.kind1.node_MatMul_12``).
+    """
+    import onnx_ir
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.clear()
