@@ -8,6 +8,7 @@ imports it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import sys
@@ -47,8 +48,6 @@ def _exit_now(code: int) -> None:
     """
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe, a closed stream
-            pass
     os._exit(code)
