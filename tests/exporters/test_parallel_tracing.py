@@ -157,6 +157,18 @@ def test_a_child_that_fails_fails_the_export_with_the_part_and_the_cause(monkeyp
         run_traces([_pid, task, _pid], ["the head", "the prologue", "layer kind 0 (first at layer 0)"])
 
 
+@pytest.fixture
+def ctrl_c_as_from_a_terminal():
+    """Python's own Ctrl-C handler in this process, as a program started from a terminal has it.
+
+    A test run started in the background (``pytest &``) inherits Ctrl-C ignored, and a tracing
+    process keeps a signal its parent ignores: there no Ctrl-C would reach the children at all.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupted() -> bytes:
     os.kill(os.getpid(), signal.SIGINT)  # at its default in a child: the child dies of it
     time.sleep(60)
@@ -164,7 +176,7 @@ def _interrupted() -> bytes:
 
 
 @needs_fork
-def test_a_child_that_ctrl_c_killed_makes_the_export_interrupted(monkeypatch):
+def test_a_child_that_ctrl_c_killed_makes_the_export_interrupted(monkeypatch, ctrl_c_as_from_a_terminal):
     """Ctrl-C reaches the children too, and one may die of it before this process raises KeyboardInterrupt."""
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
     with pytest.raises(KeyboardInterrupt, match="tracing the prologue was interrupted"):
@@ -172,7 +184,9 @@ def test_a_child_that_ctrl_c_killed_makes_the_export_interrupted(monkeypatch):
 
 
 @needs_fork
-def test_ctrl_c_the_moment_a_child_is_forked_is_an_interruption_not_a_traceback(monkeypatch, capfd):
+def test_ctrl_c_the_moment_a_child_is_forked_is_an_interruption_not_a_traceback(
+    monkeypatch, capfd, ctrl_c_as_from_a_terminal
+):
     """The child starts with this process's handler, which raises; a signal before its own are set must wait."""
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "2")
     real_fork = os.fork
