@@ -287,13 +287,7 @@ def export_decoder(
     """
     import torch
 
-    from exporters.torch_onnx_shortcuts import (
-        drop_trace_records,
-        fast_tracing,
-        quiet_exporter,
-        reused_op_registry,
-        translation_as_traced,
-    )
+    from exporters.torch_onnx_shortcuts import drop_trace_records, shortened_export
 
     if hasattr(model, "cached_decoder"):
         decoder = model.cached_decoder()
@@ -325,7 +319,7 @@ def export_decoder(
     implementation = lowering.load()
     path = directory / DECODER_NAME
     try:
-        with quiet_exporter(), fast_tracing(), reused_op_registry(), translation_as_traced():
+        with shortened_export():
             program = torch.onnx.export(
                 decoder,
                 (example_ids, *example_past),

@@ -43,7 +43,7 @@ import torch
 from exporters import trace_cache
 from exporters.layered import LayeredModel
 from exporters.lowerings import Lowering
-from exporters.torch_onnx_shortcuts import fast_tracing, quiet_exporter, reused_op_registry, translation_as_traced
+from exporters.torch_onnx_shortcuts import quiet_exporter, shortened_export
 from portable_moe.errors import ExportError
 
 Progress = Callable[[str], None]
@@ -397,7 +397,7 @@ def _export_part(tracing: _Tracing, part: Hashable) -> bytes:
     roles = _roles(tracing, [part])
     pieces = _Pieces(model, layers, len(tracing.prologue_outputs), part == _PROLOGUE, part == _HEAD)
     canonical = {id(tensor): name for name, tensor in _tensors(pieces).items()}
-    with quiet_exporter(), fast_tracing(), reused_op_registry(), translation_as_traced():
+    with shortened_export():
         program = torch.onnx.export(
             _WeightsAsInputs(pieces, [canonical[id(tensor)] for tensor in weights.values()], len(activations)),
             (*activations, *weights.values()),

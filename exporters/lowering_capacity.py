@@ -111,7 +111,7 @@ def routed_experts_capacity(
     one_hot = (flat_ids.unsqueeze(1) == torch.arange(num_experts, device=hidden.device)).to(torch.int64)  # [k*T, E]
     queue_position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(dim=1) - 1  # [k*T]
     kept = queue_position < capacity
-    dropped_count = (~kept).to(torch.int64).sum()  # int64 as a sum of booleans is, written out (see sparse)
+    dropped_count = (~kept).to(torch.int64).sum()  # cast first: a sum of booleans needs the type promotion pass
 
     # Kept pairs go to row e*C + position of the flattened [E*C] buffer; dropped ones all go to one
     # extra trash row past the end, so every write has a valid, static-range destination.

@@ -129,8 +129,8 @@ def routed_experts_sparse(
 
     # Rows per expert, counted with a one-hot compare rather than scatter_add:
     # O(T*k*E) tiny integer ops, but free of scatter reductions, which runtimes
-    # may parallelise without atomics (ONNX Runtime's ScatterND does). The matches are made int64
-    # before the sum, as a sum of booleans is: written out, the export needs no type promotion pass.
+    # may parallelise without atomics (ONNX Runtime's ScatterND does). The matches are cast to int64
+    # before the sum: a sum of booleans would need torch.onnx's type promotion pass to add that cast.
     expert_range = torch.arange(num_experts, device=hidden.device)
     counts = (flat_ids.unsqueeze(1) == expert_range).to(torch.int64).sum(dim=0)
     # The Python list of (unbacked, data-dependent) sizes makes torch.split

@@ -86,7 +86,7 @@ def run_traces(
     Args:
         tasks: one per part. The first runs in this process before any child is forked: its
             ``torch.onnx.export`` builds the op registry and warms the caches that every trace
-            fills on first use (about 4 s of CPU that each child would otherwise pay again), so
+            fills on first use (about 2 s of CPU that each child would otherwise pay again), so
             it should be a short one; give the others longest first: children take them from the
             front, this process from the back.
         labels: each task's part in words (``layer kind 1 (first at layer 1)``), for messages.

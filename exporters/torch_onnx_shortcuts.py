@@ -11,6 +11,8 @@ are skipped, each only where it would have changed nothing:
   translate every op as traced, and no type promotion pass where no op mixes dtypes;
 - :func:`quiet_exporter`: torch.onnx's progress prints and warnings silenced;
 
+all four at once in :func:`shortened_export`, as each traced part and the decoder are exported;
+
 and one change to what it returns: :func:`drop_trace_records` removes what it recorded about the trace.
 
 The shortcuts reach into torch.onnx's private layout (the dev extra pins the torch they were
@@ -424,6 +426,14 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def shortened_export() -> Iterator[None]:
+    """Every shortcut at once: :func:`quiet_exporter`, :func:`fast_tracing`, :func:`reused_op_registry`
+    and :func:`translation_as_traced`."""
+    with quiet_exporter(), fast_tracing(), reused_op_registry(), translation_as_traced():
+        yield
 
 
 def drop_trace_records(model: Any) -> None:
